@@ -1,0 +1,50 @@
+"""The ``Instrument`` interface every adapter implements, and the errors it may raise.
+
+An adapter wraps one microscope (or a simulator, or a file) and knows nothing about sockets:
+:mod:`instrument_adapters.bridge` serves any ``Instrument`` over the stem-live protocol.
+
+Units and axes: nm, seconds, radians; ``(y, x)`` pairs with y = slow scan (rows) and
+x = fast scan (columns). Beam shift is absolute (the instrument's own zero).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from stem_live.protocol import Frame
+
+
+class InstrumentError(RuntimeError):
+    """The instrument refused or failed an operation; the message says what to do."""
+
+
+class EndOfStream(Exception):
+    """A finite source (replay) has no more frames."""
+
+
+class Instrument(ABC):
+    """A source of frames that can also move the beam.
+
+    ``acquire`` blocks until the next frame is complete and returns it with the metadata of
+    the scan that produced it (``seq`` increasing, ``beam_shift_nm`` in effect during it).
+    """
+
+    #: True where frames come from a file and must be delivered losslessly (replay).
+    lossless: bool = False
+
+    @abstractmethod
+    def acquire(self) -> Frame:
+        """Return the next complete frame; raise :class:`EndOfStream` when a finite source ends."""
+
+    @abstractmethod
+    def get_beam_shift(self) -> np.ndarray:
+        """Current beam shift target, nm (y, x)."""
+
+    @abstractmethod
+    def set_beam_shift(self, target_nm: np.ndarray) -> None:
+        """Move the beam shift to ``target_nm`` (nm, (y, x)); limits are the bridge's job."""
+
+    def close(self) -> None:
+        """Release the instrument; the default does nothing."""

@@ -1,0 +1,282 @@
+"""Serve any :class:`~instrument_adapters.base.Instrument` over the stem-live protocol.
+
+Two threads:
+- the *acquisition* thread calls ``instrument.acquire()`` back to back and hands each frame
+  to the socket thread through a small queue (never blocking the instrument in live mode:
+  when the queue is full the oldest frame is dropped and counted);
+- the *socket* thread owns both sockets: it publishes frames on PUB and answers every
+  correction arriving on ROUTER with an ``ack`` after clamping it (:mod:`.safety`).
+
+The instrument side owns the limits: corrections are clamped to a maximum step and a
+maximum excursion from the starting beam shift, non-finite values are refused, stale or
+replayed corrections are refused, and :meth:`Bridge.restore` returns the beam to where the
+session started.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import numpy as np
+
+from stem_live import protocol
+from stem_live.protocol import Ack, Correction, Frame, ProtocolError
+
+from .base import EndOfStream, Instrument, InstrumentError
+from .safety import Limits, clamp_target
+
+log = logging.getLogger("stem_live.bridge")
+
+FRAMES_ENDPOINT = "tcp://127.0.0.1:5555"
+CORRECTIONS_ENDPOINT = "tcp://127.0.0.1:5556"
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ``tcp://127.x.x.x:port``, ``tcp://localhost:port``, ``tcp://[::1]:port``, ipc and inproc."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = urlparse(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(endpoint: str) -> None:
+    """Refuse to bind anything but loopback (CURVE keys are required for that; not yet supported)."""
+    if not is_loopback(endpoint):
+        raise InstrumentError(
+            f"refusing to bind {endpoint}: only loopback addresses (127.0.0.1) are allowed without CURVE keys")
+
+
+@dataclass
+class BridgeStats:
+    """Counters the bridge keeps; read them from any thread."""
+
+    frames_published: int = 0
+    frames_dropped: int = 0
+    corrections_applied: int = 0
+    corrections_clamped: int = 0
+    corrections_refused: int = 0
+    messages_rejected: int = 0
+    last_error: str = ""
+    acquire_errors: int = 0
+    finished: bool = False
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class Bridge:
+    """Publish an instrument's frames and apply (clamped) corrections sent back to it.
+
+    ``accept_corrections=False`` acks every correction with an error and never moves the beam.
+    """
+
+    def __init__(
+        self,
+        instrument: Instrument,
+        *,
+        frames_endpoint: str = FRAMES_ENDPOINT,
+        corrections_endpoint: str = CORRECTIONS_ENDPOINT,
+        limits: Limits = Limits(),
+        accept_corrections: bool = True,
+        queue_frames: int = 4,
+        context: object | None = None,
+    ) -> None:
+        import zmq
+
+        check_bind(frames_endpoint)
+        check_bind(corrections_endpoint)
+        self.instrument = instrument
+        self.limits = limits
+        self.accept_corrections = accept_corrections
+        self.stats = BridgeStats()
+        self.start_shift_nm = np.asarray(instrument.get_beam_shift(), dtype=np.float64).copy()
+        self._ctx = context or zmq.Context.instance()
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.setsockopt(zmq.SNDHWM, 8 if not instrument.lossless else 0)
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        try:
+            self._pub.bind(frames_endpoint)
+            self._router.bind(corrections_endpoint)
+        except zmq.ZMQError as exc:
+            self._pub.close()
+            self._router.close()
+            raise InstrumentError(f"cannot bind {frames_endpoint} / {corrections_endpoint}: {exc} "
+                                  "(is another bridge running? pick other ports)") from None
+        self.frames_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.corrections_endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._frames: queue.Queue[Frame | None] = queue.Queue(maxsize=queue_frames)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # serialises calls into the instrument
+        self._last_seq = -1
+        self._last_id: dict[bytes, int] = {}
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> "Bridge":
+        for target, name in ((self._acquire_loop, "bridge-acquire"), (self._socket_loop, "bridge-sockets")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self, *, restore: bool = False, timeout: float = 5.0) -> None:
+        """Stop both threads, optionally restore the starting beam shift, close sockets."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+        if restore:
+            self.restore()
+        self._pub.close(0)
+        self._router.close(0)
+
+    def __enter__(self) -> "Bridge":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def finished(self) -> bool:
+        """True once a finite source has delivered its last frame and it was published."""
+        return self.stats.finished
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until a finite source has been published entirely."""
+        t0 = time.monotonic()
+        while not self.stats.finished and not self._stop.is_set():
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                return False
+            time.sleep(0.01)
+        return self.stats.finished
+
+    def restore(self) -> None:
+        """Move the beam back to the shift it had when the bridge started."""
+        with self._lock:
+            self.instrument.set_beam_shift(self.start_shift_nm.copy())
+
+    # ------------------------------------------------------------------ threads
+
+    def _acquire_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame = self.instrument.acquire()
+            except EndOfStream:
+                self._put(None)
+                return
+            except Exception as exc:  # a failing instrument must not kill the bridge
+                self.stats.acquire_errors += 1
+                self.stats.last_error = f"acquire failed: {exc}"
+                log.error("instrument acquire failed: %s (retrying in 0.5 s)", exc)
+                time.sleep(0.5)
+                continue
+            self._put(frame)
+
+    def _put(self, frame: Frame | None) -> None:
+        if self.instrument.lossless or frame is None:
+            while not self._stop.is_set():
+                try:
+                    self._frames.put(frame, timeout=0.05)
+                    return
+                except queue.Full:
+                    continue
+            return
+        try:
+            self._frames.put_nowait(frame)
+        except queue.Full:  # live: never block the microscope; drop the oldest pending frame
+            try:
+                self._frames.get_nowait()
+                self.stats.frames_dropped += 1
+            except queue.Empty:
+                pass
+            self._frames.put_nowait(frame)
+
+    def _socket_loop(self) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        while not self._stop.is_set():
+            for _ in range(64):  # drain corrections first: they are small and urgent
+                if not poller.poll(0):
+                    break
+                self._handle_correction(self._router.recv_multipart(copy=False))
+            try:
+                frame = self._frames.get(timeout=0.002)
+            except queue.Empty:
+                continue
+            if frame is None:
+                self.stats.finished = True
+                continue
+            try:
+                protocol.send(self._pub, frame, flags=0 if self.instrument.lossless else zmq.NOBLOCK)
+                self._last_seq = frame.seq
+                self.stats.frames_published += 1
+            except zmq.Again:
+                self.stats.frames_dropped += 1
+
+    def _reject(self, reason: str) -> None:
+        self.stats.messages_rejected += 1
+        key = reason.split(":")[0][:60]
+        self.stats.reasons[key] = self.stats.reasons.get(key, 0) + 1
+        self.stats.last_error = reason
+        log.warning("rejected message: %s", reason)
+
+    def _handle_correction(self, parts: list) -> None:
+        if len(parts) < 2:
+            self._reject("message without routing identity")
+            return
+        ident, body = parts[0], parts[1:]
+        ident_b = bytes(ident.buffer if hasattr(ident, "buffer") else ident)
+        try:
+            msg = protocol.decode(body)
+        except ProtocolError as exc:
+            self._reject(str(exc))
+            return
+        if not isinstance(msg, Correction):
+            self._reject(f"expected a correction, got {type(msg).__name__.lower()}")
+            return
+        ack = self.apply(msg, peer=ident_b)
+        self._router.send_multipart([ident_b, *protocol.encode(ack)])
+
+    def apply(self, corr: Correction, *, peer: bytes = b"") -> Ack:
+        """Check, clamp and apply one correction; always returns the ``ack`` to send."""
+        with self._lock:
+            current = np.asarray(self.instrument.get_beam_shift(), dtype=np.float64)
+        if not self.accept_corrections:
+            return self._refuse(corr, current, "corrections are disabled on this instrument")
+        if corr.id <= self._last_id.get(peer, -1):
+            return self._refuse(corr, current, f"correction id {corr.id} was already seen (replayed)")
+        self._last_id[peer] = corr.id
+        if self._last_seq >= 0 and (corr.for_seq > self._last_seq
+                                    or corr.for_seq < self._last_seq - self.limits.stale_frames):
+            return self._refuse(corr, current, f"correction for frame {corr.for_seq} is stale "
+                                               f"(last frame sent: {self._last_seq})")
+        d = clamp_target(np.asarray(corr.beam_shift_nm), current, self.start_shift_nm, self.limits)
+        if d.error:
+            return self._refuse(corr, current, d.error)
+        try:
+            with self._lock:
+                self.instrument.set_beam_shift(d.applied_nm)
+        except Exception as exc:
+            return self._refuse(corr, current, f"instrument failed to move the beam: {exc}")
+        self.stats.corrections_applied += 1
+        self.stats.corrections_clamped += int(d.clamped)
+        return Ack(id=corr.id, applied_nm=(float(d.applied_nm[0]), float(d.applied_nm[1])), clamped=d.clamped)
+
+    def _refuse(self, corr: Correction, current: np.ndarray, error: str) -> Ack:
+        self.stats.corrections_refused += 1
+        self.stats.last_error = error
+        log.warning("correction %d refused: %s", corr.id, error)
+        return Ack(id=corr.id, applied_nm=(float(current[0]), float(current[1])), clamped=False, error=error)

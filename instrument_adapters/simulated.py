@@ -1,0 +1,69 @@
+"""The bundled virtual microscope as an :class:`Instrument`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from simulator import FrameTruth, Microscope, MicroscopeConfig
+from stem_live.protocol import Frame
+
+from .base import EndOfStream, Instrument
+
+
+class SimulatedInstrument(Instrument):
+    """Wraps :class:`simulator.Microscope`.
+
+    ``speed``: 1.0 paces frames at the real scan rate (frame time + gap); larger is faster;
+    ``0`` or ``None`` renders as fast as possible. ``frames`` ends the stream after that many.
+    The last ``keep_truth`` frames' ground truth are kept for evaluation (``truth_for(seq)``).
+    """
+
+    def __init__(self, config: MicroscopeConfig, *, speed: float | None = 1.0, frames: int | None = None,
+                 stream: str = "sim", keep_truth: int = 64) -> None:
+        self.scope = Microscope(config)
+        self.speed = speed
+        self.frames = frames
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._truth: deque[tuple[int, FrameTruth]] = deque(maxlen=keep_truth)
+        self._next_due: float | None = None
+        self._count = 0
+
+    def acquire(self) -> Frame:
+        if self.frames is not None and self._count >= self.frames:
+            raise EndOfStream
+        with self._lock:
+            image, meta, truth = self.scope.acquire()
+            period = self.scope.frame_time_s + self.scope.config.frame_gap_s
+        self._count += 1
+        self._truth.append((meta.seq, truth))
+        if self.speed:
+            now = time.monotonic()
+            self._next_due = (self._next_due or now) + period / self.speed
+            delay = self._next_due - now
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                self._next_due = now  # fell behind: do not try to catch up in a burst
+        return Frame(seq=meta.seq, image=image, t_start=meta.t_start, pixel_size_nm=tuple(meta.pixel_size_nm),
+                     dwell_us=meta.dwell_us, flyback_us=meta.flyback_us, scan_rotation_rad=meta.scan_rotation_rad,
+                     beam_shift_nm=tuple(float(v) for v in meta.beam_shift_nm), stream=self.stream,
+                     detector=meta.detector)
+
+    def truth_for(self, seq: int) -> FrameTruth | None:
+        for s, t in self._truth:
+            if s == seq:
+                return t
+        return None
+
+    def get_beam_shift(self) -> np.ndarray:
+        with self._lock:
+            return np.asarray(self.scope.beam_shift_nm, dtype=np.float64).copy()
+
+    def set_beam_shift(self, target_nm: np.ndarray) -> None:
+        with self._lock:
+            self.scope.set_beam_shift(np.asarray(target_nm, dtype=np.float64))

@@ -1,0 +1,376 @@
+"""The ``stem-live`` command. Every user error ends in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+DEFAULTS = {
+    "frames": "tcp://127.0.0.1:5555",
+    "corrections": "tcp://127.0.0.1:5556",
+    "maps": "tcp://127.0.0.1:5557",
+    "commands": "tcp://127.0.0.1:5558",
+}
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class Progress:
+    """One live line per event on a terminal (carriage return), one line each otherwise."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+
+    def line(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be positive")
+        return v
+
+    return parse
+
+
+def _sim_args(p: argparse.ArgumentParser) -> None:
+    from simulator import PRESETS
+
+    p.add_argument("--preset", choices=PRESETS, default="graphene", help="specimen (default graphene)")
+    p.add_argument("--size", type=_positive(int), default=512, help="frame side in pixels (default 512)")
+    p.add_argument("--drift-nm-per-min", type=float, default=None, help="constant drift speed (nm/min)")
+    p.add_argument("--dose", type=_positive(float), default=None, help="dose, electrons per square angstrom")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _sim_config(a: argparse.Namespace):
+    from dataclasses import replace
+
+    from simulator import DriftConfig, MicroscopeConfig
+
+    cfg = MicroscopeConfig(preset=a.preset, size=a.size, seed=a.seed)
+    if a.drift_nm_per_min is not None:
+        cfg = replace(cfg, drift=replace(cfg.drift, drift_nm_per_min=a.drift_nm_per_min))
+    if a.dose is not None:
+        cfg = replace(cfg, dose_e_per_A2=a.dose)
+    return cfg
+
+
+def _endpoint_args(p: argparse.ArgumentParser, *names: str) -> None:
+    for n in names:
+        p.add_argument(f"--{n}-endpoint", dest=n, default=DEFAULTS[n], metavar="ENDPOINT",
+                       help=f"{n} endpoint (default {DEFAULTS[n]})")
+
+
+def _limits_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-step-nm", type=_positive(float), default=0.5, help="largest beam move per correction")
+    p.add_argument("--max-excursion-nm", type=_positive(float), default=10.0,
+                   help="largest distance from the starting beam shift")
+
+
+def _wait_for_interrupt(stop: threading.Event) -> None:
+    """Turn SIGINT/SIGTERM into ``stop`` being set."""
+
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_sim(a: argparse.Namespace) -> int:
+    from instrument_adapters.bridge import Bridge
+    from instrument_adapters.safety import Limits
+    from instrument_adapters.simulated import SimulatedInstrument
+
+    inst = SimulatedInstrument(_sim_config(a), speed=a.speed or None, frames=a.count)
+    bridge = Bridge(inst, frames_endpoint=a.frames, corrections_endpoint=a.corrections,
+                    limits=Limits(max_step_nm=a.max_step_nm, max_excursion_nm=a.max_excursion_nm))
+    stop = threading.Event()
+    _wait_for_interrupt(stop)
+    prog = Progress()
+    bridge.start()
+    print(f"simulated microscope: frames on {bridge.frames_endpoint}, corrections on {bridge.corrections_endpoint}"
+          " (Ctrl-C stops)", file=sys.stderr)
+    try:
+        while not stop.is_set() and not bridge.finished:
+            s = bridge.stats
+            b = inst.get_beam_shift()
+            prog.line(f"published {s.frames_published}  dropped {s.frames_dropped}  corrections {s.corrections_applied}"
+                      f" (clamped {s.corrections_clamped}, refused {s.corrections_refused})  "
+                      f"beam shift [{b[0]:+.3f}, {b[1]:+.3f}] nm")
+            stop.wait(0.5)
+    finally:
+        bridge.stop(restore=a.restore_on_exit)
+        prog.done()
+    return 0
+
+
+def _format_result(r, counters: dict) -> str:
+    corr = "" if r.correction is None else f"  -> beam [{r.correction.beam_shift_nm[0]:+.3f}, " \
+                                            f"{r.correction.beam_shift_nm[1]:+.3f}]"
+    return (f"frame {r.seq:5d}  drift [{r.drift_nm[0]:+.3f}, {r.drift_nm[1]:+.3f}] nm  peak {r.peak:.2f}"
+            f"  {counters['fps']:.1f} fps  skipped {counters['skipped']}  rejected {counters['rejected']}{corr}")
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .service import EngineService
+
+    engine = Engine()
+    if a.arm:
+        engine.arm()
+    prog = Progress()
+    done = threading.Event()
+    stop = threading.Event()
+    _wait_for_interrupt(stop)
+
+    def on_result(frame, result) -> None:
+        prog.line(_format_result(result, svc.counters.as_dict()))
+        if a.count and svc.counters.processed + 1 >= a.count:
+            done.set()
+
+    svc = EngineService(engine, frames_endpoint=a.frames, corrections_endpoint=a.corrections,
+                        maps_endpoint=a.maps, commands_endpoint=a.commands, on_result=on_result)
+    svc.start()
+    print(f"engine: frames from {a.frames}, corrections to {a.corrections}, maps on {svc.maps_endpoint}, "
+          f"commands on {svc.commands_endpoint} ({'armed' if a.arm else 'disarmed'}; Ctrl-C stops)", file=sys.stderr)
+    try:
+        while not stop.is_set() and not done.is_set():
+            stop.wait(0.2)
+    finally:
+        svc.stop()
+        prog.done()
+        print(json.dumps(svc.counters.as_dict()), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Simulator + engine (+ monitor when a display exists), on loopback, in one process."""
+    import numpy as np
+
+    from instrument_adapters.bridge import Bridge
+    from instrument_adapters.simulated import SimulatedInstrument
+
+    from .engine import Engine
+    from .service import EngineService
+
+    inst = SimulatedInstrument(_sim_config(a), speed=a.speed or None, frames=a.count)
+    bridge = Bridge(inst, frames_endpoint="tcp://127.0.0.1:*", corrections_endpoint="tcp://127.0.0.1:*")
+    engine = Engine()
+    engine.arm()
+    prog = Progress(sys.stdout)
+    stop = threading.Event()
+    _wait_for_interrupt(stop)
+    state: dict = {"first": None, "res": []}
+
+    def on_result(frame, result) -> None:
+        truth = inst.truth_for(frame.seq)
+        extra = ""
+        if truth is not None:
+            app = np.mean(np.asarray(truth.drift_nm) - np.asarray(truth.beam_shift_nm), axis=0)
+            state["first"] = app if state["first"] is None else state["first"]
+            res = float(np.hypot(*(app - state["first"])))
+            state["res"].append(res)
+            extra = f"  true image motion {res * 1e3:6.1f} pm"
+        prog.line(_format_result(result, svc.counters.as_dict()) + extra)
+
+    svc = EngineService(engine, frames_endpoint=bridge.frames_endpoint, corrections_endpoint=bridge.corrections_endpoint,
+                        maps_endpoint=a.maps, commands_endpoint=a.commands, on_result=on_result)
+    svc.start()
+    bridge.start()
+    print(f"demo: simulated {a.preset} {a.size}x{a.size}, engine armed; maps on {svc.maps_endpoint}, commands on "
+          f"{svc.commands_endpoint}; {'display found but the monitor is not built yet' if _has_display() else 'headless'}"
+          f" (Ctrl-C stops)", file=sys.stderr)
+    try:
+        while not stop.is_set():
+            if bridge.finished and svc.counters.processed >= bridge.stats.frames_published - svc.counters.skipped:
+                break
+            stop.wait(0.1)
+    finally:
+        bridge.stop(restore=True)
+        time.sleep(0.1)
+        svc.stop()
+        prog.done()
+    r = np.array(state["res"]) if state["res"] else np.array([np.nan])
+    c = svc.counters.as_dict()
+    print(f"summary: {c['processed']} frames processed, {c['skipped']} skipped, {c['rejected']} rejected, "
+          f"{c['corrections_sent']} corrections sent; true image motion RMS {np.sqrt(np.nanmean(r**2)) * 1e3:.1f} pm, "
+          f"max {np.nanmax(r) * 1e3:.1f} pm; beam shift restored")
+    return 0
+
+
+def _has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) and \
+        os.environ.get("QT_QPA_PLATFORM") != "offscreen"
+
+
+def cmd_replay(a: argparse.Namespace) -> int:
+    from instrument_adapters.base import EndOfStream
+    from instrument_adapters.replay import ReplayInstrument
+
+    from .engine import Engine
+    from .record import RecordError
+
+    try:
+        inst = ReplayInstrument(a.file, pixel_size_nm=a.pixel_size_nm, dwell_us=a.dwell_us, flyback_us=a.flyback_us,
+                                realtime=a.realtime)
+    except (RecordError, OSError) as exc:
+        raise UserError(str(exc)) from None
+    engine = Engine()
+    prog = Progress()
+    stop = threading.Event()
+    _wait_for_interrupt(stop)
+    n, t0 = 0, time.perf_counter()
+    total = len(inst)
+    try:
+        while not stop.is_set():
+            try:
+                frame = inst.acquire()
+            except EndOfStream:
+                break
+            except RecordError as exc:
+                raise UserError(str(exc)) from None
+            r = engine.process(frame)
+            n += 1
+            prog.line(f"[{n}/{total}] frame {r.seq}  drift [{r.drift_nm[0]:+.3f}, {r.drift_nm[1]:+.3f}] nm  "
+                      f"peak {r.peak:.2f}  {n / (time.perf_counter() - t0):.1f} fps")
+    finally:
+        prog.done()
+    print(f"replayed {n} frames from {a.file} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_record(a: argparse.Namespace) -> int:
+    from .record import RecordError, record_stream
+
+    prog = Progress()
+    stop = threading.Event()
+    _wait_for_interrupt(stop)
+    try:
+        n = record_stream(a.frames, Path(a.out), frames=a.count, timeout_s=a.timeout,
+                          progress=lambda i, f: prog.line(f"recorded {i} frames (last seq {f.seq})"), stop=stop)
+    except (RecordError, OSError) as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        prog.done()
+    print(f"recorded {n} frames to {a.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    prog = Progress()
+    report = evaluate(preset=a.preset, size=a.size, frames=a.count,
+                      drift_nm_per_min=3.0 if a.drift_nm_per_min is None else a.drift_nm_per_min,
+                      dose=a.dose, seed=a.seed, progress=lambda label, i, n: prog.line(f"{label}: frame {i}/{n}"))
+    prog.done()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if a.json:
+        Path(a.json).write_text(text + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stem-live", description="In-line STEM acquisition: drift tracking and correction.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("sim", help="run the simulated microscope on the frames/corrections endpoints")
+    _sim_args(s)
+    _endpoint_args(s, "frames", "corrections")
+    _limits_args(s)
+    s.add_argument("--speed", type=float, default=1.0, help="1 = real scan rate, 0 = as fast as possible")
+    s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N frames")
+    s.add_argument("--restore-on-exit", action="store_true", help="restore the starting beam shift on exit")
+    s.set_defaults(func=cmd_sim)
+
+    s = sub.add_parser("run", help="run the engine against an instrument's endpoints")
+    _endpoint_args(s, "frames", "corrections", "maps", "commands")
+    s.add_argument("--arm", action="store_true", help="send corrections from the first frame")
+    s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N processed frames")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="simulator + engine (+ monitor) on loopback")
+    _sim_args(s)
+    _endpoint_args(s, "maps", "commands")
+    s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N frames")
+    s.add_argument("--speed", type=float, default=1.0, help="1 = real scan rate, 0 = as fast as possible")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("replay", help="play a recorded stack through the engine, losslessly and in order")
+    s.add_argument("file", type=Path)
+    s.add_argument("--pixel-size-nm", type=_positive(float), default=None)
+    s.add_argument("--dwell-us", type=_positive(float), default=None)
+    s.add_argument("--flyback-us", type=float, default=None)
+    s.add_argument("--realtime", action="store_true", help="reproduce the recorded frame timing")
+    s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("record", help="record a frame stream to a TIFF stack")
+    s.add_argument("out", type=Path, help="output .tif")
+    _endpoint_args(s, "frames")
+    s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N frames")
+    s.add_argument("--timeout", type=_positive(float), default=None, help="stop after this many seconds")
+    s.set_defaults(func=cmd_record)
+
+    s = sub.add_parser("evaluate", help="simulator + engine with ground truth; JSON report")
+    _sim_args(s)
+    s.add_argument("--frames", dest="count", type=_positive(int), default=100)
+    s.add_argument("--json", type=Path, default=None, help="also write the report here")
+    s.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="stem-live: %(levelname)s: %(message)s")
+    from instrument_adapters.base import InstrumentError
+
+    try:
+        return args.func(args)
+    except (UserError, InstrumentError, RuntimeError, OSError, ValueError) as exc:
+        print(f"stem-live: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

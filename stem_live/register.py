@@ -1,0 +1,118 @@
+"""Rigid registration of two frames by band-passed cross-correlation.
+
+Plain (not whitened) cross-correlation of band-passed frames: on lattices with Poisson noise
+it locates the shift about ten times more precisely than whitened phase correlation, whose
+flat weighting lets the noise between the Bragg spots in.
+
+Crystal lattices are periodic, so the correlation surface has a peak at every lattice
+translation. The search is therefore restricted to a disc around a predicted shift whose
+radius is below half the lattice period (``period_px``), measured once on the reference.
+Axes: (row, col) = (y, x) in pixels; a positive shift means the content moved down/right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import fft as sfft
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Pre-computed spectrum of a reference frame."""
+
+    spectrum: np.ndarray  # complex64 (rows, cols//2+1), windowed and band-passed
+    weight: np.ndarray  # float32 band-pass applied to both spectra
+    energy: float  # zero-lag autocorrelation of the band-passed reference
+    shape: tuple[int, int]
+    period_px: float  # shortest lattice period seen in the autocorrelation (px); inf if none
+
+
+def _prepare(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image, dtype=np.float32)
+    win = np.outer(np.hanning(img.shape[0]), np.hanning(img.shape[1])).astype(np.float32)
+    return (img - img.mean()) * win
+
+
+def bandpass(shape: tuple[int, int], high: float, low: float) -> np.ndarray:
+    """Gaussian band-pass on the rfft2 grid: passes ``low`` to ``high`` cycles/px."""
+    fy = sfft.fftfreq(shape[0])[:, None]
+    fx = sfft.rfftfreq(shape[1])[None, :]
+    f2 = fy**2 + fx**2
+    return (np.exp(-f2 / (2 * high**2)) * (1 - np.exp(-f2 / (2 * low**2)))).astype(np.float32)
+
+
+def _energy(spec: np.ndarray, shape: tuple[int, int]) -> float:
+    return float(sfft.irfft2(np.abs(spec) ** 2, s=shape, workers=-1)[0, 0])
+
+
+def make_reference(image: np.ndarray, *, high: float = 0.12, low: float = 0.01) -> Reference:
+    """Spectrum of ``image`` for later :func:`register` calls; band edges in cycles/px."""
+    w = bandpass(image.shape, high, low)
+    spec = (sfft.rfft2(_prepare(image), workers=-1) * w).astype(np.complex64)
+    return Reference(spec, w, _energy(spec, image.shape), image.shape, lattice_period_px(spec, image.shape))
+
+
+def lattice_period_px(spectrum: np.ndarray, shape: tuple[int, int]) -> float:
+    """Distance (px) from the origin to the nearest strong secondary autocorrelation peak."""
+    ac = sfft.fftshift(sfft.irfft2(np.abs(spectrum) ** 2, s=shape, workers=-1))
+    cy, cx = shape[0] // 2, shape[1] // 2
+    yy, xx = np.indices(shape)
+    r = np.hypot(yy - cy, xx - cx)
+    ac = ac / ac[cy, cx]
+    # local maxima outside the central peak, above a fraction of the zero-lag value
+    from scipy.ndimage import maximum_filter
+
+    peaks = (ac == maximum_filter(ac, size=5)) & (r > 2.5) & (ac > 0.15)
+    if not peaks.any():
+        return float("inf")
+    return float(r[peaks].min())
+
+
+def correlate(ref: Reference, image: np.ndarray) -> np.ndarray:
+    """Normalised cross-correlation surface (rows, cols) in [-1, 1], zero shift at [0, 0] (wrapped)."""
+    spec = sfft.rfft2(_prepare(image), workers=-1) * ref.weight
+    norm = np.sqrt(max(ref.energy * _energy(spec, ref.shape), 1e-30))
+    return sfft.irfft2(spec * np.conj(ref.spectrum), s=ref.shape, workers=-1) / norm
+
+
+def register(ref: Reference, image: np.ndarray, *, predicted: tuple[float, float] = (0.0, 0.0),
+             radius_px: float | None = None) -> tuple[np.ndarray, float]:
+    """Shift (dy, dx) px of ``image`` relative to the reference, and the correlation peak (<= 1).
+
+    The peak is searched within ``radius_px`` of ``predicted`` (default: 0.4 lattice period,
+    or a quarter of the frame when no lattice was found).
+    """
+    surf = correlate(ref, image)
+    rows, cols = ref.shape
+    if radius_px is None:
+        radius_px = 0.4 * ref.period_px if np.isfinite(ref.period_px) else 0.25 * min(rows, cols)
+    radius_px = max(float(radius_px), 1.5)
+    py, px = predicted
+    r = int(np.ceil(radius_px)) + 1
+    oy = np.arange(int(round(py)) - r, int(round(py)) + r + 1)
+    ox = np.arange(int(round(px)) - r, int(round(px)) + r + 1)
+    win = surf[np.ix_(oy % rows, ox % cols)]
+    mask = np.hypot(oy[:, None] - py, ox[None, :] - px) <= radius_px
+    win_m = np.where(mask, win, -np.inf)
+    iy, ix = np.unravel_index(np.argmax(win_m), win_m.shape)
+    peak = float(win[iy, ix])
+    dy = _subpixel(surf, oy[iy], ox[ix], axis=0)
+    dx = _subpixel(surf, oy[iy], ox[ix], axis=1)
+    return np.array([oy[iy] + dy, ox[ix] + dx]), peak
+
+
+def _subpixel(surf: np.ndarray, y: int, x: int, axis: int) -> float:
+    """Three-point Gaussian (log-parabola) interpolation of the peak along one axis."""
+    rows, cols = surf.shape
+    if axis == 0:
+        a, b, c = surf[(y - 1) % rows, x % cols], surf[y % rows, x % cols], surf[(y + 1) % rows, x % cols]
+    else:
+        a, b, c = surf[y % rows, (x - 1) % cols], surf[y % rows, x % cols], surf[y % rows, (x + 1) % cols]
+    if min(a, b, c) > 0:
+        a, b, c = np.log(a), np.log(b), np.log(c)
+    denom = a - 2 * b + c
+    if denom >= 0:
+        return 0.0
+    return float(np.clip(0.5 * (a - c) / denom, -0.5, 0.5))

@@ -1,0 +1,381 @@
+"""Sockets and threads around the :class:`~stem_live.engine.Engine`: live, replay, commands.
+
+Threads (each owns its sockets; ZeroMQ sockets are not thread-safe):
+- *receiver*: SUB on the instrument's frames; keeps only the newest pending frame (live) and
+  counts what it overwrote; rejects bad messages with a one-line log and a counter;
+- *worker*: runs the engine on the pending frame, sends corrections on a DEALER connected to
+  the instrument's ROUTER, reads acks, publishes ``maps`` (rate-limited) on PUB;
+- *commands*: REP answering ``command`` messages (arm, disarm, reset, record, set, status).
+
+Replay does not go through sockets at all: :func:`run_replay` feeds every frame of a file to the
+engine in order (lossless) while still publishing maps and answering commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import protocol
+from .engine import Engine, FrameResult
+from .protocol import Ack, Command, Frame, Maps, ProtocolError, Reply
+
+log = logging.getLogger("stem_live.service")
+
+MAPS_ENDPOINT = "tcp://127.0.0.1:5557"
+COMMANDS_ENDPOINT = "tcp://127.0.0.1:5558"
+
+
+@dataclass
+class Counters:
+    """Stream health, shared between threads (ints only: updates are atomic enough)."""
+
+    received: int = 0
+    processed: int = 0
+    skipped: int = 0  # frames never processed: overwritten while busy, or gaps in seq
+    rejected: int = 0
+    corrections_sent: int = 0
+    acks: int = 0
+    acks_clamped: int = 0
+    acks_refused: int = 0
+    last_reject: str = ""
+    last_ack_error: str = ""
+    latency_ms: deque = field(default_factory=lambda: deque(maxlen=256))  # frame arrival -> correction sent
+    frame_ms: deque = field(default_factory=lambda: deque(maxlen=256))
+    stamps: deque = field(default_factory=lambda: deque(maxlen=64))  # processing end times, for fps
+
+    def fps(self) -> float:
+        if len(self.stamps) < 2:
+            return 0.0
+        return (len(self.stamps) - 1) / max(self.stamps[-1] - self.stamps[0], 1e-9)
+
+    def as_dict(self) -> dict:
+        lat = np.array(self.latency_ms) if self.latency_ms else np.array([np.nan])
+        fm = np.array(self.frame_ms) if self.frame_ms else np.array([np.nan])
+        return {
+            "received": self.received, "processed": self.processed, "skipped": self.skipped,
+            "rejected": self.rejected, "corrections_sent": self.corrections_sent, "acks": self.acks,
+            "acks_clamped": self.acks_clamped, "acks_refused": self.acks_refused, "fps": round(self.fps(), 3),
+            "latency_p50_ms": _finite(np.nanpercentile(lat, 50)), "latency_p99_ms": _finite(np.nanpercentile(lat, 99)),
+            "frame_ms_p50": _finite(np.nanpercentile(fm, 50)),
+            "last_reject": self.last_reject, "last_ack_error": self.last_ack_error,
+        }
+
+
+def _finite(v: float) -> float | None:
+    return None if not np.isfinite(v) else round(float(v), 3)
+
+
+class Recorder:
+    """Start/stop recording processed frames to a TIFF stack (used by the ``record`` command)."""
+
+    def __init__(self) -> None:
+        self._writer = None
+        self.path: Path | None = None
+        self.frames = 0
+        self.error = ""
+
+    @property
+    def active(self) -> bool:
+        return self._writer is not None
+
+    def start(self, path: Path) -> None:
+        from .record import StackWriter
+
+        self.stop()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = StackWriter(path)
+        self.path, self.frames, self.error = path, 0, ""
+
+    def write(self, frame: Frame) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._writer.write(frame)
+            self.frames += 1
+        except Exception as exc:  # disk full etc.: stop recording, keep the stream going
+            self.error = str(exc)
+            log.error("recording stopped: %s", exc)
+            self.stop()
+
+    def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class EngineService:
+    """Run an engine live against an instrument's endpoints; publish maps; answer commands."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        frames_endpoint: str = "tcp://127.0.0.1:5555",
+        corrections_endpoint: str = "tcp://127.0.0.1:5556",
+        maps_endpoint: str = MAPS_ENDPOINT,
+        commands_endpoint: str = COMMANDS_ENDPOINT,
+        maps_max_hz: float = 20.0,
+        preview_max_px: int = 512,
+        on_result: Callable[[Frame, FrameResult], None] | None = None,
+        context: object | None = None,
+    ) -> None:
+        import zmq
+
+        from instrument_adapters.bridge import check_bind  # the same loopback rule as the instrument side
+
+        check_bind(maps_endpoint)
+        check_bind(commands_endpoint)
+        self.engine = engine
+        self.counters = Counters()
+        self.recorder = Recorder()
+        self.frames_endpoint = frames_endpoint
+        self.corrections_endpoint = corrections_endpoint
+        self.maps_max_hz = maps_max_hz
+        self.preview_max_px = preview_max_px
+        self.on_result = on_result
+        self._ctx = context or zmq.Context.instance()
+        self._lock = threading.Lock()  # guards the engine
+        self._cond = threading.Condition()
+        self._pending: tuple[Frame, float] | None = None
+        self._stop = threading.Event()
+        self._last_seq: int | None = None
+        self._threads: list[threading.Thread] = []
+        # bind the engine's own sockets now so that a port clash is reported at start-up
+        self._maps = self._ctx.socket(zmq.PUB)
+        self._maps.setsockopt(zmq.LINGER, 0)
+        self._maps.setsockopt(zmq.SNDHWM, 4)
+        self._rep = self._ctx.socket(zmq.REP)
+        self._rep.setsockopt(zmq.LINGER, 0)
+        try:
+            self._maps.bind(maps_endpoint)
+            self._rep.bind(commands_endpoint)
+        except zmq.ZMQError as exc:
+            self._maps.close(0)
+            self._rep.close(0)
+            raise RuntimeError(f"cannot bind {maps_endpoint} / {commands_endpoint}: {exc} "
+                               "(is another engine running? use --maps/--commands to pick other ports)") from None
+        self.maps_endpoint = self._maps.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.commands_endpoint = self._rep.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._last_maps = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> "EngineService":
+        for target, name in ((self._receive_loop, "engine-recv"), (self._work_loop, "engine-work"),
+                             (self._command_loop, "engine-commands")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+        self.recorder.stop()
+        self._maps.close(0)
+        self._rep.close(0)
+
+    def __enter__(self) -> "EngineService":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ threads
+
+    def _reject(self, reason: str) -> None:
+        self.counters.rejected += 1
+        self.counters.last_reject = reason
+        log.warning("rejected message: %s", reason)
+
+    def _receive_loop(self) -> None:
+        import zmq
+
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 4)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.RECONNECT_IVL, 100)
+        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sub.connect(self.frames_endpoint)
+        try:
+            while not self._stop.is_set():
+                if not sub.poll(100):
+                    continue
+                try:
+                    msg = protocol.recv(sub)
+                except ProtocolError as exc:
+                    self._reject(str(exc))
+                    continue
+                if not isinstance(msg, Frame):
+                    self._reject(f"expected a frame on the frames socket, got {type(msg).__name__.lower()}")
+                    continue
+                self.counters.received += 1
+                self._count_gap(msg.seq)
+                with self._cond:
+                    if self._pending is not None:
+                        self.counters.skipped += 1  # overwritten: the engine only takes the newest frame
+                    self._pending = (msg, time.perf_counter())
+                    self._cond.notify()
+        finally:
+            sub.close(0)
+
+    def _work_loop(self) -> None:
+        import zmq
+
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.SNDHWM, 16)
+        dealer.connect(self.corrections_endpoint)
+        try:
+            while not self._stop.is_set():
+                self._read_acks(dealer)
+                with self._cond:
+                    if self._pending is None:
+                        self._cond.wait(0.05)
+                    item, self._pending = self._pending, None
+                if item is None:
+                    continue
+                frame, arrived = item
+                with self._lock:
+                    result = self.engine.process(frame)
+                if result.correction is not None:
+                    try:
+                        dealer.send_multipart(protocol.encode(result.correction), flags=zmq.NOBLOCK)
+                        self.counters.corrections_sent += 1
+                        self.counters.latency_ms.append((time.perf_counter() - arrived) * 1e3)
+                    except zmq.Again:
+                        log.warning("instrument not reachable: correction %d not sent", result.correction.id)
+                self.recorder.write(frame)
+                self.counters.processed += 1
+                self.counters.frame_ms.append((time.perf_counter() - arrived) * 1e3)
+                self.counters.stamps.append(time.perf_counter())
+                if self.on_result is not None:
+                    self.on_result(frame, result)
+                self._publish_maps(frame, result)
+        finally:
+            dealer.close(0)
+
+    def _count_gap(self, seq: int) -> None:
+        """Count frames the instrument sent that never reached us (gaps in ``seq``)."""
+        last = self._last_seq
+        if last is not None:
+            if seq > last + 1:
+                self.counters.skipped += seq - last - 1
+            elif seq <= last:
+                log.warning("frame seq went back from %d to %d: the instrument restarted its stream", last, seq)
+        self._last_seq = seq
+
+    def _read_acks(self, dealer: object) -> None:
+        import zmq
+
+        while dealer.poll(0):
+            try:
+                msg = protocol.recv(dealer, flags=zmq.NOBLOCK)
+            except ProtocolError as exc:
+                self._reject(str(exc))
+                continue
+            if not isinstance(msg, Ack):
+                self._reject(f"expected an ack on the corrections socket, got {type(msg).__name__.lower()}")
+                continue
+            self.counters.acks += 1
+            self.counters.acks_clamped += int(msg.clamped)
+            if msg.error:
+                self.counters.acks_refused += 1
+                self.counters.last_ack_error = msg.error
+
+    def _publish_maps(self, frame: Frame, result: FrameResult) -> None:
+        import zmq
+
+        now = time.perf_counter()
+        if now - self._last_maps < 1.0 / self.maps_max_hz:
+            return
+        self._last_maps = now
+        try:
+            protocol.send(self._maps, self.make_maps(frame, result), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def make_maps(self, frame: Frame, result: FrameResult) -> Maps:
+        """The ``maps`` message for one processed frame."""
+        img = np.asarray(frame.image)
+        step = max(1, int(np.ceil(max(img.shape) / self.preview_max_px)))
+        preview = np.ascontiguousarray(img[::step, ::step]).astype(np.float32)
+        c = self.counters.as_dict()
+        metrics = {
+            "fps": c["fps"], "skipped": c["skipped"], "rejected": c["rejected"],
+            "latency_p50_ms": c["latency_p50_ms"], "latency_p99_ms": c["latency_p99_ms"],
+            "armed": float(self.engine.armed), "peak": result.peak,
+            **{f"stage_{k}_ms": round(v, 3) for k, v in result.timings_ms.items()},
+        }
+        return Maps(seq=frame.seq, arrays={"preview": preview, "drift_nm": np.asarray(result.drift_nm, np.float64)},
+                    metrics=metrics, info={"t_mid": result.t_mid, "preview_step": step,
+                                           "pixel_size_nm": list(frame.pixel_size_nm)})
+
+    def _command_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._rep.poll(100):
+                continue
+            try:
+                cmd = protocol.recv(self._rep)
+                reply = self.handle(cmd) if isinstance(cmd, Command) else Reply(
+                    cmd="?", ok=False, message=f"expected a command, got {type(cmd).__name__.lower()}")
+            except ProtocolError as exc:
+                self._reject(str(exc))
+                reply = Reply(cmd="?", ok=False, message=f"bad command: {exc}")
+            protocol.send(self._rep, reply)
+
+    def status(self) -> dict:
+        with self._lock:
+            st = self.engine.status()
+        st["counters"] = self.counters.as_dict()
+        st["recording"] = {"active": self.recorder.active, "path": str(self.recorder.path or ""),
+                           "frames": self.recorder.frames, "error": self.recorder.error}
+        return st
+
+    def handle(self, cmd: Command) -> Reply:
+        """Carry out one command and say what happened."""
+        try:
+            if cmd.cmd == "arm":
+                with self._lock:
+                    self.engine.arm()
+                msg = "correction armed"
+            elif cmd.cmd == "disarm":
+                with self._lock:
+                    self.engine.disarm()
+                msg = "correction disarmed"
+            elif cmd.cmd == "reset":
+                with self._lock:
+                    self.engine.reset()
+                msg = "model reset: the next frame is the new reference"
+            elif cmd.cmd == "set":
+                with self._lock:
+                    self.engine.set(**dict(cmd.args))
+                msg = f"set {', '.join(f'{k}={v}' for k, v in cmd.args.items())}"
+            elif cmd.cmd == "record":
+                path = cmd.args.get("path")
+                if cmd.args.get("stop") or path is None:
+                    self.recorder.stop()
+                    msg = f"recording stopped ({self.recorder.frames} frames)"
+                else:
+                    self.recorder.start(Path(str(path)).expanduser())
+                    msg = f"recording to {path}"
+            elif cmd.cmd == "status":
+                msg = "ok"
+            else:
+                return Reply(cmd=cmd.cmd, ok=False, message=f"'{cmd.cmd}' is not available in this version",
+                             state=self.status())
+        except (ValueError, TypeError, OSError) as exc:
+            return Reply(cmd=cmd.cmd, ok=False, message=str(exc), state=self.status())
+        return Reply(cmd=cmd.cmd, ok=True, message=msg, state=self.status())
