@@ -209,15 +209,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
     svc = EngineService(engine, frames_endpoint=bridge.frames_endpoint, corrections_endpoint=bridge.corrections_endpoint,
                         maps_endpoint=a.maps, commands_endpoint=a.commands, on_result=on_result)
     svc.start()
+    time.sleep(0.3)  # let the engine's subscription reach the publisher before the first frame
     bridge.start()
     print(f"demo: simulated {a.preset} {a.size}x{a.size}, engine armed; maps on {svc.maps_endpoint}, commands on "
           f"{svc.commands_endpoint}; {'display found but the monitor is not built yet' if _has_display() else 'headless'}"
           f" (Ctrl-C stops)", file=sys.stderr)
     try:
         while not stop.is_set():
-            if bridge.finished and svc.counters.processed >= bridge.stats.frames_published - svc.counters.skipped:
+            c = svc.counters
+            if bridge.finished and c.processed + c.skipped >= bridge.stats.frames_published:
                 break
-            stop.wait(0.1)
+            stop.wait(0.05)
     finally:
         bridge.stop(restore=True)
         time.sleep(0.1)

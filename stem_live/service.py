@@ -57,20 +57,18 @@ class Counters:
         return (len(self.stamps) - 1) / max(self.stamps[-1] - self.stamps[0], 1e-9)
 
     def as_dict(self) -> dict:
-        lat = np.array(self.latency_ms) if self.latency_ms else np.array([np.nan])
-        fm = np.array(self.frame_ms) if self.frame_ms else np.array([np.nan])
+        lat, fm = list(self.latency_ms), list(self.frame_ms)
         return {
             "received": self.received, "processed": self.processed, "skipped": self.skipped,
             "rejected": self.rejected, "corrections_sent": self.corrections_sent, "acks": self.acks,
             "acks_clamped": self.acks_clamped, "acks_refused": self.acks_refused, "fps": round(self.fps(), 3),
-            "latency_p50_ms": _finite(np.nanpercentile(lat, 50)), "latency_p99_ms": _finite(np.nanpercentile(lat, 99)),
-            "frame_ms_p50": _finite(np.nanpercentile(fm, 50)),
+            "latency_p50_ms": _pct(lat, 50), "latency_p99_ms": _pct(lat, 99), "frame_ms_p50": _pct(fm, 50),
             "last_reject": self.last_reject, "last_ack_error": self.last_ack_error,
         }
 
 
-def _finite(v: float) -> float | None:
-    return None if not np.isfinite(v) else round(float(v), 3)
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
 
 
 class Recorder:
