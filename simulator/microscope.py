@@ -1,0 +1,294 @@
+"""The virtual STEM: specimen + drift + scan + actuator + detector, one frame at a time.
+
+Conventions (docs: shared/DESIGN.md, "Physics conventions"): row i = slow scan (y), col j =
+fast scan (x); pixel (i, j) is sampled at t = t_start + i * line_time + j * dwell with
+line_time = cols * dwell + flyback; a column at specimen position p appears at
+p + d(t) - b(t). The probe of pixel (i, j) samples r = scan(i, j) - d(t) + b(t) (see
+``scan.py``) and the image is the HAADF sum of the columns near r (see ``render.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._util import stream_rng
+from .actuator import Actuator, ActuatorConfig
+from .drift import DriftConfig, DriftModel
+from .frame import FrameMeta, FrameTruth
+from .render import detect, fwhm_to_sigma, pad_points, render_sources
+from .scan import ScanConfig, ScanGeometry
+from .specimen import PRESETS, Specimen, make_specimen
+
+__all__ = ["MicroscopeConfig", "Microscope", "PRESET_DEFAULTS"]
+
+#: Per-preset defaults used where MicroscopeConfig says None:
+#: pixel size (nm), probe FWHM (nm), dose (e/A^2).
+PRESET_DEFAULTS: dict[str, dict[str, float]] = {
+    "graphene": {"pixel_size_nm": 0.010, "probe_fwhm_nm": 0.08, "dose_e_per_A2": 5e5},
+    "srtio3": {"pixel_size_nm": 0.012, "probe_fwhm_nm": 0.08, "dose_e_per_A2": 1e5},
+    "mos2": {"pixel_size_nm": 0.012, "probe_fwhm_nm": 0.08, "dose_e_per_A2": 1e5},
+    "particles": {"pixel_size_nm": 0.05, "probe_fwhm_nm": 0.15, "dose_e_per_A2": 5e4},
+}
+
+
+@dataclass(frozen=True)
+class MicroscopeConfig:
+    """Everything that defines a simulated session. nm, s (us where named), rad.
+
+    size: frame is size x size unless rows/cols are given.
+    pixel_size_nm, probe_fwhm_nm, dose_e_per_A2: None -> PRESET_DEFAULTS[preset];
+        pixel_size_nm may be a float or (py, px).
+    noise: False gives the exact expectation (rounded to uint16): no shot/readout noise.
+    readout_noise: std of Gaussian detector noise (counts); background_counts: constant.
+    haadf_cross_section_A2: HAADF cross-section per unit Z^1.7 (A^2); an effective
+        detector efficiency: graphene C ~30, Si ~125 counts at the default dose.
+    frame_gap_s: dead time between the end of one frame and the start of the next.
+    dynamics: defects hop between frames (particles rotate regardless, see Specimen).
+    si_fraction, vacancy_fraction: dopant / vacancy fractions (None -> preset default;
+        si_fraction is the substitutional dopant of the preset: Si in graphene, W in mos2).
+    hop_rate_per_s: per-defect hop rate when dynamics is on.
+    specimen_kwargs: any further ``make_specimen`` keyword arguments.
+    render_nsigma: Gaussians are cut off at this many sigma.
+    """
+
+    preset: str = "graphene"
+    size: int = 512
+    rows: int | None = None
+    cols: int | None = None
+    pixel_size_nm: float | tuple[float, float] | None = None
+    dwell_us: float = 2.0
+    flyback_us: float = 50.0
+    probe_fwhm_nm: float | None = None
+    dose_e_per_A2: float | None = None
+    noise: bool = True
+    readout_noise: float = 1.0
+    background_counts: float = 2.0
+    haadf_cross_section_A2: float = 2e-4
+    frame_gap_s: float = 0.0
+    scan_rotation_rad: float = 0.0
+    seed: int = 0
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    actuator: ActuatorConfig = field(default_factory=ActuatorConfig)
+    dynamics: bool = False
+    si_fraction: float | None = None
+    vacancy_fraction: float | None = None
+    hop_rate_per_s: float = 0.02
+    specimen_kwargs: dict = field(default_factory=dict)
+    render_nsigma: float = 4.0
+
+    # ---- resolved values
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.rows or self.size), int(self.cols or self.size))
+
+    @property
+    def pixel_size(self) -> tuple[float, float]:
+        p = self.pixel_size_nm
+        if p is None:
+            p = PRESET_DEFAULTS[self.preset]["pixel_size_nm"]
+        if np.ndim(p) == 0:
+            return (float(p), float(p))
+        return (float(p[0]), float(p[1]))
+
+    @property
+    def probe_fwhm(self) -> float:
+        return float(self.probe_fwhm_nm if self.probe_fwhm_nm is not None
+                     else PRESET_DEFAULTS[self.preset]["probe_fwhm_nm"])
+
+    @property
+    def dose(self) -> float:
+        return float(self.dose_e_per_A2 if self.dose_e_per_A2 is not None
+                     else PRESET_DEFAULTS[self.preset]["dose_e_per_A2"])
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line reason for a bad parameter."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        rows, cols = self.shape
+        if not (1 <= rows <= 16384 and 1 <= cols <= 16384):
+            raise ValueError(f"frame size {rows}x{cols} out of range 1..16384")
+        checks = {"pixel_size_nm": min(self.pixel_size), "dwell_us": self.dwell_us,
+                  "probe_fwhm_nm": self.probe_fwhm, "dose_e_per_A2": self.dose}
+        for name, v in checks.items():
+            if not np.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a positive number, got {v}")
+        for name in ("flyback_us", "frame_gap_s", "readout_noise", "background_counts"):
+            v = getattr(self, name)
+            if not np.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v}")
+
+
+class Microscope:
+    """A virtual STEM. ``acquire()`` scans one frame and advances the clock."""
+
+    N_SOLVE = 8  # fixed-point iterations for apparent column positions
+
+    def __init__(self, config: MicroscopeConfig | None = None, **overrides):
+        cfg = config if config is not None else MicroscopeConfig(**overrides)
+        if config is not None and overrides:
+            from dataclasses import replace
+            cfg = replace(config, **overrides)
+        cfg.validate()
+        self.config = cfg
+        self.rows, self.cols = cfg.shape
+        self.pixel_size_nm = cfg.pixel_size
+        self.dwell_s = cfg.dwell_us * 1e-6
+        self.flyback_s = cfg.flyback_us * 1e-6
+        kw = dict(cfg.specimen_kwargs)
+        kw.setdefault("dopant_fraction", cfg.si_fraction)
+        kw.setdefault("vacancy_fraction", cfg.vacancy_fraction)
+        kw.setdefault("hop_rate_per_s", cfg.hop_rate_per_s)
+        self.specimen: Specimen = make_specimen(cfg.preset, cfg.seed, **kw)
+        self.drift = DriftModel(cfg.drift, cfg.seed)
+        self.actuator = Actuator(cfg.actuator, self.rows, cfg.seed)
+        self._sigma_probe = fwhm_to_sigma(cfg.probe_fwhm)
+        self._seq = 0
+        self._t = 0.0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def time_s(self) -> float:
+        """Simulation clock (s): start time of the next frame."""
+        return self._t
+
+    @property
+    def seq(self) -> int:
+        """Sequence number the next frame will get."""
+        return self._seq
+
+    @property
+    def line_time_s(self) -> float:
+        return self.cols * self.dwell_s + self.flyback_s
+
+    @property
+    def frame_time_s(self) -> float:
+        """Scan time of one frame (rows * line_time), without frame_gap_s."""
+        return self.rows * self.line_time_s
+
+    @property
+    def beam_shift_nm(self) -> np.ndarray:
+        """Currently commanded beam-shift target (nm, (y, x)): what the instrument reports."""
+        return self.actuator.target
+
+    def set_beam_shift(self, target_nm) -> np.ndarray:
+        """Command the beam shift (nm, (y, x)); takes effect per ActuatorConfig.
+
+        Returns the shift that will truly be applied (simulation truth, not for feedback).
+        """
+        return self.actuator.command(target_nm, self._seq)
+
+    def drift_at(self, times_s) -> np.ndarray:
+        """True drift d(t) (n, 2) nm (y, x) at any times; independent of query order."""
+        return self.drift(np.atleast_1d(np.asarray(times_s, dtype=float)))
+
+    # ------------------------------------------------------------------ physics
+    def _sample_points(self, geom: ScanGeometry, t0: float, b_rows: np.ndarray):
+        """Specimen point sampled by every pixel: (ry, rx) float32 (rows, cols) relative
+        to the returned float64 ``origin`` (nm), and the bounding box ((y0, y1), (x0, x1))."""
+        rows, cols = self.rows, self.cols
+        i = np.arange(rows)
+        j = np.arange(cols)
+        row_dy, row_dx, dev_y, dev_x = self.drift.frame_xy(t0, self.line_time_s, self.dwell_s, rows, cols)
+        sy = geom.y(i)
+        row_y = sy + b_rows[:, 0] - row_dy                                  # per line
+        row_x = geom.cfg.shear * sy + geom.line_jitter + b_rows[:, 1] - row_dx
+        col_x = j * geom.step_x + geom.flyback(j)                           # per column
+        origin = np.array([row_y[rows // 2], row_x[rows // 2] + col_x[cols // 2]])
+        ry = (row_y - origin[0]).astype(np.float32)[:, None] - dev_y
+        rx = (row_x - origin[1]).astype(np.float32)[:, None] + (col_x.astype(np.float32)[None, :] - dev_x)
+        box = ((float(ry.min()) + origin[0], float(ry.max()) + origin[0]),
+               (float(rx.min()) + origin[1], float(rx.max()) + origin[1]))
+        return ry, rx, origin, box
+
+    def _apparent(self, p: np.ndarray, geom: ScanGeometry, t0: float, b_rows: np.ndarray):
+        """Fractional (i, j) and scan time where specimen points p (n, 2) appear."""
+        i = p[:, 0] / geom.step_y
+        j = (p[:, 1] - geom.cfg.shear * p[:, 0]) / geom.step_x
+        for _ in range(self.N_SOLVE):
+            t = t0 + i * self.line_time_s + j * self.dwell_s
+            dy, dx = self.drift.xy(t)
+            r = geom.row_index(i)
+            i, j = geom.invert(p[:, 0] + dy - b_rows[r, 0], p[:, 1] + dx - b_rows[r, 1], j)
+        t = t0 + i * self.line_time_s + j * self.dwell_s
+        return i, j, t
+
+    def acquire(self) -> tuple[np.ndarray, FrameMeta, FrameTruth]:
+        """Scan one frame: (image uint16 (rows, cols), FrameMeta, FrameTruth).
+
+        Advances the clock by frame_time_s + frame_gap_s and the sequence number by 1.
+        """
+        cfg = self.config
+        rows, cols = self.rows, self.cols
+        seq, t0 = self._seq, self._t
+        sc = cfg.scan
+        lj = (stream_rng(cfg.seed, "line_jitter", seq).standard_normal(rows) * sc.line_jitter_nm
+              if sc.line_jitter_nm > 0 else np.zeros(rows))
+        geom = ScanGeometry(sc, rows, cols, self.pixel_size_nm, self.dwell_s, lj)
+        b_rows, cmd_rows = self.actuator.frame(seq)
+        line_times = t0 + np.arange(rows) * self.line_time_s
+
+        ry, rx, origin, (by, bx) = self._sample_points(geom, t0, b_rows)
+        spec = self.specimen
+        sig_max = float(np.hypot(self._sigma_probe, spec.max_source_sigma_nm))
+        margin = cfg.render_nsigma * sig_max + spec.source_extent_nm + 0.05
+        box = ((by[0] - margin, by[1] + margin), (bx[0] - margin, bx[1] + margin))
+        cols_all = spec.columns_in(box, cfg.scan_rotation_rad)
+
+        # where every source appears, then render
+        si, sj, _ = self._apparent(cols_all.src_pos_nm, geom, t0, b_rows)
+        sig = np.sqrt(self._sigma_probe ** 2 + cols_all.src_sigma_nm ** 2)
+        py, px = self.pixel_size_nm
+        n_e = cfg.dose * py * px * 100.0                              # electrons per pixel
+        amp = n_e * cfg.haadf_cross_section_A2 * cols_all.src_weight / (2.0 * np.pi * (10.0 * sig) ** 2)
+        # footprint: nsigma * sigma around the source, plus up to 0.75 px for the rounding of
+        # its centre pixel (and a little for local scan-step changes)
+        radius = cfg.render_nsigma * sig_max / min(geom.step_y, geom.step_x) + 0.75
+        half = int(np.ceil(radius))
+        vis = (si > -half) & (si < rows - 1 + half) & (sj > -half) & (sj < cols - 1 + half) & (amp > 0)
+        ryp, rxp = pad_points(ry, rx, half)
+        expected = render_sources(
+            ryp, rxp,
+            cols_all.src_pos_nm[vis] - origin, amp[vis], sig[vis],
+            np.stack([np.rint(si[vis]), np.rint(sj[vis])], axis=1).astype(np.int64), half, radius)
+        expected += cfg.background_counts
+        rng = stream_rng(cfg.seed, "noise", seq) if cfg.noise else None
+        image = detect(expected, rng, cfg.readout_noise)
+
+        # truth: the reference position of each column / particle (its first source)
+        ref = np.searchsorted(cols_all.src_parent, np.arange(len(cols_all)))
+        ci, cj = si[ref], sj[ref]
+        ct = t0 + ci * self.line_time_s + cj * self.dwell_s
+        inside = (ci >= -0.5) & (ci < rows - 0.5) & (cj >= -0.5) & (cj < cols - 0.5)
+        truth = FrameTruth(
+            line_times_s=line_times,
+            drift_nm=self.drift(line_times),
+            beam_shift_nm=b_rows,
+            line_jitter_nm=lj,
+            columns_px=np.stack([ci[inside], cj[inside]], axis=1),
+            column_times_s=ct[inside],
+            column_ids=cols_all.ids[inside],
+            species=cols_all.species[inside],
+            species_names=spec.species_names,
+            weight=cols_all.weight[inside],
+            orientation_rad=(None if cols_all.orientation_rad is None
+                             else cols_all.orientation_rad[inside]),
+            specimen_nm=cols_all.positions_nm[inside],
+            symmetry_order=spec.symmetry_order if spec.preset == "particles" else None,
+        )
+        meta = FrameMeta(
+            seq=seq, t_start=t0, pixel_size_nm=(py, px), dwell_us=cfg.dwell_us,
+            flyback_us=cfg.flyback_us, scan_rotation_rad=cfg.scan_rotation_rad,
+            beam_shift_nm=(float(cmd_rows[0, 0]), float(cmd_rows[0, 1])), rows=rows, cols=cols)
+
+        dt = self.frame_time_s + cfg.frame_gap_s
+        self._seq = seq + 1
+        self._t = t0 + dt
+        spec.advance(dt, box, cfg.scan_rotation_rad, stream_rng(cfg.seed, "dynamics", seq),
+                     hops=cfg.dynamics)
+        return image, meta, truth
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"Microscope(preset={c.preset!r}, {self.rows}x{self.cols}, seed={c.seed}, seq={self._seq})"
