@@ -15,18 +15,16 @@ session started.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 import numpy as np
 
 from stem_live import protocol
-from stem_live.protocol import Ack, Correction, Frame, ProtocolError
+from stem_live.protocol import Ack, Correction, Frame, KeyFileError, ProtocolError, ServerKeys, is_loopback
 
 from .base import EndOfStream, Instrument, InstrumentError
 from .safety import Limits, clamp_target
@@ -37,24 +35,12 @@ FRAMES_ENDPOINT = "tcp://127.0.0.1:5555"
 CORRECTIONS_ENDPOINT = "tcp://127.0.0.1:5556"
 
 
-def is_loopback(endpoint: str) -> bool:
-    """True for ``tcp://127.x.x.x:port``, ``tcp://localhost:port``, ``tcp://[::1]:port``, ipc and inproc."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    host = urlparse(endpoint).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(endpoint: str) -> None:
-    """Refuse to bind anything but loopback (CURVE keys are required for that; not yet supported)."""
-    if not is_loopback(endpoint):
-        raise InstrumentError(
-            f"refusing to bind {endpoint}: only loopback addresses (127.0.0.1) are allowed without CURVE keys")
+def check_bind(endpoint: str, keys: ServerKeys | None = None) -> None:
+    """Refuse to bind anything but loopback unless CURVE keys are given."""
+    if keys is None and not is_loopback(endpoint):
+        raise InstrumentError(f"refusing to bind {endpoint}: only loopback addresses (127.0.0.1) may be bound "
+                              "without CURVE keys (make them with `stem-live keys`, then pass --server-key and "
+                              "--allowed-keys)")
 
 
 @dataclass
@@ -88,29 +74,43 @@ class Bridge:
         limits: Limits = Limits(),
         accept_corrections: bool = True,
         queue_frames: int = 4,
+        keys: ServerKeys | None = None,
         context: object | None = None,
     ) -> None:
         import zmq
 
-        check_bind(frames_endpoint)
-        check_bind(corrections_endpoint)
+        check_bind(frames_endpoint, keys)
+        check_bind(corrections_endpoint, keys)
         self.instrument = instrument
         self.limits = limits
         self.accept_corrections = accept_corrections
         self.stats = BridgeStats()
         self.start_shift_nm = np.asarray(instrument.get_beam_shift(), dtype=np.float64).copy()
         self._ctx = context or zmq.Context.instance()
+        self._auth = None
+        if keys is not None:
+            try:
+                self._auth = keys.start_authenticator(self._ctx)
+            except KeyFileError as exc:
+                raise InstrumentError(str(exc)) from None
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 8 if not instrument.lossless else 0)
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         try:
+            if keys is not None:
+                keys.apply(self._pub)
+                keys.apply(self._router)
             self._pub.bind(frames_endpoint)
             self._router.bind(corrections_endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, KeyFileError) as exc:
             self._pub.close()
             self._router.close()
+            if self._auth is not None:
+                self._auth.stop()
+            if isinstance(exc, KeyFileError):
+                raise InstrumentError(str(exc)) from None
             raise InstrumentError(f"cannot bind {frames_endpoint} / {corrections_endpoint}: {exc} "
                                   "(is another bridge running? pick other ports)") from None
         self.frames_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -140,6 +140,9 @@ class Bridge:
             self.restore()
         self._pub.close(0)
         self._router.close(0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     def __enter__(self) -> "Bridge":
         return self.start()

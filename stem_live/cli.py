@@ -109,13 +109,37 @@ def _wait_for_interrupt(stop: threading.Event) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
+def _server_keys(a: argparse.Namespace):
+    from .protocol import ServerKeys
+
+    if (a.server_key is None) != (a.allowed_keys is None):
+        raise UserError("CURVE needs both --server-key (this side's NAME.key_secret) and --allowed-keys (a folder)")
+    return None if a.server_key is None else ServerKeys(str(a.server_key), str(a.allowed_keys))
+
+
+def _client_keys(a: argparse.Namespace):
+    from .protocol import ClientKeys
+
+    if (a.client_key is None) != (a.server_public_key is None):
+        raise UserError("CURVE needs both --client-key (the engine's NAME.key_secret) and --server-public-key")
+    return None if a.client_key is None else ClientKeys(str(a.client_key), str(a.server_public_key))
+
+
+def cmd_keys(a: argparse.Namespace) -> int:
+    from .protocol import make_keys
+
+    public, secret = make_keys(a.folder, a.name)
+    print(f"public key {public} (give it to the other side)\nsecret key {secret} (keep it; mode 600)")
+    return 0
+
+
 def cmd_sim(a: argparse.Namespace) -> int:
     from instrument_adapters.bridge import Bridge
     from instrument_adapters.safety import Limits
     from instrument_adapters.simulated import SimulatedInstrument
 
     inst = SimulatedInstrument(_sim_config(a), speed=a.speed or None, frames=a.count)
-    bridge = Bridge(inst, frames_endpoint=a.frames, corrections_endpoint=a.corrections,
+    bridge = Bridge(inst, frames_endpoint=a.frames, corrections_endpoint=a.corrections, keys=_server_keys(a),
                     limits=Limits(max_step_nm=a.max_step_nm, max_excursion_nm=a.max_excursion_nm))
     stop = threading.Event()
     _wait_for_interrupt(stop)
@@ -162,7 +186,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             done.set()
 
     svc = EngineService(engine, frames_endpoint=a.frames, corrections_endpoint=a.corrections,
-                        maps_endpoint=a.maps, commands_endpoint=a.commands, on_result=on_result)
+                        maps_endpoint=a.maps, commands_endpoint=a.commands, on_result=on_result, keys=_client_keys(a))
     svc.start()
     print(f"engine: frames from {a.frames}, corrections to {a.corrections}, maps on {svc.maps_endpoint}, "
           f"commands on {svc.commands_endpoint} ({'armed' if a.arm else 'disarmed'}; Ctrl-C stops)", file=sys.stderr)
@@ -321,11 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speed", type=float, default=1.0, help="1 = real scan rate, 0 = as fast as possible")
     s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N frames")
     s.add_argument("--restore-on-exit", action="store_true", help="restore the starting beam shift on exit")
+    s.add_argument("--server-key", type=Path, default=None, help="CURVE: this instrument's NAME.key_secret")
+    s.add_argument("--allowed-keys", type=Path, default=None, help="CURVE: folder of allowed engines' NAME.key")
     s.set_defaults(func=cmd_sim)
 
     s = sub.add_parser("run", help="run the engine against an instrument's endpoints")
     _endpoint_args(s, "frames", "corrections", "maps", "commands")
     s.add_argument("--arm", action="store_true", help="send corrections from the first frame")
+    s.add_argument("--client-key", type=Path, default=None, help="CURVE: this engine's NAME.key_secret")
+    s.add_argument("--server-public-key", type=Path, default=None, help="CURVE: the instrument's NAME.key")
     s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N processed frames")
     s.set_defaults(func=cmd_run)
 
@@ -351,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=_positive(float), default=None, help="stop after this many seconds")
     s.set_defaults(func=cmd_record)
 
+    s = sub.add_parser("keys", help="make a CURVE key pair for endpoints beyond loopback")
+    s.add_argument("folder", type=Path)
+    s.add_argument("--name", default="stem-live", help="file name stem (default stem-live)")
+    s.set_defaults(func=cmd_keys)
+
     s = sub.add_parser("evaluate", help="simulator + engine with ground truth; JSON report")
     _sim_args(s)
     s.add_argument("--frames", dest="count", type=_positive(int), default=100)
@@ -365,9 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="stem-live: %(levelname)s: %(message)s")
     from instrument_adapters.base import InstrumentError
 
+    from .protocol import KeyFileError
+
     try:
         return args.func(args)
-    except (UserError, InstrumentError, RuntimeError, OSError, ValueError) as exc:
+    except (UserError, InstrumentError, KeyFileError, RuntimeError, OSError, ValueError) as exc:
         print(f"stem-live: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import protocol
 from .engine import Engine, FrameResult
-from .protocol import Ack, Command, Frame, Maps, ProtocolError, Reply
+from .protocol import Ack, ClientKeys, Command, Frame, Maps, ProtocolError, Reply, is_loopback
 
 log = logging.getLogger("stem_live.service")
 
@@ -123,14 +123,14 @@ class EngineService:
         maps_max_hz: float = 20.0,
         preview_max_px: int = 512,
         on_result: Callable[[Frame, FrameResult], None] | None = None,
+        keys: ClientKeys | None = None,
         context: object | None = None,
     ) -> None:
         import zmq
 
-        from instrument_adapters.bridge import check_bind  # the same loopback rule as the instrument side
-
-        check_bind(maps_endpoint)
-        check_bind(commands_endpoint)
+        for ep in (maps_endpoint, commands_endpoint):
+            if not is_loopback(ep):
+                raise RuntimeError(f"refusing to bind {ep}: the engine's maps and commands endpoints are loopback-only")
         self.engine = engine
         self.counters = Counters()
         self.recorder = Recorder()
@@ -139,6 +139,7 @@ class EngineService:
         self.maps_max_hz = maps_max_hz
         self.preview_max_px = preview_max_px
         self.on_result = on_result
+        self.keys = keys
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()  # guards the engine
         self._cond = threading.Condition()
@@ -206,6 +207,8 @@ class EngineService:
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.RECONNECT_IVL, 100)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.keys is not None:
+            self.keys.apply(sub)
         sub.connect(self.frames_endpoint)
         try:
             while not self._stop.is_set():
@@ -235,6 +238,8 @@ class EngineService:
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.SNDHWM, 16)
+        if self.keys is not None:
+            self.keys.apply(dealer)
         dealer.connect(self.corrections_endpoint)
         try:
             while not self._stop.is_set():
