@@ -63,6 +63,8 @@ class Bridge:
     """Publish an instrument's frames and apply (clamped) corrections sent back to it.
 
     ``accept_corrections=False`` acks every correction with an error and never moves the beam.
+    ``wait_for_subscriber=True`` holds the first acquisition until a subscriber has connected
+    (demo, tests: nothing is lost to ZeroMQ's slow-joiner effect).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class Bridge:
         limits: Limits = Limits(),
         accept_corrections: bool = True,
         queue_frames: int = 4,
+        wait_for_subscriber: bool = False,
         keys: ServerKeys | None = None,
         context: object | None = None,
     ) -> None:
@@ -93,7 +96,7 @@ class Bridge:
                 self._auth = keys.start_authenticator(self._ctx)
             except KeyFileError as exc:
                 raise InstrumentError(str(exc)) from None
-        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub = self._ctx.socket(zmq.XPUB)  # XPUB: a PUB that also sees subscriptions arrive
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 8 if not instrument.lossless else 0)
         self._router = self._ctx.socket(zmq.ROUTER)
@@ -117,6 +120,9 @@ class Bridge:
         self.corrections_endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._frames: queue.Queue[Frame | None] = queue.Queue(maxsize=queue_frames)
         self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        if not wait_for_subscriber:
+            self._subscribed.set()
         self._lock = threading.Lock()  # serialises calls into the instrument
         self._last_seq = -1
         self._last_id: dict[bytes, int] = {}
@@ -172,6 +178,9 @@ class Bridge:
     # ------------------------------------------------------------------ threads
 
     def _acquire_loop(self) -> None:
+        while not self._subscribed.wait(0.05):  # optionally hold the first frame until someone listens
+            if self._stop.is_set():
+                return
         while not self._stop.is_set():
             try:
                 frame = self.instrument.acquire()
@@ -211,6 +220,9 @@ class Bridge:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         while not self._stop.is_set():
+            while self._pub.poll(0):
+                if bytes(self._pub.recv())[:1] == b"\x01":  # subscribe (0x00 would be unsubscribe)
+                    self._subscribed.set()
             for _ in range(64):  # drain corrections first: they are small and urgent
                 if not poller.poll(0):
                     break

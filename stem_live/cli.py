@@ -211,7 +211,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .service import EngineService
 
     inst = SimulatedInstrument(_sim_config(a), speed=a.speed or None, frames=a.count)
-    bridge = Bridge(inst, frames_endpoint="tcp://127.0.0.1:*", corrections_endpoint="tcp://127.0.0.1:*")
+    bridge = Bridge(inst, frames_endpoint="tcp://127.0.0.1:*", corrections_endpoint="tcp://127.0.0.1:*",
+                    wait_for_subscriber=True)
     engine = Engine()
     engine.arm()
     prog = Progress(sys.stdout)
@@ -233,7 +234,6 @@ def cmd_demo(a: argparse.Namespace) -> int:
     svc = EngineService(engine, frames_endpoint=bridge.frames_endpoint, corrections_endpoint=bridge.corrections_endpoint,
                         maps_endpoint=a.maps, commands_endpoint=a.commands, on_result=on_result)
     svc.start()
-    time.sleep(0.3)  # let the engine's subscription reach the publisher before the first frame
     bridge.start()
     print(f"demo: simulated {a.preset} {a.size}x{a.size}, engine armed; maps on {svc.maps_endpoint}, commands on "
           f"{svc.commands_endpoint}; {'display found but the monitor is not built yet' if _has_display() else 'headless'}"

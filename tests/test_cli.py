@@ -42,8 +42,11 @@ def test_demo_headless_runs_n_frames_and_summarises():
                   "--commands-endpoint", commands)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("frame ")]
-    assert len(lines) == 12  # one progress line per frame (no terminal: one line each)
-    assert "summary: 12 frames processed" in r.stdout
+    summary = [ln for ln in r.stdout.splitlines() if ln.startswith("summary:")]
+    assert len(summary) == 1
+    processed, skipped = (int(summary[0].split()[i]) for i in (1, 4))
+    assert processed + skipped == 12  # every frame accounted for (live mode may skip under load)
+    assert len(lines) == processed >= 6  # one progress line per processed frame (no terminal: one line each)
     assert "Traceback" not in r.stderr
 
 
