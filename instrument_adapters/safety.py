@@ -11,11 +11,12 @@ import numpy as np
 class Limits:
     """Hard limits on corrections (nm). ``max_step_nm``: largest move per correction;
     ``max_excursion_nm``: largest distance from the beam shift the session started from;
-    ``stale_frames``: a correction computed for a frame older than this many frames is refused."""
+    ``stale_frames``: a correction computed for a frame more than this many frames older than
+    the newest frame sent is refused (and one for a frame not yet sent)."""
 
     max_step_nm: float = 0.5
     max_excursion_nm: float = 10.0
-    stale_frames: int = 3
+    stale_frames: int = 10
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,11 @@ def cmd_run(a: argparse.Namespace) -> int:
         while not stop.is_set() and not done.is_set():
             stop.wait(0.2)
     finally:
+        if a.restore_on_exit:  # while the receiver still tracks the newest frame (corrections must be fresh)
+            ok = svc.restore_beam()
+            print("starting beam shift restored" if ok else
+                  "stem-live: error: could not restore the starting beam shift (instrument unreachable?)",
+                  file=sys.stderr)
         svc.stop()
         prog.done()
         print(json.dumps(svc.counters.as_dict()), file=sys.stderr)
@@ -235,9 +240,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
                         maps_endpoint=a.maps, commands_endpoint=a.commands, on_result=on_result)
     svc.start()
     bridge.start()
+    monitor = None
+    if _has_display() and not a.no_monitor:
+        import subprocess
+
+        monitor = subprocess.Popen([sys.executable, "-m", "stem_live.monitor", "--maps", svc.maps_endpoint,
+                                    "--commands", svc.commands_endpoint])
     print(f"demo: simulated {a.preset} {a.size}x{a.size}, engine armed; maps on {svc.maps_endpoint}, commands on "
-          f"{svc.commands_endpoint}; {'display found but the monitor is not built yet' if _has_display() else 'headless'}"
-          f" (Ctrl-C stops)", file=sys.stderr)
+          f"{svc.commands_endpoint}; {'monitor opened' if monitor else 'headless'} (Ctrl-C stops)", file=sys.stderr)
     try:
         while not stop.is_set():
             c = svc.counters
@@ -249,12 +259,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
         time.sleep(0.1)
         svc.stop()
         prog.done()
+        if monitor is not None:
+            monitor.terminate()
     r = np.array(state["res"]) if state["res"] else np.array([np.nan])
     c = svc.counters.as_dict()
     print(f"summary: {c['processed']} frames processed, {c['skipped']} skipped, {c['rejected']} rejected, "
           f"{c['corrections_sent']} corrections sent; true image motion RMS {np.sqrt(np.nanmean(r**2)) * 1e3:.1f} pm, "
           f"max {np.nanmax(r) * 1e3:.1f} pm; beam shift restored")
     return 0
+
+
+def cmd_monitor(a: argparse.Namespace) -> int:
+    """The operator's window on an engine's maps/commands endpoints."""
+    from .monitor import run_monitor
+
+    return run_monitor(a.maps, a.commands)
 
 
 def _has_display() -> bool:
@@ -352,16 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run the engine against an instrument's endpoints")
     _endpoint_args(s, "frames", "corrections", "maps", "commands")
     s.add_argument("--arm", action="store_true", help="send corrections from the first frame")
+    s.add_argument("--restore-on-exit", action="store_true",
+                   help="on Ctrl-C, send the beam back to where it was at the first frame")
     s.add_argument("--client-key", type=Path, default=None, help="CURVE: this engine's NAME.key_secret")
     s.add_argument("--server-public-key", type=Path, default=None, help="CURVE: the instrument's NAME.key")
     s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N processed frames")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("monitor", help="the operator's window (Qt); closing it never stops acquisition")
+    _endpoint_args(s, "maps", "commands")
+    s.set_defaults(func=cmd_monitor)
 
     s = sub.add_parser("demo", help="simulator + engine (+ monitor) on loopback")
     _sim_args(s)
     _endpoint_args(s, "maps", "commands")
     s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N frames")
     s.add_argument("--speed", type=float, default=1.0, help="1 = real scan rate, 0 = as fast as possible")
+    s.add_argument("--no-monitor", action="store_true", help="do not open the monitor even with a display")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("replay", help="play a recorded stack through the engine, losslessly and in order")

@@ -68,6 +68,10 @@ class Engine:
         self.frames = 0
         self.last: FrameResult | None = None
 
+    def next_correction_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
     def arm(self) -> None:
         self.armed = True
 
@@ -146,9 +150,8 @@ class Engine:
         step = self.config.gain * (target - beam)
         if np.hypot(*step) < self.config.deadband_nm:
             return None
-        self._next_id += 1
         new = beam + step
-        return Correction(id=self._next_id, beam_shift_nm=(float(new[0]), float(new[1])), for_seq=frame.seq,
+        return Correction(id=self.next_correction_id(), beam_shift_nm=(float(new[0]), float(new[1])), for_seq=frame.seq,
                           reason="predictive drift correction (rigid registration)")
 
     def status(self) -> dict:

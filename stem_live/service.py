@@ -145,7 +145,9 @@ class EngineService:
         self._cond = threading.Condition()
         self._pending: tuple[Frame, float] | None = None
         self._stop = threading.Event()
-        self._last_seq: int | None = None
+        self._last_seq: int | None = None  # newest seq received
+        self._last_processed: int | None = None
+        self._start_beam_nm: np.ndarray | None = None  # beam shift during the first frame processed
         self._threads: list[threading.Thread] = []
         # bind the engine's own sockets now so that a port clash is reported at start-up
         self._maps = self._ctx.socket(zmq.PUB)
@@ -251,6 +253,14 @@ class EngineService:
                 if item is None:
                     continue
                 frame, arrived = item
+                if self._last_processed is not None and frame.seq <= self._last_processed:
+                    log.warning("new stream (seq %d after %d): the instrument restarted; resetting the reference",
+                                frame.seq, self._last_processed)
+                    with self._lock:
+                        self.engine.reset()
+                self._last_processed = frame.seq
+                if self._start_beam_nm is None:
+                    self._start_beam_nm = np.asarray(frame.beam_shift_nm, dtype=np.float64)
                 with self._lock:
                     result = self.engine.process(frame)
                 if result.correction is not None:
@@ -279,6 +289,48 @@ class EngineService:
             elif seq <= last:
                 log.warning("frame seq went back from %d to %d: the instrument restarted its stream", last, seq)
         self._last_seq = seq
+
+    def restore_beam(self, timeout_s: float = 5.0) -> bool:
+        """Disarm, then send the beam back to where it was during the first frame processed.
+
+        Call it before :meth:`stop` (corrections must name a recent frame). The instrument clamps
+        each step, so this repeats until an ack reports the target reached. True when reached."""
+        import zmq
+
+        with self._lock:
+            self.engine.disarm()
+        target = self._start_beam_nm
+        if target is None or self._last_seq is None:
+            return False
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            self.keys.apply(dealer)
+        dealer.connect(self.corrections_endpoint)
+        t0 = time.monotonic()
+        try:
+            for i in range(1000):
+                if time.monotonic() - t0 > timeout_s:
+                    return False
+                corr = protocol.Correction(id=self.engine.next_correction_id(), beam_shift_nm=tuple(map(float, target)),
+                                           for_seq=self._last_seq, reason="restore the starting beam shift")
+                try:
+                    protocol.send(dealer, corr, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    time.sleep(0.05)
+                    continue
+                if not dealer.poll(1000):
+                    continue
+                ack = protocol.recv(dealer)
+                if isinstance(ack, Ack) and ack.id == corr.id:
+                    if ack.error and "stale" not in ack.error:  # stale: our newest seq lagged; try again
+                        log.error("restore refused: %s", ack.error)
+                        return False
+                    if np.allclose(ack.applied_nm, target, atol=1e-9):
+                        return True
+            return False
+        finally:
+            dealer.close(0)
 
     def _read_acks(self, dealer: object) -> None:
         import zmq
@@ -322,7 +374,10 @@ class EngineService:
             "armed": float(self.engine.armed), "peak": result.peak,
             **{f"stage_{k}_ms": round(v, 3) for k, v in result.timings_ms.items()},
         }
-        return Maps(seq=frame.seq, arrays={"preview": preview, "drift_nm": np.asarray(result.drift_nm, np.float64)},
+        arrays = {"preview": preview, "drift_nm": np.asarray(result.drift_nm, np.float64)}
+        if result.correction is not None:
+            arrays["correction_nm"] = np.asarray(result.correction.beam_shift_nm, np.float64)
+        return Maps(seq=frame.seq, arrays=arrays,
                     metrics=metrics, info={"t_mid": result.t_mid, "preview_step": step,
                                            "pixel_size_nm": list(frame.pixel_size_nm)})
 

@@ -136,7 +136,7 @@ def test_bad_replayed_and_stale_corrections_are_refused(ctx):
     bridge.start()
     d = _dealer(ctx, bridge)
     try:
-        _wait_published(bridge, 5)
+        _wait_published(bridge, 15)
         start = inst.get_beam_shift()
         # non-finite target, sent raw (the encoder itself refuses NaN)
         head = {"proto": protocol.PROTO, "type": "correction", "id": 10, "beam_shift_nm": [1.0, 2.0],
