@@ -64,7 +64,6 @@ class Engine:
         self._ref_beam_nm = np.zeros(2)  # beam shift during the current reference frame
         self._b0_nm: np.ndarray | None = None  # beam shift during the very first frame
         self._hist: deque[tuple[float, np.ndarray]] = deque(maxlen=max(2, self.config.history))
-        self._pred_px = np.zeros(2)
         self.frames = 0
         self.last: FrameResult | None = None
 
@@ -113,7 +112,11 @@ class Engine:
                 self._b0_nm = beam.copy()
             shift_px, peak = np.zeros(2), 1.0
         else:
-            shift_px, peak = register(self._ref, image, predicted=tuple(self._pred_px))
+            # where this frame should be, from the drift history and the beam shift it was taken with:
+            # robust to skipped frames and to corrections that arrived late
+            pred = self.predict_drift(t_mid)
+            pred_px = np.zeros(2) if pred is None else (pred - self._ref_offset_nm - (beam - self._ref_beam_nm)) / px
+            shift_px, peak = register(self._ref, image, predicted=tuple(pred_px))
         t1 = time.perf_counter()
         locked = peak >= self.config.min_peak
         drift = self._ref_offset_nm + shift_px * px + (beam - self._ref_beam_nm)
@@ -123,12 +126,8 @@ class Engine:
                 self._set_reference(image, beam, drift)  # keep the reference overlapping the image
         correction = None
         pred = self.predict_drift(t_mid + frame.frame_time_s)
-        if pred is not None:
-            if self.armed and locked:
-                correction = self._correction(frame, pred, beam)
-            next_beam = beam if correction is None else np.asarray(correction.beam_shift_nm)
-            # where the image will be in the next frame: predicted apparent shift vs the reference
-            self._pred_px = (pred - self._ref_offset_nm - (next_beam - self._ref_beam_nm)) / px
+        if pred is not None and self.armed and locked:
+            correction = self._correction(frame, pred, beam)
         self.frames += 1
         self.last = FrameResult(seq=frame.seq, t_mid=t_mid, shift_px=shift_px, drift_nm=drift, peak=peak,
                                 locked=locked, correction=correction,
@@ -142,7 +141,6 @@ class Engine:
         self._ref = make_reference(image)
         self._ref_offset_nm = np.asarray(drift, dtype=np.float64).copy()
         self._ref_beam_nm = beam.copy()
-        self._pred_px = np.zeros(2)
 
     def _correction(self, frame: Frame, pred: np.ndarray, beam: np.ndarray) -> Correction | None:
         assert self._b0_nm is not None
