@@ -349,6 +349,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    prog = Progress()
+    sizes = tuple(a.size) if a.size else ((512,) if a.stage == "overload" else (256, 512, 1024, 2048))
+    report = run_bench(a.stage, sizes=sizes, seconds=a.seconds, progress=prog.line)
+    prog.done()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if a.json:
+        Path(a.json).write_text(text + "\n")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -404,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N frames")
     s.add_argument("--timeout", type=_positive(float), default=None, help="stop after this many seconds")
     s.set_defaults(func=cmd_record)
+
+    s = sub.add_parser("bench", help="stage and end-to-end timings (JSON)")
+    s.add_argument("stage", choices=("protocol", "register", "locate", "gp", "rvae", "pipeline", "overload", "all"))
+    s.add_argument("--size", type=_positive(int), nargs="+", default=None, help="frame sizes (default 256..2048)")
+    s.add_argument("--seconds", type=_positive(float), default=10.0, help="duration of pipeline/overload runs")
+    s.add_argument("--json", type=Path, default=None, help="also write the report here")
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("keys", help="make a CURVE key pair for endpoints beyond loopback")
     s.add_argument("folder", type=Path)

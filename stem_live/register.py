@@ -60,6 +60,8 @@ def lattice_period_px(spectrum: np.ndarray, shape: tuple[int, int]) -> float:
     cy, cx = shape[0] // 2, shape[1] // 2
     yy, xx = np.indices(shape)
     r = np.hypot(yy - cy, xx - cx)
+    if not ac[cy, cx] > 0:  # a blank frame has no lattice
+        return float("inf")
     ac = ac / ac[cy, cx]
     # local maxima outside the central peak, above a fraction of the zero-lag value
     from scipy.ndimage import maximum_filter
