@@ -349,6 +349,61 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _load_images(path: Path):
+    """A 2-D image or a stack from .npy / .tif (pixel size not needed for locating)."""
+    import numpy as np
+
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    try:
+        if path.suffix.lower() == ".npy":
+            data = np.load(path, allow_pickle=False)
+        elif path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            data = tifffile.imread(path)
+        else:
+            raise UserError(f"{path}: unsupported file type (use .npy, .tif or .tiff)")
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot read {path}: {exc}".splitlines()[0]) from None
+    if data.ndim not in (2, 3) or data.size == 0 or not np.issubdtype(data.dtype, np.number) \
+            or np.issubdtype(data.dtype, np.complexfloating):
+        raise UserError(f"{path}: expected a real 2-D image or a 3-D stack, got {data.dtype} {data.shape}")
+    return data[None] if data.ndim == 2 else data
+
+
+def cmd_locate(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .locate import estimate_spacing, locate_classical
+    from .locate.export import overlay_rgb, write_columns, write_png
+
+    stack = _load_images(a.file)
+    out = a.out or a.file.with_name(a.file.stem + "_columns.csv")
+    png = a.png or out.with_suffix(".png")
+    prog = Progress()
+    spacing = a.spacing_px or estimate_spacing(np.asarray(stack[0], dtype=np.float32))
+    total = 0
+    for k, img in enumerate(stack):
+        img = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(img).all():
+            raise UserError(f"{a.file}: frame {k} holds NaN or infinite pixels")
+        cols = locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold)
+        if out.suffix.lower() == ".npz" and len(stack) > 1:
+            write_columns(out.with_name(f"{out.stem}_{k:05d}.npz"), cols, frame=k)
+        else:
+            write_columns(out, cols, frame=k)
+        if k == 0:
+            write_png(png, overlay_rgb(img, cols))
+        total += len(cols)
+        prog.line(f"frame {k + 1}/{len(stack)}: {len(cols)} columns (spacing {spacing:.1f} px)")
+    prog.done()
+    print(f"{total} columns in {len(stack)} frame(s) -> {out}; overlay of frame 0 -> {png}", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -418,6 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N frames")
     s.add_argument("--timeout", type=_positive(float), default=None, help="stop after this many seconds")
     s.set_defaults(func=cmd_record)
+
+    s = sub.add_parser("locate", help="find atomic columns in an image or stack: CSV/npz + overlay PNG")
+    s.add_argument("file", type=Path, help=".npy or .tif image or stack")
+    s.add_argument("--out", type=Path, default=None, help="positions file (.csv or .npz); default FILE_columns.csv")
+    s.add_argument("--png", type=Path, default=None, help="overlay PNG (default: next to --out)")
+    s.add_argument("--spacing-px", type=_positive(float), default=None,
+                   help="nearest-neighbour column spacing in px (default: estimated from the image)")
+    s.add_argument("--classes", type=_positive(int), default=1, help="intensity classes (e.g. 2: C/Si, 3: SrTiO3)")
+    s.add_argument("--threshold", type=_positive(float), default=1.0, help="detection threshold in noise units")
+    s.set_defaults(func=cmd_locate)
 
     s = sub.add_parser("bench", help="stage and end-to-end timings (JSON)")
     s.add_argument("stage", choices=("protocol", "register", "locate", "gp", "rvae", "pipeline", "overload", "all"))

@@ -151,3 +151,37 @@ def test_recorded_stream_replays_to_identical_pixels(tmp_path):
     r = stem_live("replay", str(out))
     assert r.returncode == 0, r.stderr
     assert "replayed 6 frames" in r.stderr
+
+
+def test_locate_writes_positions_and_overlay(tmp_path):
+    """stem-live locate on the real graphene image: positions close to the published reference."""
+    from stem_live.evaluate import match_columns
+
+    src = Path(__file__).parent / "data" / "graphene_gb_6nm.npy"
+    img = tmp_path / "g.npy"
+    img.write_bytes(src.read_bytes())
+    r = stem_live("locate", str(img), "--spacing-px", "12.1")
+    assert r.returncode == 0, r.stderr
+    table = np.loadtxt(tmp_path / "g_columns.csv", delimiter=",", skiprows=1)
+    ref = np.load(Path(__file__).parent / "data" / "graphene_gb_6nm_reference_columns.npy")
+    ti, fi = match_columns(ref, table[:, 1:3], 3.0)
+    f1 = 2 * len(ti) / (len(ref) + len(table))
+    assert f1 > 0.9
+    png = (tmp_path / "g_columns.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_locate_bad_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00garbage")
+    r = stem_live("locate", str(bad))
+    assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_match_columns_is_one_to_one():
+    from stem_live.evaluate import match_columns
+
+    truth = np.array([[0.0, 0.0], [0.0, 10.0], [0.0, 20.0]])
+    found = np.array([[0.1, 0.0], [0.0, 0.5], [0.0, 10.2], [5.0, 5.0]])  # two candidates near the first
+    ti, fi = match_columns(truth, found, 3.0)
+    assert sorted(zip(ti, fi)) == [(0, 0), (1, 2)]
