@@ -361,6 +361,7 @@ def _load_images(path: Path):
         elif path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
+            logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # its warnings are not for the user
             data = tifffile.imread(path)
         else:
             raise UserError(f"{path}: unsupported file type (use .npy, .tif or .tiff)")
@@ -370,7 +371,7 @@ def _load_images(path: Path):
         raise UserError(f"cannot read {path}: {exc}".splitlines()[0]) from None
     if data.ndim not in (2, 3) or data.size == 0 or not np.issubdtype(data.dtype, np.number) \
             or np.issubdtype(data.dtype, np.complexfloating):
-        raise UserError(f"{path}: expected a real 2-D image or a 3-D stack, got {data.dtype} {data.shape}")
+        raise UserError(f"cannot read {path}: expected a real 2-D image or a 3-D stack, got {data.dtype} {data.shape}")
     return data[None] if data.ndim == 2 else data
 
 

@@ -176,6 +176,7 @@ def test_locate_bad_file_is_one_line(tmp_path):
     bad.write_bytes(b"II*\x00garbage")
     r = stem_live("locate", str(bad))
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_match_columns_is_one_to_one():
