@@ -1,0 +1,123 @@
+"""Predictive drift-correction policy on top of :class:`~.gp.OnlineDriftGP`.
+
+Per frame: ``policy.observe(gp, obs)`` checks the new samples against the model's
+prediction (jump detection), re-locks the GP after a jump, and adds the samples;
+``policy.correction(gp, t_start_next, frame_time_s, beam_now_nm)`` returns the beam shift
+that keeps the specimen still at the middle of the next frame, plus a per-line ramp.
+
+Beam-shift convention (see :mod:`.observations`): observations built with the absolute
+beam shift give a GP whose prediction *is* the beam shift that holds the columns at their
+reference positions (``b(t) = d(t) - d_ref + b_ref``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .observations import Observations
+
+__all__ = ["CorrectionPolicy", "CorrectionDecision"]
+
+
+@dataclass(frozen=True)
+class CorrectionDecision:
+    """apply: send ``beam_shift_nm``; ramp_nm_per_s: predicted drift rate over the frame
+    (for instruments that can ramp the shift per line); sigma_nm: GP 1-sigma at mid-frame."""
+
+    apply: bool
+    beam_shift_nm: np.ndarray | None
+    ramp_nm_per_s: np.ndarray
+    predicted_nm: np.ndarray | None
+    sigma_nm: np.ndarray
+    reason: str
+    jump_detected: bool = False
+
+
+@dataclass
+class CorrectionPolicy:
+    """gain: fraction of the predicted correction applied; deadband_nm: smaller steps are
+    not sent; max_sigma_nm: no correction while the GP is less sure than this;
+    jump_nm / jump_sigma: a block of a frame whose median residual exceeds
+    max(jump_nm, jump_sigma * predicted sigma), and stays so to the end of the frame, is a
+    jump; n_blocks: blocks per frame (time-ordered)."""
+
+    gain: float = 1.0
+    deadband_nm: float = 0.002
+    max_sigma_nm: float = 0.05
+    jump_nm: float = 0.05
+    jump_sigma: float = 6.0
+    n_blocks: int = 8
+    min_block: int = 5
+    jumps: list = field(default_factory=list)   # (frame, t_jump_s, step_nm) history
+    jump_detected: bool = False
+
+    def detect_jump(self, gp, obs: Observations) -> tuple[bool, float, np.ndarray]:
+        """(jump?, time of the first offending sample, median step (2,)) for new samples."""
+        if gp.snapshot.state is None or len(obs) < self.min_block * 2:
+            return False, np.nan, np.zeros(2)
+        order = np.argsort(obs.t_s)
+        res, sd = gp.residuals(obs)
+        res, sd = res[order], sd[order]
+        nb = int(max(1, min(self.n_blocks, len(obs) // self.min_block)))
+        blocks = np.array_split(np.arange(len(obs)), nb)
+        bad = []
+        med = []
+        for b in blocks:
+            m = np.median(res[b], axis=0)
+            thr = max(self.jump_nm, self.jump_sigma * float(np.median(sd[b])))
+            bad.append(np.hypot(*m) > thr)
+            med.append(m)
+        bad = np.array(bad)
+        # a step persists to the end of the frame: the first block of the last bad run
+        if not bad[-1]:
+            return False, np.nan, np.zeros(2)
+        b0 = nb - 1
+        while b0 > 0 and bad[b0 - 1]:
+            b0 -= 1
+        # refine: best single step in the residuals from the block before b0 onwards
+        lo = blocks[max(b0 - 1, 0)][0]
+        r = res[lo:]
+        n = len(r)
+        cs = np.cumsum(r, axis=0)
+        cs2 = np.cumsum(np.sum(r * r, axis=1))
+        k = np.arange(1, n)
+        left = np.sum(cs[:-1] ** 2, axis=1) / k
+        right = np.sum((cs[-1] - cs[:-1]) ** 2, axis=1) / (n - k)
+        sse = cs2[-1] - left - right
+        s = lo + int(np.argmin(sse)) + 1 if n > 1 else lo
+        t_jump = float(obs.t_s[order][s])
+        return True, t_jump, np.median(res[s:], axis=0)
+
+    def observe(self, gp, obs: Observations) -> bool:
+        """Check ``obs`` for a jump, re-lock the GP if so, add the samples. Returns the flag."""
+        jump, t_jump, step = self.detect_jump(gp, obs)
+        self.jump_detected = bool(jump)
+        if jump:
+            self.jumps.append((int(obs.frame[0]) if len(obs) else -1, t_jump, step))
+            gp.relock(t_jump)                       # forget everything before the jump
+            gp.add(obs.select(obs.t_s >= t_jump))
+        else:
+            gp.add(obs)
+        return self.jump_detected
+
+    def correction(self, gp, t_start_next: float, frame_time_s: float, beam_now_nm) -> CorrectionDecision:
+        """Beam shift for the next frame (target at its middle) and the drift ramp."""
+        beam = np.asarray(beam_now_nm, dtype=float).reshape(2)
+        ts = t_start_next + np.array([0.0, 0.5, 1.0]) * frame_time_s
+        mean, sd = gp.predict(ts)
+        ramp = self.gain * (mean[2] - mean[0]) / max(frame_time_s, 1e-12)
+        s_mid = sd[1]
+        if not np.all(np.isfinite(mean)) or not np.all(np.isfinite(s_mid)):
+            return CorrectionDecision(False, None, np.zeros(2), None, s_mid, "no model yet", self.jump_detected)
+        if np.max(s_mid) > self.max_sigma_nm:
+            return CorrectionDecision(False, None, np.zeros(2), mean[1], s_mid,
+                                      f"GP sigma {np.max(s_mid):.3f} nm > {self.max_sigma_nm} nm",
+                                      self.jump_detected)
+        step = self.gain * (mean[1] - beam)
+        if np.hypot(*step) < self.deadband_nm:
+            return CorrectionDecision(False, None, ramp, mean[1], s_mid, "within deadband", self.jump_detected)
+        return CorrectionDecision(True, beam + step, ramp, mean[1], s_mid,
+                                  "predictive drift correction (GP)"
+                                  + (" after jump re-lock" if self.jump_detected else ""),
+                                  self.jump_detected)
