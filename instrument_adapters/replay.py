@@ -22,17 +22,19 @@ Bad files and missing metadata raise :class:`stem_live.record.RecordError` at co
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
 from stem_live.protocol import Frame
-from stem_live.record import count_frames, read_frames
+from instrument_adapters.vendor import count_frames, read_frames  # vendor files, else stem_live.record
 
 
 class ReplayInstrument(Instrument):
@@ -130,3 +132,25 @@ class ReplayInstrument(Instrument):
             self._frames.close()  # type: ignore[attr-defined]
         except (AttributeError, ValueError):  # ValueError: acquire() is reading in another thread
             pass
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``stem-live serve --instrument replay`` (all prefixed ``--replay-``)."""
+    g = parser.add_argument_group("replay instrument")
+    g.add_argument("--replay-file", type=Path, default=None, metavar="FILE",
+                   help="recording: .tif, .npy, or a vendor file (.dm3 .dm4 .emd .ser .mrc .hspy)")
+    g.add_argument("--replay-pixel-size-nm", type=float, default=None, metavar="NM")
+    g.add_argument("--replay-dwell-us", type=float, default=None, metavar="US")
+    g.add_argument("--replay-flyback-us", type=float, default=None, metavar="US")
+    g.add_argument("--replay-realtime", action="store_true", help="reproduce the recorded frame timing")
+    g.add_argument("--replay-loop", action="store_true", help="start again after the last frame")
+    g.add_argument("--replay-speed", type=float, default=1.0, help="with --replay-realtime: faster than recorded")
+
+
+def from_args(args: argparse.Namespace) -> ReplayInstrument:
+    """Build the replay from :func:`add_args` options; a bad file raises RecordError (one line)."""
+    if args.replay_file is None:
+        raise InstrumentError("--instrument replay needs --replay-file FILE")
+    return ReplayInstrument(args.replay_file, pixel_size_nm=args.replay_pixel_size_nm, dwell_us=args.replay_dwell_us,
+                            flyback_us=args.replay_flyback_us, realtime=args.replay_realtime, loop=args.replay_loop,
+                            speed=args.replay_speed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 from collections import deque
@@ -67,3 +68,30 @@ class SimulatedInstrument(Instrument):
     def set_beam_shift(self, target_nm: np.ndarray) -> None:
         with self._lock:
             self.scope.set_beam_shift(np.asarray(target_nm, dtype=np.float64))
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``stem-live serve --instrument sim`` (all prefixed ``--sim-``)."""
+    from simulator import PRESETS
+
+    g = parser.add_argument_group("simulated instrument")
+    g.add_argument("--sim-preset", choices=PRESETS, default="graphene", help="specimen (default graphene)")
+    g.add_argument("--sim-size", type=int, default=512, metavar="PX", help="frame side in pixels (default 512)")
+    g.add_argument("--sim-drift-nm-per-min", type=float, default=None, metavar="NM", help="constant drift speed")
+    g.add_argument("--sim-dose", type=float, default=None, metavar="E_PER_A2", help="dose, electrons per square angstrom")
+    g.add_argument("--sim-seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--sim-speed", type=float, default=1.0, help="1 = real scan rate, 0 = as fast as possible")
+
+
+def from_args(args: argparse.Namespace) -> SimulatedInstrument:
+    """Build the simulator from :func:`add_args` options (``frames`` from ``args.count`` when present)."""
+    from dataclasses import replace
+
+    from simulator import MicroscopeConfig
+
+    cfg = MicroscopeConfig(preset=args.sim_preset, size=args.sim_size, seed=args.sim_seed)
+    if args.sim_drift_nm_per_min is not None:
+        cfg = replace(cfg, drift=replace(cfg.drift, drift_nm_per_min=args.sim_drift_nm_per_min))
+    if args.sim_dose is not None:
+        cfg = replace(cfg, dose_e_per_A2=args.sim_dose)
+    return SimulatedInstrument(cfg, speed=args.sim_speed or None, frames=getattr(args, "count", None))

@@ -161,6 +161,54 @@ def cmd_sim(a: argparse.Namespace) -> int:
     return 0
 
 
+ADAPTERS = {"sim": "simulated", "replay": "replay", "nion": "nion", "autoscript": "autoscript"}
+
+
+def _adapter(name: str):
+    """The adapter module for ``--instrument NAME``: it provides add_args(parser) and from_args(args)."""
+    import importlib
+
+    return importlib.import_module(f"instrument_adapters.{ADAPTERS[name]}")
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from instrument_adapters.bridge import Bridge
+    from instrument_adapters.safety import Limits
+
+    from .record import RecordError
+
+    try:
+        inst = _adapter(a.instrument).from_args(a)
+    except RecordError as exc:  # replay of a bad file
+        raise UserError(str(exc)) from None
+    try:
+        bridge = Bridge(inst, frames_endpoint=a.frames, corrections_endpoint=a.corrections, keys=_server_keys(a),
+                        limits=Limits(max_step_nm=a.max_step_nm, max_excursion_nm=a.max_excursion_nm))
+    except BaseException:
+        inst.close()
+        raise
+    stop = threading.Event()
+    _wait_for_interrupt(stop)
+    prog = Progress()
+    bridge.start()
+    print(f"{a.instrument}: frames on {bridge.frames_endpoint}, corrections on {bridge.corrections_endpoint}"
+          " (Ctrl-C stops)", file=sys.stderr)
+    try:
+        while not stop.is_set() and not bridge.finished:
+            s = bridge.stats
+            b = inst.get_beam_shift()
+            err = f"  last error: {s.last_error}" if s.acquire_errors else ""
+            prog.line(f"published {s.frames_published}  dropped {s.frames_dropped}  corrections {s.corrections_applied}"
+                      f" (clamped {s.corrections_clamped}, refused {s.corrections_refused})  "
+                      f"beam shift [{b[0]:+.3f}, {b[1]:+.3f}] nm{err}")
+            stop.wait(0.5)
+    finally:
+        bridge.stop(restore=a.restore_on_exit)
+        inst.close()
+        prog.done()
+    return 0
+
+
 def _format_result(r, counters: dict) -> str:
     corr = "" if r.correction is None else f"  -> beam [{r.correction.beam_shift_nm[0]:+.3f}, " \
                                             f"{r.correction.beam_shift_nm[1]:+.3f}]"
@@ -340,7 +388,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     prog = Progress()
     report = evaluate(preset=a.preset, size=a.size, frames=a.count,
                       drift_nm_per_min=3.0 if a.drift_nm_per_min is None else a.drift_nm_per_min,
-                      dose=a.dose, seed=a.seed, progress=lambda label, i, n: prog.line(f"{label}: frame {i}/{n}"))
+                      dose=a.dose, seed=a.seed, model=a.model, jump_nm=a.jump_nm, baseline=not a.no_baseline,
+                      progress=lambda label, i, n: prog.line(f"{label}: frame {i}/{n}"))
     prog.done()
     text = json.dumps(report, indent=1)
     print(text)
@@ -438,6 +487,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-keys", type=Path, default=None, help="CURVE: folder of allowed engines' NAME.key")
     s.set_defaults(func=cmd_sim)
 
+    s = sub.add_parser("serve", help="serve an instrument (sim, replay, nion, autoscript) on the frames/corrections endpoints")
+    s.add_argument("--instrument", choices=tuple(ADAPTERS), default="sim", help="which adapter (default sim)")
+    for name in ADAPTERS:
+        _adapter(name).add_args(s)
+    _endpoint_args(s, "frames", "corrections")
+    _limits_args(s)
+    s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N frames")
+    s.add_argument("--restore-on-exit", action="store_true", help="restore the starting beam shift on exit")
+    s.add_argument("--server-key", type=Path, default=None, help="CURVE: this instrument's NAME.key_secret")
+    s.add_argument("--allowed-keys", type=Path, default=None, help="CURVE: folder of allowed engines' NAME.key")
+    s.set_defaults(func=cmd_serve)
+
     s = sub.add_parser("run", help="run the engine against an instrument's endpoints")
     _endpoint_args(s, "frames", "corrections", "maps", "commands")
     s.add_argument("--arm", action="store_true", help="send corrections from the first frame")
@@ -500,6 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="simulator + engine with ground truth; JSON report")
     _sim_args(s)
     s.add_argument("--frames", dest="count", type=_positive(int), default=100)
+    s.add_argument("--model", choices=("rigid", "gp"), default="rigid",
+                   help="drift model: rigid registration, or columns + online GP")
+    s.add_argument("--jump-nm", type=float, default=0.0, help="a sudden specimen jump of this size (at 10 s)")
+    s.add_argument("--no-baseline", action="store_true", help="skip the baseline tracker run")
     s.add_argument("--json", type=Path, default=None, help="also write the report here")
     s.set_defaults(func=cmd_evaluate)
     return p

@@ -1,6 +1,14 @@
 """Per-frame pipeline and its state: pure compute, no sockets.
 
-For every frame the engine measures the rigid shift of the image against a reference frame
+Two drift models (``EngineConfig.model``):
+
+- ``"rigid"``: one shift per frame from image registration, a straight-line prediction;
+- ``"gp"``: the columns of every frame are located and tracked to a reference lattice; each
+  tracked column is one drift sample at the time it was scanned; an online GP
+  (:mod:`stem_live.distortion`) models drift and scan distortion and predicts the next frame.
+  Until the GP is confident, the rigid prediction is used.
+
+In both, for every frame the engine measures the rigid shift of the image against a reference frame
 (band-passed cross-correlation, :mod:`stem_live.register`), turns it into the specimen drift by adding the
 beam shift that was in effect (``D = apparent shift + (b - b_ref)``; DESIGN.md: a column at
 specimen position p appears at ``p + d(t) - b(t)``), predicts the drift at the middle of the
@@ -32,6 +40,10 @@ class EngineConfig:
     deadband_nm: float = 0.002
     rereference_frac: float = 0.2
     min_peak: float = 0.02
+    model: str = "rigid"
+    spacing_px: float = 0.0  # nearest-neighbour column spacing for the gp model; 0 = estimate on the first frame
+    gp_window_frames: int = 20
+    max_sigma_nm: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,10 @@ class FrameResult:
     locked: bool
     correction: Correction | None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    columns: object | None = None  # Columns found in this frame (gp model)
+    line_drift_nm: np.ndarray | None = None  # (rows, 2) modelled beam-shift-space drift at each line (gp model)
+    line_sigma_nm: np.ndarray | None = None
+    jump: bool = False
 
 
 class Engine:
@@ -66,6 +82,7 @@ class Engine:
         self._hist: deque[tuple[float, np.ndarray]] = deque(maxlen=max(2, self.config.history))
         self.frames = 0
         self.last: FrameResult | None = None
+        self._columns = None if self.config.model != "gp" else ColumnModel(self.config)
 
     def next_correction_id(self) -> int:
         self._next_id += 1
@@ -125,13 +142,27 @@ class Engine:
             if np.hypot(*shift_px) > self.config.rereference_frac * min(image.shape):
                 self._set_reference(image, beam, drift)  # keep the reference overlapping the image
         correction = None
-        pred = self.predict_drift(t_mid + frame.frame_time_s)
-        if pred is not None and self.armed and locked:
-            correction = self._correction(frame, pred, beam)
+        timings = {"register": (t1 - t0) * 1e3}
+        col = None
+        if self._columns is not None:
+            # apparent shift vs the very first frame, as a hint for the tracker
+            hint = (drift - (beam - self._b0_nm)) / px
+            col = self._columns.process(frame, image, hint, timings)
+        if self.armed and locked:
+            if col is not None and col.decision is not None and col.decision.apply:
+                correction = self._make(frame, col.decision.beam_shift_nm, col.decision.reason)
+            else:
+                pred = self.predict_drift(t_mid + frame.frame_time_s)
+                if pred is not None:
+                    correction = self._correction(frame, pred, beam)
         self.frames += 1
+        timings["total"] = (time.perf_counter() - t0) * 1e3
         self.last = FrameResult(seq=frame.seq, t_mid=t_mid, shift_px=shift_px, drift_nm=drift, peak=peak,
-                                locked=locked, correction=correction,
-                                timings_ms={"register": (t1 - t0) * 1e3, "total": (time.perf_counter() - t0) * 1e3})
+                                locked=locked, correction=correction, timings_ms=timings,
+                                columns=None if col is None else col.columns,
+                                line_drift_nm=None if col is None else col.line_drift_nm,
+                                line_sigma_nm=None if col is None else col.line_sigma_nm,
+                                jump=False if col is None else col.jump)
         return self.last
 
     def _last_drift(self) -> np.ndarray:
@@ -148,9 +179,11 @@ class Engine:
         step = self.config.gain * (target - beam)
         if np.hypot(*step) < self.config.deadband_nm:
             return None
-        new = beam + step
-        return Correction(id=self.next_correction_id(), beam_shift_nm=(float(new[0]), float(new[1])), for_seq=frame.seq,
-                          reason="predictive drift correction (rigid registration)")
+        return self._make(frame, beam + step, "predictive drift correction (rigid registration)")
+
+    def _make(self, frame: Frame, target: np.ndarray, reason: str) -> Correction:
+        return Correction(id=self.next_correction_id(), beam_shift_nm=(float(target[0]), float(target[1])),
+                          for_seq=frame.seq, reason=reason)
 
     def status(self) -> dict:
         """A JSON-able summary of the engine state."""
@@ -163,3 +196,63 @@ class Engine:
             "locked": None if last is None else last.locked,
             "drift_nm": None if last is None else [float(v) for v in last.drift_nm],
         }
+
+
+@dataclass(frozen=True)
+class ColumnResult:
+    columns: object
+    line_drift_nm: np.ndarray | None
+    line_sigma_nm: np.ndarray | None
+    decision: object | None
+    jump: bool
+
+
+class ColumnModel:
+    """Locate -> track -> drift samples -> online GP -> correction decision, for one stream."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from .distortion import CorrectionPolicy, OnlineDriftGP
+        from .track import Tracker
+
+        self.config = config
+        self.spacing_px = config.spacing_px or None
+        self.tracker = Tracker(spacing_px=self.spacing_px, history=64)
+        self.gp = OnlineDriftGP(window_frames=config.gp_window_frames, min_groups=1024)
+        self.policy = CorrectionPolicy(gain=config.gain, deadband_nm=config.deadband_nm,
+                                       max_sigma_nm=config.max_sigma_nm)
+
+    def process(self, frame: Frame, image: np.ndarray, hint_px: np.ndarray, timings: dict) -> ColumnResult:
+        from .distortion import observations_from_columns
+        from .locate import estimate_spacing, locate_classical
+
+        t0 = time.perf_counter()
+        img = np.asarray(image, dtype=np.float32)
+        if self.spacing_px is None:
+            self.spacing_px = float(estimate_spacing(img))
+            self.tracker.spacing_px = self.spacing_px
+        cols = locate_classical(img, self.spacing_px)
+        t1 = time.perf_counter()
+        ids = self.tracker.update(cols, shift_hint=tuple(hint_px))
+        ref_ids = self.tracker.reference_ids
+        order = np.argsort(ref_ids)
+        pos = np.searchsorted(ref_ids[order], ids)
+        pos = np.clip(pos, 0, len(ref_ids) - 1)
+        matched = np.where(ref_ids[order][pos] == ids, order[pos], -1)
+        t2 = time.perf_counter()
+        obs = observations_from_columns(self.tracker.reference, cols.positions, matched, t_start=frame.t_start,
+                                        line_time_s=frame.line_time_s, dwell_s=frame.dwell_us * 1e-6,
+                                        pixel_size_nm=frame.pixel_size_nm, beam_shift_nm=frame.beam_shift_nm,
+                                        frame=frame.seq)
+        jump = self.policy.observe(self.gp, obs)
+        # the model at 64 times across the frame, interpolated to every line: prediction costs
+        # O(window x test points) (the mean is a dense cross-covariance product)
+        lines = frame.line_times()
+        tk = np.linspace(lines[0], lines[-1], min(64, len(lines)))
+        mk, sk = self.gp.predict(tk)
+        line_mean = np.stack([np.interp(lines, tk, mk[:, i]) for i in range(2)], axis=1)
+        line_sd = np.stack([np.interp(lines, tk, sk[:, i]) for i in range(2)], axis=1)
+        decision = self.policy.correction(self.gp, frame.t_start + frame.frame_time_s, frame.frame_time_s,
+                                          frame.beam_shift_nm)
+        t3 = time.perf_counter()
+        timings.update(locate=(t1 - t0) * 1e3, track=(t2 - t1) * 1e3, gp=(t3 - t2) * 1e3)
+        return ColumnResult(cols, line_mean, line_sd, decision, jump)

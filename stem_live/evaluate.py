@@ -77,6 +77,9 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]]) -> dict:
 class SessionResult:
     residual_nm: np.ndarray  # (frames, 2) true apparent displacement vs frame 0
     engine_ms: np.ndarray  # (frames,)
+    drift_err_nm: np.ndarray  # (lines, 2) modelled minus true per-line drift (gp model; empty otherwise)
+    gp_ms: np.ndarray  # (frames,) GP update time (gp model; empty otherwise)
+    jump_frame: int | None
     corrections: int
     clamped: int
     kept: list = field(default_factory=list)  # (image, meta, truth) of the first ``keep_frames`` frames
@@ -106,16 +109,25 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
         engine.arm()
     limits = Limits()
     start = np.asarray(scope.beam_shift_nm, dtype=np.float64).copy()
-    apparent, times, kept = [], [], []
+    apparent, times, kept, errs, gp_ms = [], [], [], [], []
     n_corr = n_clamped = 0
+    jump_frame = None
+    jumps = [t for t, _ in config.drift.jumps] + ([config.drift.jump_time_s] if config.drift.jump_nm else [])
     for k in range(frames):
         image, meta, truth = scope.acquire()
+        if jump_frame is None and jumps and truth.line_times_s[-1] >= min(jumps):
+            jump_frame = k
         if k < keep_frames:
             kept.append((image, meta, truth))
         apparent.append(np.mean(np.asarray(truth.drift_nm) - np.asarray(truth.beam_shift_nm), axis=0))
         t0 = time.perf_counter()
         res = engine.process(frame_from_sim(image, meta))
         times.append((time.perf_counter() - t0) * 1e3)
+        if res.line_drift_nm is not None:
+            # the model works in beam-shift space (d - d_ref + b_ref); with no corrections sent,
+            # that is the drift itself up to one constant, which drift_rmse removes
+            errs.append(np.asarray(res.line_drift_nm) - np.asarray(truth.drift_nm))
+            gp_ms.append(res.timings_ms.get("gp", np.nan))
         if res.correction is not None:
             d = clamp_target(np.asarray(res.correction.beam_shift_nm), np.asarray(scope.beam_shift_nm), start, limits)
             if not d.error:
@@ -126,21 +138,66 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
             progress(label, k + 1, frames)
     app = np.array(apparent)
     return SessionResult(residual_nm=app - app[0], engine_ms=np.array(times), corrections=n_corr, clamped=n_clamped,
-                         kept=kept)
+                         kept=kept, drift_err_nm=np.concatenate(errs) if errs else np.zeros((0, 2)),
+                         gp_ms=np.array(gp_ms), jump_frame=jump_frame)
+
+
+def drift_rmse_pm(err_nm: np.ndarray, skip_lines: int = 0) -> float:
+    """RMS of the per-line drift error after removing its one constant offset (pm)."""
+    e = err_nm[skip_lines:]
+    if not len(e):
+        return float("nan")
+    e = e - e.mean(axis=0)
+    return float(np.sqrt(np.mean(np.sum(e**2, axis=1)))) * 1e3
+
+
+def recovery_frames(res: SessionResult, *, floor_nm: float = 0.02) -> int | None:
+    """Frames after the jump until the true image position is back within max(3 x the
+    pre-jump residual RMS, ``floor_nm``) of where it was held before the jump (None: never)."""
+    j = res.jump_frame
+    if j is None or j < 3:
+        return None
+    before = res.residual_nm[max(0, j - 10):j]
+    held = before.mean(axis=0)
+    tol = max(3 * float(np.sqrt(np.mean(np.sum((before - held) ** 2, axis=1)))), floor_nm)
+    for k in range(j, len(res.residual_nm)):
+        if np.all(np.hypot(*(res.residual_nm[k:k + 3] - held).T) <= tol):
+            return k - j
+    return None
 
 
 def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, drift_nm_per_min: float = 3.0,
-             dose: float | None = None, seed: int = 0, progress: Callable[[str, int, int], None] | None = None
-             ) -> dict:
-    """Run open and closed loop on one seeded configuration and return the JSON report."""
+             dose: float | None = None, seed: int = 0, model: str = "rigid", jump_nm: float = 0.0,
+             baseline: bool = True, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Run open and closed loop (and the baseline tracker) on one seeded configuration; the JSON report."""
     from simulator import DriftConfig, MicroscopeConfig
 
-    cfg = MicroscopeConfig(preset=preset, size=size, seed=seed, drift=DriftConfig(drift_nm_per_min=drift_nm_per_min))
+    drift = DriftConfig(drift_nm_per_min=drift_nm_per_min, jump_nm=jump_nm)
+    cfg = MicroscopeConfig(preset=preset, size=size, seed=seed, drift=drift)
     if dose is not None:
         cfg = replace(cfg, dose_e_per_A2=dose)
+    ec = EngineConfig(model=model)
     t0 = time.perf_counter()
-    open_loop = run_session(cfg, frames, armed=False, progress=progress, label="open loop", keep_frames=10)
-    closed = run_session(cfg, frames, armed=True, progress=progress, label="closed loop")
+    open_loop = run_session(cfg, frames, armed=False, engine_config=ec, progress=progress, label="open loop",
+                            keep_frames=10)
+    closed = run_session(cfg, frames, armed=True, engine_config=ec, progress=progress, label="closed loop")
+    # the drift trackers users have today: cross-correlation against a reference frame and a
+    # linear drift rate from the last three frames, applied once per frame
+    base = run_session(cfg, frames, armed=True, engine_config=EngineConfig(model="rigid", history=3),
+                       progress=progress, label="baseline") if baseline else None
+    extra: dict = {}
+    if base is not None:
+        extra["baseline"] = {"residual_rms_nm": round(base.residual_rms_nm, 5), "method": "cross-correlation + "
+                             "linear drift rate from the last 3 frames, one beam shift per frame"}
+    if model == "gp":
+        line_frames = 3  # the GP's first frames are conditioned on almost nothing: not scored
+        extra["drift"] = {"rmse_pm": round(drift_rmse_pm(open_loop.drift_err_nm, line_frames * size), 3),
+                          "scored": "open loop, per line, after removing one constant offset; "
+                                    f"frames {line_frames}..{frames - 1}"}
+        g = closed.gp_ms[5:] if len(closed.gp_ms) > 5 else closed.gp_ms
+        extra["gp"] = {"update_ms": {"median": round(float(np.nanmedian(g)), 2), "max": round(float(np.nanmax(g)), 2)}}
+    if jump_nm:
+        extra["jump"] = {"nm": jump_nm, "at_frame": closed.jump_frame, "recovery_frames": recovery_frames(closed)}
     return {
         "preset": preset, "size": size, "frames": frames, "drift_nm_per_min": drift_nm_per_min,
         "dose_e_per_A2": cfg.dose, "seed": seed,
@@ -154,5 +211,7 @@ def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, dr
                         "corrections": closed.corrections, "clamped": closed.clamped,
                         "ratio_to_open_loop": round(closed.residual_rms_nm / max(open_loop.residual_rms_nm, 1e-12), 4)},
         "columns": column_metrics(open_loop.kept) if preset != "particles" else {},
+        **extra,
+        "model": model,
         "wall_s": round(time.perf_counter() - t0, 2),
     }

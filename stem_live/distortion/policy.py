@@ -40,7 +40,8 @@ class CorrectionPolicy:
     not sent; max_sigma_nm: no correction while the GP is less sure than this;
     jump_nm / jump_sigma: a block of a frame whose median residual exceeds
     max(jump_nm, jump_sigma * predicted sigma), and stays so to the end of the frame, is a
-    jump; n_blocks: blocks per frame (time-ordered)."""
+    jump; n_blocks: blocks per frame (time-ordered); max_test: at most this many of a frame's
+    samples (evenly spread in time) are tested for a jump."""
 
     gain: float = 1.0
     deadband_nm: float = 0.002
@@ -49,6 +50,7 @@ class CorrectionPolicy:
     jump_sigma: float = 6.0
     n_blocks: int = 8
     min_block: int = 5
+    max_test: int = 64
     jumps: list = field(default_factory=list)   # (frame, t_jump_s, step_nm) history
     jump_detected: bool = False
 
@@ -56,6 +58,8 @@ class CorrectionPolicy:
         """(jump?, time of the first offending sample, median step (2,)) for new samples."""
         if gp.snapshot.state is None or len(obs) < self.min_block * 2:
             return False, np.nan, np.zeros(2)
+        if len(obs) > self.max_test:  # prediction costs O(window x test points): test a time-ordered subsample
+            obs = obs.select(np.argsort(obs.t_s)[np.linspace(0, len(obs) - 1, self.max_test).astype(int)])
         order = np.argsort(obs.t_s)
         res, sd = gp.residuals(obs)
         res, sd = res[order], sd[order]

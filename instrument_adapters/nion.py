@@ -1,0 +1,424 @@
+"""Nion microscopes through Nion Swift's instrumentation kit, as an :class:`Instrument`.
+
+Frames come from the scan ``HardwareSource`` of ``nionswift-instrumentation`` (a
+``scan_base.ScanHardwareSource``): the adapter sets the frame parameters (``size``,
+``pixel_time_us``, ``fov_nm``, ``rotation_rad``), then either keeps the scan running and takes
+every frame as it finishes (``acquisition="continuous"``, ``get_next_xdatas_to_finish``: the
+microscope never waits) or records one frame per call (``acquisition="single"``,
+``record_immediate``: every frame starts after the call, so a correction never lands inside
+a frame, at the cost of dead time between frames).
+
+Corrections move the beam in one of two ways (``correction_mode``):
+
+- ``"beam_shift"`` (default): the ``CSH`` control of the STEM controller, in metres
+  (``SetVal("CSH.x", m)`` / ``"CSH.y"``, or ``SetValAndConfirm`` with ``confirm=True``);
+- ``"scan_offset"``: the scan's ``center_nm`` frame parameter (what Nion's own drift tracker
+  moves). Only scan-time devices move; nothing in the column changes.
+
+Units and axes: stem-live's beam shift is nm, ``(y, x)`` in *image* axes (rows, columns).
+``CSH`` and ``center_nm`` live in the unrotated (context) frame, so with a scan rotation
+``theta`` the adapter rotates: ``native = R(theta)^T @ ours`` (checked against
+``nionswift-usim``: with no rotation, CSH +x moves the image content by -x, like a beam shift
+``b`` in DESIGN.md). ``shift_matrix`` (2x2, ours -> native (y, x)) replaces that rotation
+where a microscope's CSH axes differ from its scan axes.
+
+Frame metadata: pixel size from the xdata's dimensional calibrations (nm, um, A, ...); dwell
+from the frame's ``pixel_time_us``; flyback from the scan device's ``flyback_pixels`` times
+the dwell where it reports it (usim does), else ``flyback_us`` (default
+:data:`DEFAULT_FLYBACK_US`); ``t_start`` = ``time.monotonic()`` when the frame finished minus
+the frame time; ``seq`` counts from 0; ``beam_shift_nm`` is the shift in effect at the middle
+of the frame (a correction this adapter applied later than that is not counted).
+
+Where it runs: the hardware sources exist inside the Nion Swift process. Run the bridge
+there (Swift's Python console or a plug-in; see docs/adapters.md), or use :func:`start_usim`
+for Nion's simulated STEM without a GUI (``stem-live serve --instrument nion --nion-usim``).
+The Nion packages are GPL-3.0 and optional (extra ``stem-live[nion]``); they are imported
+only inside this module's functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stem_live.protocol import Frame
+
+from .base import EndOfStream, Instrument, InstrumentError
+
+#: line flyback assumed when the scan device does not report ``flyback_pixels`` (us)
+DEFAULT_FLYBACK_US = 10.0
+CORRECTION_MODES = ("beam_shift", "scan_offset")
+ACQUISITION_MODES = ("continuous", "single")
+
+_MISSING = ("Nion Swift's instrumentation kit is not installed: pip install 'stem-live[nion]' "
+            "(nionswift-instrumentation; nionswift-usim for the simulator)")
+_UNIT_NM = {"nm": 1.0, "um": 1e3, "µm": 1e3, "μm": 1e3, "pm": 1e-3, "å": 0.1, "a": 0.1, "m": 1e9, "mm": 1e6}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+def _geometry() -> Any:
+    try:
+        from nion.utils import Geometry  # noqa: PLC0415
+    except ImportError:
+        raise InstrumentError(_MISSING) from None
+    return Geometry
+
+
+def rotation_matrix(theta: float) -> np.ndarray:
+    """ours (y, x) in image axes -> native (y, x) in the context frame, for a scan rotated by ``theta``."""
+    c, s = math.cos(theta), math.sin(theta)
+    return np.array([[c, s], [-s, c]])
+
+
+class NionInstrument(Instrument):
+    """A Nion STEM (or nionswift-usim) scan device.
+
+    ``NionInstrument(scan_hardware_source=None, stem_controller=None, *, scan_device_id=None,
+    size=None, pixel_time_us=None, fov_nm=None, rotation_rad=None, channel=0,
+    correction_mode="beam_shift", acquisition="continuous", flyback_us=None,
+    shift_matrix=None, confirm=False, timeout_s=10.0, frames=None, stream="nion")``
+
+    Without ``scan_hardware_source`` the scan device is looked up in this process's
+    ``HardwareSourceManager`` (by ``scan_device_id``, else the first scanning device);
+    without ``stem_controller`` it is the hardware source's own. Frame parameters left
+    ``None`` keep the device's current values. ``channel``: index among the enabled channels.
+    """
+
+    def __init__(self, scan_hardware_source: Any = None, stem_controller: Any = None, *,
+                 scan_device_id: str | None = None, size: int | tuple[int, int] | None = None,
+                 pixel_time_us: float | None = None, fov_nm: float | None = None, rotation_rad: float | None = None,
+                 channel: int = 0, correction_mode: str = "beam_shift", acquisition: str = "continuous",
+                 flyback_us: float | None = None, shift_matrix: Any = None, confirm: bool = False,
+                 timeout_s: float = 10.0, frames: int | None = None, stream: str = "nion") -> None:
+        if correction_mode not in CORRECTION_MODES:
+            raise InstrumentError(f"correction_mode must be one of {', '.join(CORRECTION_MODES)}, got {correction_mode!r}")
+        if acquisition not in ACQUISITION_MODES:
+            raise InstrumentError(f"acquisition must be one of {', '.join(ACQUISITION_MODES)}, got {acquisition!r}")
+        if flyback_us is not None and not (math.isfinite(flyback_us) and flyback_us >= 0):
+            raise InstrumentError(f"flyback_us must be a number >= 0, got {flyback_us!r}")
+        self.correction_mode = correction_mode
+        self.acquisition = acquisition
+        self.channel = int(channel)
+        self.flyback_us = flyback_us
+        self.confirm = bool(confirm)
+        self.timeout_s = float(timeout_s)
+        self.frames = frames
+        self.stream = stream
+        self._geom = _geometry()
+        hs = scan_hardware_source if scan_hardware_source is not None else self._find_scan(scan_device_id)
+        self.hs = hs
+        self.stem = stem_controller if stem_controller is not None else getattr(hs, "stem_controller", None)
+        if self.stem is None and correction_mode == "beam_shift":
+            raise InstrumentError("no STEM controller for the beam shift: pass stem_controller= or use "
+                                  "correction_mode='scan_offset'")
+        self._fixed_matrix = None
+        if shift_matrix is not None:
+            m = np.asarray(shift_matrix, dtype=np.float64)
+            if m.shape != (2, 2) or not np.isfinite(m).all() or abs(np.linalg.det(m)) < 1e-12:
+                raise InstrumentError(f"shift_matrix must be an invertible 2x2 matrix, got {shift_matrix!r}")
+            self._fixed_matrix = m
+        self._lock = threading.Lock()
+        self._changes: deque[tuple[float, np.ndarray]] = deque(maxlen=16)  # (time, shift before the change)
+        self._seq = 0
+        self._started = False
+        try:
+            fp = hs.get_current_frame_parameters()
+            if size is not None:
+                h, w = (size, size) if isinstance(size, int) else size
+                fp.size = self._geom.IntSize(height=int(h), width=int(w))
+            if pixel_time_us is not None:
+                fp.pixel_time_us = float(pixel_time_us)
+            if fov_nm is not None:
+                fp.fov_nm = float(fov_nm)
+            if rotation_rad is not None:
+                fp.rotation_rad = float(rotation_rad)
+            hs.set_current_frame_parameters(fp)
+        except InstrumentError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise InstrumentError(f"cannot set the Nion scan frame parameters ({_one_line(exc)})") from None
+
+    # ------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _find_scan(scan_device_id: str | None) -> Any:
+        try:
+            from nion.instrumentation import HardwareSource  # noqa: PLC0415
+        except ImportError:
+            raise InstrumentError(_MISSING) from None
+        mgr = HardwareSource.HardwareSourceManager()
+        if scan_device_id:
+            hs = mgr.get_hardware_source_for_hardware_source_id(scan_device_id)
+            if hs is None:
+                ids = ", ".join(h.hardware_source_id for h in mgr.hardware_sources) or "none"
+                raise InstrumentError(f"no Nion hardware source {scan_device_id!r} (found: {ids})")
+            return hs
+        for hs in mgr.hardware_sources:
+            if getattr(hs, "features", {}).get("is_scanning"):
+                return hs
+        raise InstrumentError("no Nion scan device in this process: run the bridge inside Nion Swift "
+                              "(see docs/adapters.md) or use the simulator (--nion-usim)")
+
+    def _matrix(self, rotation: float | None = None) -> np.ndarray:
+        if self._fixed_matrix is not None:
+            return self._fixed_matrix
+        if rotation is None:
+            rotation = float(self.hs.get_current_frame_parameters().rotation_rad)
+        return rotation_matrix(rotation)
+
+    # ------------------------------------------------------------------ Instrument
+
+    def acquire(self) -> Frame:
+        if self.frames is not None and self._seq >= self.frames:
+            raise EndOfStream(f"{self.frames} frames acquired")
+        try:
+            if self.acquisition == "single":
+                xdatas = self.hs.record_immediate(self.hs.get_current_frame_parameters())
+            else:
+                if not self._started or not self.hs.is_playing:
+                    self.hs.start_playing()
+                    self._started = True
+                xdatas = self.hs.get_next_xdatas_to_finish(self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the kit raises assorted errors (timeouts, device errors)
+            raise InstrumentError(f"Nion scan failed ({_one_line(exc)})") from None
+        t_done = time.monotonic()
+        xdatas = [x for x in (xdatas or []) if x is not None]
+        if not xdatas:
+            raise InstrumentError(f"Nion scan returned no data within {self.timeout_s:g} s: is the scan running?")
+        if not 0 <= self.channel < len(xdatas):
+            raise InstrumentError(f"channel {self.channel} is not acquired ({len(xdatas)} channel(s) enabled)")
+        x = xdatas[self.channel]
+        image = np.asarray(x.data)
+        if image.ndim != 2 or min(image.shape) < 2:
+            raise InstrumentError(f"Nion scan returned a {image.shape} array, expected a 2-D image")
+        if image.dtype.name not in ("uint8", "uint16", "float32"):
+            image = image.astype(np.float32)
+        md = x.metadata or {}
+        hsmd = md.get("hardware_source", {}) if isinstance(md, dict) else {}
+        scmd = md.get("scan", {}) if isinstance(md, dict) else {}
+        fp = self.hs.get_current_frame_parameters()
+        dwell = float(hsmd.get("pixel_time_us", fp.pixel_time_us))
+        fly = self.flyback_us
+        if fly is None:
+            fly_px = (scmd.get("scan_device_properties") or {}).get("flyback_pixels")
+            fly = float(fly_px) * dwell if isinstance(fly_px, (int, float)) else DEFAULT_FLYBACK_US
+        rows, cols = image.shape
+        frame_time = rows * (cols * dwell + fly) * 1e-6
+        t_start = t_done - frame_time
+        rotation = float(scmd.get("rotation", fp.rotation_rad))
+        beam = self._shift_at(t_start + 0.5 * frame_time)
+        frame = Frame(seq=self._seq, image=np.ascontiguousarray(image), t_start=t_start,
+                      pixel_size_nm=self._pixel_size(x), dwell_us=dwell, flyback_us=fly, scan_rotation_rad=rotation,
+                      beam_shift_nm=(float(beam[0]), float(beam[1])), stream=self.stream,
+                      detector=str(hsmd.get("channel_name", "HAADF")))
+        self._seq += 1
+        return frame
+
+    def _shift_at(self, t: float) -> np.ndarray:
+        beam = self.get_beam_shift()
+        with self._lock:
+            for when, before in reversed(self._changes):
+                if when <= t:
+                    break
+                beam = before
+        return beam
+
+    def _pixel_size(self, xdata: Any) -> tuple[float, float]:
+        out = []
+        for cal in list(xdata.dimensional_calibrations)[-2:]:
+            factor = _UNIT_NM.get(str(cal.units or "").strip().lower())
+            scale = float(cal.scale)
+            if factor is None or not (math.isfinite(scale) and scale > 0):
+                raise InstrumentError(f"the Nion frame is not calibrated in length units ({cal.units!r}): "
+                                      f"check the scan device's calibration")
+            out.append(scale * factor)
+        return out[0], out[1]
+
+    def get_beam_shift(self) -> np.ndarray:
+        try:
+            if self.correction_mode == "beam_shift":
+                native = np.array([self.stem.GetVal("CSH.y"), self.stem.GetVal("CSH.x")], dtype=np.float64) * 1e9
+            else:
+                c = self.hs.get_current_frame_parameters().center_nm
+                native = np.array([c.y, c.x], dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001
+            raise InstrumentError(f"cannot read the Nion {self._what()} ({_one_line(exc)})") from None
+        return np.linalg.solve(self._matrix(), native)
+
+    def set_beam_shift(self, target_nm: np.ndarray) -> None:
+        try:
+            target = np.asarray(target_nm, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            target = np.full(1, np.nan)
+        if target.shape != (2,) or not np.isfinite(target).all():
+            raise InstrumentError(f"beam shift target must be two finite numbers (y, x) in nm, got {target_nm!r}")
+        before = self.get_beam_shift()
+        y, x = self._matrix() @ target
+        try:
+            if self.correction_mode == "beam_shift":
+                for name, value in (("CSH.x", x * 1e-9), ("CSH.y", y * 1e-9)):
+                    ok = (self.stem.SetValAndConfirm(name, float(value), 1.0, int(self.timeout_s * 1000))
+                          if self.confirm else self.stem.SetVal(name, float(value)))
+                    if ok is False:
+                        raise InstrumentError(f"the Nion STEM controller refused {name} = {value:.4g} m")
+            else:
+                fp = self.hs.get_current_frame_parameters()
+                fp.center_nm = self._geom.FloatPoint(y=float(y), x=float(x))
+                self.hs.set_current_frame_parameters(fp)
+        except InstrumentError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise InstrumentError(f"Nion refused the {self._what()} ({_one_line(exc)})") from None
+        with self._lock:
+            self._changes.append((time.monotonic(), before))
+
+    def _what(self) -> str:
+        return "beam shift (CSH)" if self.correction_mode == "beam_shift" else "scan offset (center_nm)"
+
+    def close(self) -> None:
+        if self._started:
+            try:
+                self.hs.stop_playing(sync_timeout=5.0)
+            except Exception:  # noqa: BLE001 - closing must not raise
+                pass
+            self._started = False
+
+
+# ---------------------------------------------------------------------- simulator
+
+
+@dataclass
+class UsimSession:
+    """Nion's simulated STEM (nionswift-usim) registered headlessly in this process; ``close()`` it."""
+
+    configuration: Any
+    scan_hardware_source: Any
+    instrument: Any  # the usim STEM controller (GetVal/SetVal, stage_position_m)
+    _closed: bool = field(default=False, repr=False)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        from nion.instrumentation import HardwareSource, scan_base  # noqa: PLC0415
+
+        try:
+            if self.scan_hardware_source.is_playing:
+                self.scan_hardware_source.abort_playing(sync_timeout=5.0)
+        finally:
+            self.configuration.stop()
+            scan_base.stop()
+            HardwareSource.stop()
+            HardwareSource.HardwareSourceManager().close()
+            # the configuration also creates two simulated cameras whose threads run from the start
+            # (Nion Swift closes them through camera_base, which a headless session does not run)
+            for name in ("ronchigram_camera_device", "eels_camera_device"):
+                camera = getattr(self.configuration, name, None)
+                if camera is not None:
+                    try:
+                        camera.close()
+                    except Exception:  # noqa: BLE001 - already closed
+                        pass
+
+    def __enter__(self) -> "UsimSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def start_usim(sample_index: int = 1, settings_dir: str | Path | None = None) -> UsimSession:
+    """Register nionswift-usim's STEM controller and scan device in this process, without Nion Swift's GUI.
+
+    ``sample_index``: 0 flakes, 1 amorphous (the default: texture everywhere, fast), 2 gold
+    balls on amorphous carbon (slow: about 1 s a frame). usim has no drift of its own: move
+    ``session.instrument.stage_position_m`` to make some. One session per process at a time.
+    """
+    try:
+        from nion.instrumentation import HardwareSource, scan_base  # noqa: PLC0415
+        from nion.usim_device import DeviceConfiguration  # noqa: PLC0415
+    except ImportError:
+        raise InstrumentError(_MISSING) from None
+    conf = DeviceConfiguration.AcquisitionContextConfiguration(sample_index=sample_index,
+                                                               set_configuration_location=False)
+    HardwareSource.run()
+    scan_base.run(Path(settings_dir or tempfile.mkdtemp(prefix="stem-live-usim-")))
+    conf.run()
+    hs = HardwareSource.HardwareSourceManager().get_hardware_source_for_hardware_source_id(
+        conf.scan_module.device.scan_device_id)
+    if hs is None:
+        conf.stop()
+        scan_base.stop()
+        HardwareSource.stop()
+        raise InstrumentError("nionswift-usim did not register its scan device")
+    session = UsimSession(conf, hs, conf.instrument)
+    # usim's camera and scan threads are not daemons: a forgotten session would keep the
+    # interpreter from exiting. threading's own pre-shutdown hook (the one concurrent.futures
+    # uses) closes it before Python waits for those threads.
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(session.close)
+    return session
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``stem-live serve --instrument nion`` (all prefixed ``--nion-``)."""
+    g = parser.add_argument_group("Nion instrument")
+    g.add_argument("--nion-scan-device", default=None, metavar="ID", help="scan hardware source id (default: the first)")
+    g.add_argument("--nion-usim", action="store_true", help="use Nion's simulated STEM (nionswift-usim), no GUI")
+    g.add_argument("--nion-usim-sample", type=int, default=1, choices=(0, 1, 2),
+                   help="usim sample: 0 flakes, 1 amorphous (default), 2 gold balls")
+    g.add_argument("--nion-size", type=int, default=None, metavar="PX", help="frame side in pixels")
+    g.add_argument("--nion-pixel-time-us", type=float, default=None, metavar="US", help="dwell time")
+    g.add_argument("--nion-fov-nm", type=float, default=None, metavar="NM", help="field of view")
+    g.add_argument("--nion-rotation-deg", type=float, default=None, metavar="DEG", help="scan rotation")
+    g.add_argument("--nion-correction", choices=CORRECTION_MODES, default="beam_shift",
+                   help="move the beam shift (CSH, default) or the scan offset (center_nm)")
+    g.add_argument("--nion-acquisition", choices=ACQUISITION_MODES, default="continuous",
+                   help="continuous view (default) or one recorded frame per call")
+    g.add_argument("--nion-flyback-us", type=float, default=None, metavar="US",
+                   help=f"flyback when the device does not report it (default {DEFAULT_FLYBACK_US:g} us)")
+    g.add_argument("--nion-confirm", action="store_true", help="use SetValAndConfirm for CSH")
+
+
+def from_args(args: argparse.Namespace) -> NionInstrument:
+    """Build the instrument from :func:`add_args` options; ``--nion-usim`` starts the simulator first
+    (closed with the instrument). ``frames`` is taken from ``args.count`` when present."""
+    session = start_usim(args.nion_usim_sample) if args.nion_usim else None
+    try:
+        inst = NionInstrument(
+            session.scan_hardware_source if session else None,
+            scan_device_id=args.nion_scan_device, size=args.nion_size, pixel_time_us=args.nion_pixel_time_us,
+            fov_nm=args.nion_fov_nm,
+            rotation_rad=None if args.nion_rotation_deg is None else math.radians(args.nion_rotation_deg),
+            correction_mode=args.nion_correction, acquisition=args.nion_acquisition, flyback_us=args.nion_flyback_us,
+            confirm=args.nion_confirm, frames=getattr(args, "count", None))
+    except BaseException:
+        if session:
+            session.close()
+        raise
+    if session is not None:
+        close = inst.close
+
+        def close_all() -> None:
+            close()
+            session.close()
+
+        inst.close = close_all  # type: ignore[method-assign]
+    return inst
