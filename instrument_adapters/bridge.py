@@ -246,7 +246,8 @@ class Bridge:
         key = reason.split(":")[0][:60]
         self.stats.reasons[key] = self.stats.reasons.get(key, 0) + 1
         self.stats.last_error = reason
-        log.warning("rejected message: %s", reason)
+        if self.stats.messages_rejected <= 20 or self.stats.messages_rejected % 1000 == 0:  # a flood is counted, not logged line by line
+            log.warning("rejected message (%d so far): %s", self.stats.messages_rejected, reason)
 
     def _handle_correction(self, parts: list) -> None:
         if len(parts) < 2:

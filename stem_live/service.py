@@ -198,7 +198,8 @@ class EngineService:
     def _reject(self, reason: str) -> None:
         self.counters.rejected += 1
         self.counters.last_reject = reason
-        log.warning("rejected message: %s", reason)
+        if self.counters.rejected <= 20 or self.counters.rejected % 1000 == 0:  # a flood is counted, not logged line by line
+            log.warning("rejected message (%d so far): %s", self.counters.rejected, reason)
 
     def _receive_loop(self) -> None:
         import zmq
