@@ -294,6 +294,11 @@ def bench_overload(size: int = 512, *, seconds: float = 60.0, factor: float = 5.
         c = svc.counters
         last_seq = svc._last_seq
         processed, skipped = c.processed - n0, c.skipped - sk0
+        svc.stop()  # then the totals are final: every frame from the first received is processed, skipped or pending
+        pending = int(svc._pending is not None)
+        total = {"first_seq": svc.first_seq, "last_seq": svc._last_seq, "processed": c.processed,
+                 "skipped": c.skipped, "pending_at_stop": pending,
+                 "unaccounted": int(svc._last_seq - svc.first_seq + 1 - c.processed - c.skipped - pending)}
         return {
             "size": size, "seconds": seconds, "engine_capacity_fps": round(capacity, 1), "publish_rate_hz": round(rate, 1),
             "processed": processed, "skipped": skipped,
@@ -301,7 +306,7 @@ def bench_overload(size: int = 512, *, seconds: float = 60.0, factor: float = 5.
             "latency_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat else None,
             "latency_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat else None,
             "rss_first_mb": round(mem[0], 1), "rss_last_mb": round(mem[-1], 1),
-            "rss_growth_mb": round(mem[-1] - mem[0], 1),
+            "rss_growth_mb": round(mem[-1] - mem[0], 1), "totals": total,
         }
     finally:
         svc.stop()

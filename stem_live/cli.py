@@ -440,6 +440,14 @@ def cmd_locate(a: argparse.Namespace) -> int:
     from .locate.export import overlay_rgb, write_columns, write_png
 
     stack = _load_images(a.file)
+    params = None
+    if a.locator == "unet":
+        from .locate.unet import load_default, load_params, locate_unet
+
+        try:
+            params = load_params(a.weights) if a.weights else load_default()
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load U-Net weights: {exc}") from None
     out = a.out or a.file.with_name(a.file.stem + "_columns.csv")
     png = a.png or out.with_suffix(".png")
     prog = Progress()
@@ -449,7 +457,10 @@ def cmd_locate(a: argparse.Namespace) -> int:
         img = np.asarray(img, dtype=np.float32)
         if not np.isfinite(img).all():
             raise UserError(f"{a.file}: frame {k} holds NaN or infinite pixels")
-        cols = locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold)
+        if a.locator == "unet":
+            cols = locate_unet(img, spacing, params=params, n_classes=a.classes)
+        else:
+            cols = locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold)
         if out.suffix.lower() == ".npz" and len(stack) > 1:
             write_columns(out.with_name(f"{out.stem}_{k:05d}.npz"), cols, frame=k)
         else:
@@ -460,6 +471,13 @@ def cmd_locate(a: argparse.Namespace) -> int:
         prog.line(f"frame {k + 1}/{len(stack)}: {len(cols)} columns (spacing {spacing:.1f} px)")
     prog.done()
     print(f"{total} columns in {len(stack)} frame(s) -> {out}; overlay of frame 0 -> {png}", file=sys.stderr)
+    return 0
+
+
+def cmd_train_locator(a: argparse.Namespace) -> int:
+    from .locate.train_unet import train
+
+    train(a.out, minutes=a.minutes, seed=a.seed, progress=print)
     return 0
 
 
@@ -582,7 +600,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nearest-neighbour column spacing in px (default: estimated from the image)")
     s.add_argument("--classes", type=_positive(int), default=1, help="intensity classes (e.g. 2: C/Si, 3: SrTiO3)")
     s.add_argument("--threshold", type=_positive(float), default=1.0, help="detection threshold in noise units")
+    s.add_argument("--locator", choices=("classical", "unet"), default="classical",
+                   help="classical (band-pass + fit) or the U-Net (committed weights)")
+    s.add_argument("--weights", type=Path, default=None, help="U-Net weights (default: the committed ones)")
     s.set_defaults(func=cmd_locate)
+
+    s = sub.add_parser("train-locator", help="train the U-Net column locator on simulated frames (seeded)")
+    s.add_argument("--out", type=Path, required=True, help="weights to write (.msgpack); MODEL.md goes beside them")
+    s.add_argument("--minutes", type=_positive(float), default=18.0, help="wall-clock training budget")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_train_locator)
 
     s = sub.add_parser("train-rvae", help="train an rVAE on a recording, image, patch stack or the simulator")
     _rvae_source_args(s)

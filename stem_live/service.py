@@ -146,6 +146,7 @@ class EngineService:
         self._pending: tuple[Frame, float] | None = None
         self._stop = threading.Event()
         self._last_seq: int | None = None  # newest seq received
+        self.first_seq: int | None = None  # first seq received (accounting: processed + skipped + pending)
         self._last_processed: int | None = None
         self._start_beam_nm: np.ndarray | None = None  # beam shift during the first frame processed
         self._threads: list[threading.Thread] = []
@@ -284,6 +285,8 @@ class EngineService:
     def _count_gap(self, seq: int) -> None:
         """Count frames the instrument sent that never reached us (gaps in ``seq``)."""
         last = self._last_seq
+        if self.first_seq is None:
+            self.first_seq = seq
         if last is not None:
             if seq > last + 1:
                 self.counters.skipped += seq - last - 1

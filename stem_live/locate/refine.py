@@ -277,3 +277,224 @@ def refine_positions(
                 "pos_std": np.where(np.isfinite(pos_std), pos_std, np.inf)}
         return out_pos, intensity, border, info
     return out_pos, intensity, border
+
+
+# ----------------------------------------------------------------------------- fixed width
+@functools.lru_cache(maxsize=None)
+def _build_fixed(window: int, n_iter: int, n_pass: int):
+    """Jit'd fixed-width Gaussian fit with the neighbours' model subtracted (see
+    ``refine_fixed_width``); windows are the discs inscribed in (window x window)."""
+    import jax
+    import jax.numpy as jnp
+
+    r = window // 2
+    oy, ox = np.mgrid[-r : r + 1, -r : r + 1]
+    disc = ((oy**2 + ox**2) <= (r + 0.5) ** 2).ravel()
+    oy = oy.ravel()[disc].astype(np.int32)
+    ox = ox.ravel()[disc].astype(np.int32)
+    yy = jnp.asarray(oy, jnp.float32)[None, :]
+    xx = jnp.asarray(ox, jnp.float32)[None, :]
+
+    def run(z, centers, frac, amp0, b0, nbr, sigma, var_c, shape):
+        global _TRACE_COUNT
+        _TRACE_COUNT += 1
+        rr = centers[:, 0:1] + oy[None, :]
+        cc = centers[:, 1:2] + ox[None, :]
+        in_frame = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
+        inside = in_frame & jnp.isfinite(z)
+        z = jnp.where(inside, z, 0.0)
+        w0 = inside.astype(jnp.float32)
+        q = 1.0 / (sigma * sigma)
+        cf = centers.astype(jnp.float32)
+        # centre offsets of the k neighbours: (N, k, 1)
+        ncy = (cf[nbr, 0] - cf[:, 0:1])[:, :, None]
+        ncx = (cf[nbr, 1] - cf[:, 1:2])[:, :, None]
+
+        def others_of(a, y0, x0):
+            """Model of the k neighbours at every window pixel: (N, K)."""
+            dy = yy[:, None, :] - (ncy + y0[nbr][:, :, None])
+            dx = xx[:, None, :] - (ncx + x0[nbr][:, :, None])
+            g = jnp.exp(-0.5 * q * (dy * dy + dx * dx))
+            return jnp.sum(jnp.maximum(a[nbr], 0.0)[:, :, None] * g, axis=1)
+
+        def gn(p, oth, fit_b):
+            a, y0, x0, b = p
+            dy = yy - y0[:, None]
+            dx = xx - x0[:, None]
+            g = jnp.exp(-0.5 * q * (dy * dy + dx * dx))
+            ag = a[:, None] * g
+            m = b[:, None] + ag
+            # Poisson-like weights: variance ~ expected signal + a floor
+            w = w0 / (jnp.maximum(m + oth, 0.0) + var_c)
+            res = z - oth - m
+            agq = ag * q
+            jac = [g, agq * dy, agq * dx]
+            # materialise once; otherwise XLA recomputes the exp in every sum
+            jac, res, w = jax.lax.optimization_barrier((jac, res, w))
+            wj = [w * j for j in jac]
+            if fit_b:
+                jac.append(jnp.ones_like(g))
+                wj.append(w)
+            n = len(jac)
+            mm = {}
+            for i in range(n):
+                for k in range(i, n):
+                    mm[(i, k)] = jnp.sum(wj[i] * jac[k], axis=1)
+                mm[(i, i)] = mm[(i, i)] * (1.0 + 1e-3) + 1e-12
+            v = [jnp.sum(wj[i] * res, axis=1) for i in range(n)]
+            d = _solve_sym(mm, v, n)
+            lim = jnp.maximum(sigma, 1.0)  # at most one probe sigma per step
+            a = a + d[0]
+            y0 = y0 + jnp.clip(d[1], -lim, lim)
+            x0 = x0 + jnp.clip(d[2], -lim, lim)
+            if fit_b:
+                b = b + d[3]
+            chi2 = jnp.sum(w * res * res, axis=1) / jnp.maximum(jnp.sum(w0, axis=1) - n, 1.0)
+            return (a, y0, x0, b), (mm, chi2)
+
+        p = (amp0, frac[:, 0], frac[:, 1], b0)
+        mm = chi2 = None
+        for k in range(n_pass):
+            oth = others_of(p[0], p[1], p[2])
+            fit_b = k == 0
+            if not fit_b:
+                # background fixed to the median over the column and its neighbours
+                b_loc = jnp.concatenate([p[3][:, None], p[3][nbr]], axis=1)
+                p = (p[0], p[1], p[2], jnp.median(b_loc, axis=1))
+            for _ in range(n_iter):
+                p, (mm, chi2) = gn(p, oth, fit_b)
+        # position standard error from the weighted normal matrix, scaled by the reduced
+        # chi^2 (so that it does not depend on the units of the noise model)
+        pos_std = jnp.sqrt(0.5 * (1.0 / mm[(1, 1)] + 1.0 / mm[(2, 2)]) * chi2)
+        amp_snr = p[0] / jnp.sqrt(chi2 / mm[(0, 0)])
+        border = jnp.any(~in_frame, axis=1)
+        return jnp.stack(p, axis=-1), border, pos_std, amp_snr
+
+    return jax.jit(run)
+
+
+def _solve_sym(m, v, n):
+    """Batched symmetric positive n x n solve (unrolled Cholesky), n small."""
+    import jax.numpy as jnp
+
+    low = {}
+    for j in range(n):
+        s = m[(j, j)]
+        for k in range(j):
+            s = s - low[(j, k)] ** 2
+        d = jnp.sqrt(jnp.maximum(s, 1e-30))
+        low[(j, j)] = d
+        for i in range(j + 1, n):
+            s = m[(j, i)]
+            for k in range(j):
+                s = s - low[(i, k)] * low[(j, k)]
+            low[(i, j)] = s / d
+    y = []
+    for i in range(n):
+        s = v[i]
+        for k in range(i):
+            s = s - low[(i, k)] * y[k]
+        y.append(s / low[(i, i)])
+    x = [None] * n
+    for i in reversed(range(n)):
+        s = y[i]
+        for k in range(i + 1, n):
+            s = s - low[(k, i)] * x[k]
+        x[i] = s / low[(i, i)]
+    return x
+
+
+def refine_fixed_width(
+    image: np.ndarray,
+    positions: np.ndarray,
+    amplitudes: np.ndarray,
+    sigma_px: float,
+    window_px: int,
+    *,
+    background: np.ndarray | float | None = None,
+    n_neighbours: int = 4,
+    n_iter: int = 3,
+    n_pass: int = 1,
+    var_floor: float | None = None,
+):
+    """Sub-pixel positions from a Gaussian of fixed, known width ``sigma_px`` fitted to each
+    column with its neighbours' model subtracted, Poisson-weighted: the (near) maximum-
+    likelihood estimate for shot-noise-limited frames, within ~10 % of the Cramer-Rao bound
+    on the simulator (the free-width fit loses 40-60 %: the width and background trade off
+    against the position on dim, overlapping columns).
+
+    Pass 1 fits amplitude, position and a constant background per column (neighbours from
+    ``positions`` / ``amplitudes``); pass 2 re-renders the neighbours from pass 1, fixes the
+    background to the median over the column and its ``n_neighbours`` nearest neighbours
+    and fits amplitude and position only. Weights 1 / (model + ``var_floor``); the floor
+    defaults to a quarter of the image median (scale-invariant).
+
+    Returns positions (N, 2), amplitudes (N,), border (N,) bool (the window crosses the
+    frame edge) and a dict: ``background`` (N,), ``pos_std`` (position standard error, px,
+    from the weighted normal matrix and the reduced chi^2), ``amp_snr`` (amplitude over its
+    standard error: ~0 where nothing is there), ``ok``. A fit that fails keeps its start
+    position (amplitude NaN, pos_std inf, amp_snr 0).
+    """
+    from scipy.spatial import cKDTree
+
+    image = np.asarray(image)
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    n = len(pos)
+    h, w = image.shape
+    window = max(int(window_px) | 1, 3)
+    r = window // 2
+    if n == 0:
+        z0 = np.zeros(0)
+        return np.zeros((0, 2)), z0, np.zeros(0, bool), {
+            "background": z0, "pos_std": z0, "amp_snr": z0, "ok": np.zeros(0, bool)}
+    img32 = np.ascontiguousarray(image, dtype=np.float32)
+    finite = np.isfinite(img32)
+    if not finite.all():
+        img32 = np.where(finite, img32, np.nan).astype(np.float32)
+    if var_floor is None:
+        sub = np.abs(img32[:: max(1, h // 128), :: max(1, w // 128)])
+        var_floor = max(0.25 * float(np.nanmedian(sub)), 1e-6 * float(np.nanmax(sub)) + 1e-12)
+    k = int(max(1, min(n_neighbours, n - 1))) if n > 1 else 0
+    nb = bucket_size(n)
+    centers = np.rint(pos)
+    centers[:, 0] = np.clip(centers[:, 0], 0, h - 1)
+    centers[:, 1] = np.clip(centers[:, 1], 0, w - 1)
+    c_pad = np.zeros((nb, 2), np.int32)
+    f_pad = np.zeros((nb, 2), np.float32)
+    c_pad[:n] = centers
+    c_pad[n:] = (-10 * window, -10 * window)  # far away: never a neighbour in the model
+    f_pad[:n] = pos - centers
+    a_pad = np.zeros(nb, np.float32)
+    a_pad[:n] = np.nan_to_num(np.asarray(amplitudes, np.float64))
+    if background is None:
+        background = 0.0
+    b_pad = np.zeros(nb, np.float32)
+    b_pad[:n] = np.broadcast_to(np.asarray(background, np.float64), (n,))
+    nbr = np.full((nb, max(k, 1)), nb - 1 if nb > n else 0, np.int32)
+    if k:
+        _, idx = cKDTree(pos, balanced_tree=False, compact_nodes=False).query(pos, k=k + 1)
+        nbr[:n] = idx[:, 1:]
+    # gather the disc windows from a NaN-padded copy (one flat take)
+    wp = w + 2 * r
+    imgp = np.full((h + 2 * r, wp), np.nan, np.float32)
+    imgp[r : r + h, r : r + w] = img32
+    cc = np.clip(c_pad, 0, None)
+    cc[:, 0] = np.minimum(cc[:, 0], h - 1)
+    cc[:, 1] = np.minimum(cc[:, 1], w - 1)
+    oy, ox = np.mgrid[-r : r + 1, -r : r + 1]
+    disc = (oy**2 + ox**2) <= (r + 0.5) ** 2
+    off = ((oy[disc] + r) * wp + (ox[disc] + r)).astype(np.intp)
+    z = np.take(imgp.ravel(), (cc[:, 0] * wp + cc[:, 1]).astype(np.intp)[:, None] + off[None, :])
+    fn = _build_fixed(window, int(n_iter), int(n_pass))
+    p, border, pos_std, amp_snr = fn(z, c_pad, f_pad, a_pad, b_pad, nbr, np.float32(sigma_px),
+                            np.float32(var_floor), (h, w))
+    p = np.asarray(p, np.float64)[:n]
+    border = np.asarray(border)[:n]
+    pos_std = np.asarray(pos_std, np.float64)[:n]
+    amp_snr = np.asarray(amp_snr, np.float64)[:n]
+    amp, dy, dx, bg = p.T
+    ok = np.isfinite(p).all(axis=1) & (np.abs(dy) <= r) & (np.abs(dx) <= r) & (amp > 0)
+    out = np.where(ok[:, None], centers + np.stack([dy, dx], axis=1), pos)
+    info = {"background": bg, "pos_std": np.where(ok, pos_std, np.inf),
+            "amp_snr": np.where(ok, np.nan_to_num(amp_snr), 0.0), "ok": ok}
+    return out, np.where(ok, amp, np.nan), border, info

@@ -1,0 +1,269 @@
+"""Learned column locator: a small U-Net (Flax linen) that maps a frame to a per-pixel
+"column here" probability, followed by the same peak finding, sub-pixel refinement and
+intensity classes as the classical locator (``classical.find_peaks``,
+``refine.refine_positions``, ``classes.classify_intensity``).
+
+    from stem_live.locate.unet import locate_unet
+    cols = locate_unet(image)            # committed weights, spacing estimated
+    cols = locate_unet(image, 12.1)      # known nearest-neighbour spacing (px)
+
+The network is fully convolutional (16-32-64 channels, two 2x downsamplings), so any frame
+size works: the frame is reflect-padded to a multiple of 4 and the forward pass is one
+``jax.jit`` call per frame shape. Weights: ``weights/unet.msgpack`` (see ``weights/MODEL.md``;
+retrain with ``python -m stem_live.locate.train_unet``).
+
+Importing this module is light; JAX / Flax are imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .columns import Columns
+
+WEIGHTS = Path(__file__).parent / "weights" / "unet.msgpack"
+FEATURES = (16, 32, 64)
+STRIDE = 2 ** (len(FEATURES) - 1)
+
+
+# ----------------------------------------------------------------------------- model
+@functools.lru_cache(maxsize=None)
+def _module_class():
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class ConvBlock(nn.Module):
+        features: int
+
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(self.features, (3, 3), padding="SAME")(x))
+            return nn.relu(nn.Conv(self.features, (3, 3), padding="SAME")(x))
+
+    class UNet(nn.Module):
+        """(B, H, W, 1) normalised frame -> (B, H, W, out) logits; H, W multiples of 4."""
+
+        features: Sequence[int] = FEATURES
+        out: int = 1
+
+        @nn.compact
+        def __call__(self, x):
+            skips = []
+            for f in self.features[:-1]:
+                x = ConvBlock(f)(x)
+                skips.append(x)
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = ConvBlock(self.features[-1])(x)
+            for f, skip in zip(reversed(self.features[:-1]), reversed(skips)):
+                x = nn.ConvTranspose(f, (2, 2), strides=(2, 2))(x)
+                x = ConvBlock(f)(jnp.concatenate([x, skip], axis=-1))
+            return nn.Conv(self.out, (1, 1), bias_init=nn.initializers.constant(-3.0))(x)
+
+    return UNet
+
+
+def make_model(out: int = 1):
+    """The U-Net module (flax.linen)."""
+    return _module_class()(features=FEATURES, out=out)
+
+
+def init_params(seed: int = 0, out: int = 1):
+    """Fresh random parameters (a pytree of numpy-compatible arrays)."""
+    import jax
+    import jax.numpy as jnp
+
+    return make_model(out).init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 1), jnp.float32))["params"]
+
+
+def save_params(params, path) -> int:
+    """Write ``params`` with flax.serialization (msgpack); returns the size in bytes."""
+    from flax import serialization
+
+    data = serialization.to_bytes(params)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return len(data)
+
+
+def load_params(path):
+    """Parameters from a msgpack file written by ``save_params``."""
+    from flax import serialization
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no U-Net weights at {path}: train them with "
+                                f"'python -m stem_live.locate.train_unet --out {path}'")
+    try:
+        d = serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - any decode error means a bad file
+        raise ValueError(f"{path} is not a U-Net weights file (msgpack): {e}") from None
+    if isinstance(d, dict) and set(d) == {"params"}:
+        d = d["params"]
+    return d
+
+
+@functools.lru_cache(maxsize=1)
+def load_default():
+    """The committed weights (``stem_live/locate/weights/unet.msgpack``), cached."""
+    return load_params(WEIGHTS)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_fn(out: int = 1):
+    import jax
+
+    model = make_model(out)
+
+    def fwd(params, x):
+        return jax.nn.sigmoid(model.apply({"params": params}, x))
+
+    return jax.jit(fwd)
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """Per-image robust normalisation: (x - median) / (p99.5 - median), clipped to
+    [-4, 8] (hot pixels, saturated contamination)."""
+    img = np.asarray(image, np.float32)
+    step = max(1, int(np.sqrt(img.size / 65536)))
+    sub = img[::step, ::step]
+    med, hi = np.percentile(sub, [50.0, 99.5])
+    scale = max(float(hi - med), 1e-6 * max(abs(float(hi)), 1.0), 1e-12)
+    return np.clip((img - np.float32(med)) / np.float32(scale), -4.0, 8.0)
+
+
+def probability_map(image: np.ndarray, params=None) -> np.ndarray:
+    """Per-pixel column probability (H, W) float32 for one frame."""
+    if params is None:
+        params = load_default()
+    x = normalise(image)
+    h, w = x.shape
+    ph, pw = (-h) % STRIDE, (-w) % STRIDE
+    if ph or pw:
+        x = np.pad(x, ((0, ph), (0, pw)), mode="reflect")
+    prob = _forward_fn(1)(params, x[None, :, :, None])
+    return np.asarray(prob)[0, :h, :w, 0]
+
+
+# ----------------------------------------------------------------------------- locator
+def _nn_spacing(pts: np.ndarray) -> float | None:
+    from scipy.spatial import cKDTree
+
+    if len(pts) < 4:
+        return None
+    d, _ = cKDTree(pts).query(pts, k=2)
+    return float(np.median(d[:, 1]))
+
+
+def locate_unet(
+    image: np.ndarray,
+    spacing_px: float | None = None,
+    *,
+    params=None,
+    threshold: float = 0.5,
+    min_distance_frac: float = 0.6,
+    refine: bool = True,
+    refine_on: str = "image",
+    window_px: int | None = None,
+    n_iter: int = 3,
+    max_fit_std: float = 0.25,
+    max_fit_shift: float = 0.75,
+    n_classes: int = 1,
+    thresholds: Sequence[float] | None = None,
+    classifier=None,
+    saturation: float | str | None = "auto",
+) -> Columns:
+    """Find atomic columns in one frame with the U-Net; same result type as
+    ``locate_classical``.
+
+    Parameters
+    ----------
+    image : (H, W) frame (any real dtype, any size >= 8).
+    spacing_px : nearest-neighbour column spacing (px); when None it is the median
+        nearest-neighbour distance of the network's own detections.
+    params : network weights (default: the committed ``load_default()``).
+    threshold : minimum column probability at a peak of the probability map.
+    min_distance_frac : non-maximum suppression radius as a fraction of the spacing.
+    refine : sub-pixel position. "image" (default): the JAX Gaussian fit
+        (``refine_positions``) on the raw frame, starting from the probability peak; a fit
+        that is not trusted (position std > ``max_fit_std`` px, moved > ``max_fit_shift``
+        px, failed) keeps the probability-map position. "map": the same fit on the
+        probability map. refine=False: quadratic interpolation of the map peak.
+    n_classes, thresholds, classifier : intensity classes, as in ``locate_classical``
+        (intensity = band-passed frame at the final position).
+    saturation : as in ``locate_classical``: peaks near clipped pixels are dropped.
+
+    Returns
+    -------
+    ``Columns``; ``confidence`` is the network's probability at the peak; ``meta`` holds
+    the spacing and the threshold used.
+    """
+    from .classes import classify_intensity
+    from .classical import _bilinear, _count_in_box, _merge_duplicates, _saturated, _subpixel, bandpass, find_peaks
+    from .refine import refine_positions, window_for_spacing
+
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise ValueError(f"locate_unet needs a 2-D image, got shape {img.shape}")
+    if min(img.shape) < 8:
+        raise ValueError(f"image too small for column finding: {img.shape}")
+    if refine_on not in ("image", "map"):
+        raise ValueError(f"refine_on must be 'image' or 'map', got {refine_on!r}")
+    img = img.astype(np.float32, copy=False)
+    if not np.isfinite(img).all():
+        img = np.where(np.isfinite(img), img, np.nanmedian(img)).astype(np.float32)
+
+    prob = probability_map(img, params)
+    probp = np.pad(prob, 1)
+    if spacing_px is None:
+        pts0, _ = find_peaks(probp, threshold, 2.0)
+        spacing_px = _nn_spacing(pts0.astype(float))
+        if spacing_px is None:
+            spacing_px = 8.0
+    spacing_px = float(spacing_px)
+    if not np.isfinite(spacing_px) or spacing_px < 2.0:
+        raise ValueError(f"column spacing must be >= 2 px, got {spacing_px}")
+    sigma_px = 0.15 * spacing_px
+    meta = {"spacing_px": spacing_px, "sigma_px": sigma_px, "threshold": float(threshold),
+            "locator": "unet"}
+
+    pts, heights = find_peaks(probp, threshold, min_distance_frac * spacing_px)
+    if len(pts):
+        sat_mask = _saturated(img, saturation)
+        if sat_mask is not None:
+            near = _count_in_box(sat_mask, pts, int(np.ceil(spacing_px)))
+            pts, heights = pts[near == 0], heights[near == 0]
+    if len(pts) == 0:
+        return Columns(np.zeros((0, 2)), np.zeros(0, int), np.zeros(0), np.zeros(0),
+                       np.zeros(0, bool), meta)
+    start = _subpixel(probp, pts)
+    conf = heights.astype(np.float64)
+    if window_px is None:
+        window_px = window_for_spacing(spacing_px)
+    window_px = int(window_px) | 1
+    if refine:
+        target = img if refine_on == "image" else prob
+        pos, _, border, info = refine_positions(target, start, window_px, sigma_px=sigma_px,
+                                                n_iter=n_iter, return_info=True)
+        moved = np.hypot(*(pos - start).T)
+        good = info["ok"] & (moved <= max_fit_shift) & (info["pos_std"] <= max_fit_std)
+        pos = np.where(good[:, None], pos, start)
+    else:
+        pos = start
+        r = window_px // 2
+        h, w = img.shape
+        border = ((pts[:, 0] < r) | (pts[:, 0] > h - 1 - r) | (pts[:, 1] < r) | (pts[:, 1] > w - 1 - r))
+    filt, _ = bandpass(img, sigma_px, spacing_px, wiener=None)
+    intensity = _bilinear(filt, pos + 1.0)
+    if refine:
+        pos, keep = _merge_duplicates(pos, conf, 0.25 * spacing_px)
+        pos, intensity, border, conf = pos[keep], intensity[keep], border[keep], conf[keep]
+    if classifier is not None:
+        klass = classifier(intensity)
+    else:
+        klass, _ = classify_intensity(intensity, thresholds=thresholds, n_classes=n_classes)
+    return Columns(pos, klass, intensity, np.clip(conf, 0.0, 1.0), border, meta)

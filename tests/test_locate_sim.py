@@ -1,0 +1,147 @@
+"""Column finding against the virtual microscope's ground truth (issue "Atomic columns").
+
+Done-when: graphene and SrTiO3, 512 x 512, default dose, default drift and scan: recall and
+precision >= 0.995, position RMSE <= 0.10 px against ``truth.columns_px`` (one-to-one
+matching within 0.3 x the nearest-neighbour spacing of the truth).
+
+Two parts of that target are out of reach for *any* single-frame locator, and are kept
+here as strict xfails (they turn into failures the day they pass) next to the checks of
+what is physically achievable:
+
+* The Cramer-Rao bound at the default dose is above 0.10 px. A C column in graphene
+  scatters ~2100 electrons into the detector, so even alone on a zero background its
+  position error is sigma_probe / sqrt(N) = 3.4 / 46 = 0.074 px per axis (0.105 px 2-D);
+  with the neighbours' tails, the background and the detector noise the bound computed
+  below is 0.144 px. The O columns of SrTiO3 (Z = 8, ~690 electrons) have a bound of
+  0.23 px, the rms over all SrTiO3 columns is 0.17 px.
+* The truth position of a column is where it appears on the scan line through its centre,
+  including that line's random jitter (0.2 px) and the 50 Hz jitter (0.5 px amplitude,
+  18.6 lines a period). The column's image is a blob ~8 lines tall, each line with its own
+  offset: even a noise-free fit of the blob differs from the truth by 0.21 px (graphene) /
+  0.14 px (SrTiO3) rms along x. Only a locator that estimates the per-line offsets (a scan
+  de-jitter, see ``stem_live.distortion``) could get below that.
+
+So the achievable checks are: recall / precision, an RMSE within 20 % of the Cramer-Rao
+bound on jitter-free frames (the estimator is efficient), and an RMSE on default frames no
+worse than measured (bound + jitter floor).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial import cKDTree
+
+from simulator import DriftConfig, Microscope, MicroscopeConfig, ScanConfig
+from simulator.microscope import PRESET_DEFAULTS
+from stem_live.locate import locate_classical
+
+SIZE = 512
+
+
+def _match(found, truth, tol):
+    """One-to-one matching within ``tol`` (Hungarian on the pairs closer than ``tol``)."""
+    d = np.linalg.norm(found[:, None, :] - truth[None, :, :], axis=-1)
+    d = np.where(d <= tol, d, 1e6)
+    r, c = linear_sum_assignment(d)
+    ok = d[r, c] <= tol
+    return r[ok], c[ok]
+
+
+def _crlb(preset, truth, pixel_nm, shape):
+    """Cramer-Rao bound (2-D, px) of every column's position: Poisson + readout noise,
+    neighbours and background known, amplitude and position unknown (an optimistic bound:
+    any real locator does worse). Written from the simulator's physics (render.py)."""
+    cfg = MicroscopeConfig(preset=preset)
+    s = PRESET_DEFAULTS[preset]["probe_fwhm_nm"] / (2 * np.sqrt(2 * np.log(2))) / pixel_nm
+    dose = PRESET_DEFAULTS[preset]["dose_e_per_A2"]
+    amp = dose * cfg.haadf_cross_section_A2 * truth.weight / (2 * np.pi * s * s)  # counts
+    pos = truth.columns_px
+    r = int(np.ceil(4 * s))
+    oy, ox = np.mgrid[-r : r + 1, -r : r + 1]
+    c = np.rint(pos).astype(int)
+    rr = c[:, 0:1] + oy.ravel()
+    cc = c[:, 1:2] + ox.ravel()
+    h, w = shape
+    ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    dy = rr - pos[:, 0:1]
+    dx = cc - pos[:, 1:2]
+    g = amp[:, None] * np.exp(-0.5 * (dy**2 + dx**2) / s**2)
+    mu = np.bincount((rr * w + cc)[ok], g[ok], h * w).reshape(h, w) + cfg.background_counts
+    var = mu[np.clip(rr, 0, h - 1), np.clip(cc, 0, w - 1)] + cfg.readout_noise**2
+    jac = np.stack([g / amp[:, None], g * dy / s**2, g * dx / s**2], -1) * ok[..., None]
+    fisher = np.einsum("nki,nkj,nk->nij", jac, jac, 1.0 / var)
+    cov = np.linalg.inv(fisher)
+    return np.sqrt(cov[:, 1, 1] + cov[:, 2, 2])
+
+
+def _run(preset, n_frames, clean, seed=1):
+    kw = dict(drift=DriftConfig.none(), scan=ScanConfig.none()) if clean else {}
+    scope = Microscope(MicroscopeConfig(preset=preset, size=SIZE, seed=seed, **kw))
+    tp = n_found = n_truth = 0
+    err2, bound2 = [], []
+    for _ in range(n_frames):
+        img, meta, truth = scope.acquire()
+        t = truth.columns_px
+        d, _ = cKDTree(t).query(t, k=2)
+        spacing = float(np.median(d[:, 1]))
+        cols = locate_classical(img, spacing)
+        r, c = _match(cols.positions, t, 0.3 * spacing)
+        tp += len(r)
+        n_found += len(cols)
+        n_truth += len(t)
+        err2.append(np.sum((cols.positions[r] - t[c]) ** 2, axis=1))
+        bound2.append(_crlb(preset, truth, meta.pixel_size_nm[0], img.shape)[c] ** 2)
+        # every found column lies inside the frame (the truth's convention)
+        assert np.all((cols.positions > -0.5) & (cols.positions < SIZE - 0.5))
+    rmse = float(np.sqrt(np.mean(np.concatenate(err2))))
+    crlb = float(np.sqrt(np.mean(np.concatenate(bound2))))
+    out = dict(recall=tp / n_truth, precision=tp / n_found, rmse=rmse, crlb=crlb)
+    print(f"{preset} {'jitter-free' if clean else 'default'} x{n_frames}: recall {out['recall']:.4f} "
+          f"precision {out['precision']:.4f} rmse {rmse:.3f} px (Cramer-Rao {crlb:.3f} px)")
+    return out
+
+
+_cache: dict = {}
+
+
+def run(preset, n_frames, clean):
+    key = (preset, n_frames, clean)
+    if key not in _cache:
+        _cache[key] = _run(preset, n_frames, clean)
+    return _cache[key]
+
+
+@pytest.mark.parametrize("preset", ["graphene", "srtio3"])
+def test_sim_default_recall_precision(preset):
+    m = run(preset, 3, clean=False)
+    assert m["recall"] >= 0.995
+    assert m["precision"] >= 0.995
+
+
+@pytest.mark.parametrize("preset,rmse_max", [("graphene", 0.32), ("srtio3", 0.26)])
+def test_sim_default_rmse_measured(preset, rmse_max):
+    """Default drift and scan: the Cramer-Rao bound plus the scan-jitter floor (see the
+    module docstring); fails if the locator gets worse than measured."""
+    m = run(preset, 3, clean=False)
+    assert m["rmse"] <= rmse_max
+
+
+@pytest.mark.parametrize("preset", ["graphene", "srtio3"])
+def test_sim_jitter_free_efficient(preset):
+    """No drift, no scan distortion: every column found, and the position error within
+    20 % of the Cramer-Rao bound (the fixed-width, neighbour-subtracted fit is efficient;
+    the old free-width fit was 60 % above it in graphene)."""
+    m = run(preset, 1, clean=True)
+    assert m["recall"] >= 0.99 and m["precision"] >= 0.995
+    assert m["rmse"] <= 1.2 * m["crlb"]
+    assert m["crlb"] > 0.10  # why the Done-when RMSE cannot be met at the default dose
+
+
+@pytest.mark.xfail(strict=True, reason="RMSE <= 0.10 px is below the Cramer-Rao bound at the default "
+                   "dose (0.144 px graphene, 0.17 px SrTiO3) and below the scan-jitter floor of the "
+                   "truth definition (0.21 / 0.14 px): see the module docstring")
+@pytest.mark.parametrize("preset", ["graphene", "srtio3"])
+def test_sim_done_when_rmse(preset):
+    assert run(preset, 3, clean=False)["rmse"] <= 0.10
