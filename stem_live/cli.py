@@ -216,11 +216,28 @@ def _format_result(r, counters: dict) -> str:
             f"  {counters['fps']:.1f} fps  skipped {counters['skipped']}  rejected {counters['rejected']}{corr}")
 
 
+def _engine_config(a: argparse.Namespace):
+    """EngineConfig from ``--model`` and ``--rvae`` (run, demo)."""
+    from .engine import EngineConfig
+
+    if a.rvae is not None and a.model != "gp":
+        raise UserError("--rvae needs columns: add --model gp")
+    return EngineConfig(model=a.model, rvae_checkpoint="" if a.rvae is None else str(a.rvae))
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=("rigid", "gp"), default="rigid",
+                   help="drift model: rigid registration (default), or columns + online GP (needed for the rVAE)")
+    p.add_argument("--rvae", type=Path, default=None, metavar="CHECKPOINT",
+                   help="encode every column with this rVAE checkpoint (with --model gp); without it the "
+                        "monitor's Train rVAE button trains one from scratch")
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from .engine import Engine
     from .service import EngineService
 
-    engine = Engine()
+    engine = Engine(_engine_config(a))
     if a.arm:
         engine.arm()
     prog = Progress()
@@ -266,7 +283,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     inst = SimulatedInstrument(_sim_config(a), speed=a.speed or None, frames=a.count)
     bridge = Bridge(inst, frames_endpoint="tcp://127.0.0.1:*", corrections_endpoint="tcp://127.0.0.1:*",
                     wait_for_subscriber=True)
-    engine = Engine()
+    engine = Engine(_engine_config(a))
     engine.arm()
     prog = Progress(sys.stdout)
     stop = threading.Event()
@@ -563,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--client-key", type=Path, default=None, help="CURVE: this engine's NAME.key_secret")
     s.add_argument("--server-public-key", type=Path, default=None, help="CURVE: the instrument's NAME.key")
     s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N processed frames")
+    _model_args(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("monitor", help="the operator's window (Qt); closing it never stops acquisition")
@@ -575,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", dest="count", type=_positive(int), default=None, help="stop after N frames")
     s.add_argument("--speed", type=float, default=1.0, help="1 = real scan rate, 0 = as fast as possible")
     s.add_argument("--no-monitor", action="store_true", help="do not open the monitor even with a display")
+    _model_args(s)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("replay", help="play a recorded stack through the engine, losslessly and in order")

@@ -18,6 +18,7 @@ beam-shift target ``b_ref + D_pred`` that keeps the image still.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class EngineConfig:
     spacing_px: float = 0.0  # nearest-neighbour column spacing for the gp model; 0 = estimate on the first frame
     gp_window_frames: int = 20
     max_sigma_nm: float = 0.05
+    rvae_checkpoint: str = ""  # rVAE checkpoint encoding every column (gp model); "" = none until `train`
 
 
 @dataclass(frozen=True)
@@ -62,15 +64,30 @@ class FrameResult:
     line_drift_nm: np.ndarray | None = None  # (rows, 2) modelled beam-shift-space drift at each line (gp model)
     line_sigma_nm: np.ndarray | None = None
     jump: bool = False
+    latents: dict | None = None  # rVAE latents of every column, index-matched to ``columns`` (gp model + rVAE)
 
 
 class Engine:
-    """Stateful per-frame pipeline. Not thread-safe: one caller at a time (the service locks)."""
+    """Stateful per-frame pipeline. Not thread-safe: one caller at a time (the service locks).
 
-    def __init__(self, config: EngineConfig = EngineConfig()) -> None:
+    ``rvae``: an :class:`~stem_live.rvae.stage.RvaeStage` that encodes the columns of every
+    frame (gp model only); without one, ``config.rvae_checkpoint`` names a checkpoint to load,
+    and ``train()`` builds a stage from scratch. The stage survives ``reset``."""
+
+    def __init__(self, config: EngineConfig = EngineConfig(), *, rvae: object | None = None) -> None:
         self.config = config
         self.armed = False
         self._next_id = int(time.time() * 1000) % (1 << 40)  # distinct across restarts
+        if rvae is None and config.rvae_checkpoint:
+            if config.model != "gp":
+                raise ValueError("an rVAE checkpoint needs columns: use the gp model (--model gp)")
+            from .rvae.stage import RvaeStage
+
+            rvae = RvaeStage(config.rvae_checkpoint)
+        elif rvae is not None and config.model != "gp":
+            raise ValueError("the rVAE stage needs columns: use the gp model (--model gp)")
+        self.rvae = rvae
+        self._rvae_building = False
         self.reset()
 
     def reset(self) -> None:
@@ -83,6 +100,39 @@ class Engine:
         self.frames = 0
         self.last: FrameResult | None = None
         self._columns = None if self.config.model != "gp" else ColumnModel(self.config)
+
+    @property
+    def start_beam_nm(self) -> np.ndarray | None:
+        """Beam shift (nm) during the very first frame (the GP model's beam-shift-space origin)."""
+        return None if self._b0_nm is None else self._b0_nm.copy()
+
+    def train(self, steps: int | None = None) -> str:
+        """Start background rVAE fine-tuning (never waits for it); a one-line message.
+
+        Without a stage, one is built from scratch in a background thread and trains as soon as
+        enough patches are buffered. ValueError when the engine finds no columns (rigid model)."""
+        if self._columns is None:
+            raise ValueError("rVAE training needs located columns; start the engine with --model gp")
+        stage = self.rvae
+        if stage is not None:
+            return stage.train(steps)
+        if self._rvae_building:
+            return "rVAE model from scratch is still being built; training starts when it is ready"
+        self._rvae_building = True
+
+        def build() -> None:
+            from .rvae.stage import RvaeStage
+
+            try:
+                new = RvaeStage(None, seed=0)
+                new.train(steps)
+                self.rvae = new  # one reference assignment: the frame loop sees the stage whole or not at all
+            finally:
+                self._rvae_building = False
+
+        threading.Thread(target=build, name="rvae-build", daemon=True).start()
+        return ("no rVAE checkpoint: building a model from scratch (seed 0) in the background; training "
+                "starts once enough patches are buffered, latents appear after the first fine-tune")
 
     def next_correction_id(self) -> int:
         self._next_id += 1
@@ -148,6 +198,15 @@ class Engine:
             # apparent shift vs the very first frame, as a hint for the tracker
             hint = (drift - (beam - self._b0_nm)) / px
             col = self._columns.process(frame, image, hint, timings)
+        latents = None
+        stage = self.rvae
+        if stage is not None and col is not None and col.columns is not None:
+            t2 = time.perf_counter()
+            try:
+                latents = stage.process(image, col.columns.positions)
+            except ValueError as exc:  # e.g. an image too small for patches: no latents, the stream goes on
+                stage.frame_error = str(exc)
+            timings["rvae"] = (time.perf_counter() - t2) * 1e3
         if self.armed and locked:
             if col is not None and col.decision is not None and col.decision.apply:
                 correction = self._make(frame, col.decision.beam_shift_nm, col.decision.reason)
@@ -162,7 +221,7 @@ class Engine:
                                 columns=None if col is None else col.columns,
                                 line_drift_nm=None if col is None else col.line_drift_nm,
                                 line_sigma_nm=None if col is None else col.line_sigma_nm,
-                                jump=False if col is None else col.jump)
+                                jump=False if col is None else col.jump, latents=latents)
         return self.last
 
     def _last_drift(self) -> np.ndarray:
@@ -195,6 +254,7 @@ class Engine:
             "last_seq": None if last is None else last.seq,
             "locked": None if last is None else last.locked,
             "drift_nm": None if last is None else [float(v) for v in last.drift_nm],
+            "rvae": None if self.rvae is None else self.rvae.status(),
         }
 
 

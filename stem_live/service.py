@@ -5,7 +5,7 @@ Threads (each owns its sockets; ZeroMQ sockets are not thread-safe):
   counts what it overwrote; rejects bad messages with a one-line log and a counter;
 - *worker*: runs the engine on the pending frame, sends corrections on a DEALER connected to
   the instrument's ROUTER, reads acks, publishes ``maps`` (rate-limited) on PUB;
-- *commands*: REP answering ``command`` messages (arm, disarm, reset, record, set, status).
+- *commands*: REP answering ``command`` messages (arm, disarm, reset, record, set, status, train).
 
 Replay does not go through sockets at all: :func:`run_replay` feeds every frame of a file to the
 engine in order (lossless) while still publishing maps and answering commands.
@@ -381,9 +381,34 @@ class EngineService:
         arrays = {"preview": preview, "drift_nm": np.asarray(result.drift_nm, np.float64)}
         if result.correction is not None:
             arrays["correction_nm"] = np.asarray(result.correction.beam_shift_nm, np.float64)
+        cols = result.columns
+        if cols is not None:  # (N, 3): row, col in preview pixels, class
+            pos = np.asarray(cols.positions, np.float64).reshape(-1, 2)
+            arrays["columns"] = np.column_stack([pos / step, np.asarray(cols.klass, np.float64)]).astype(np.float32)
+            stage = getattr(self.engine, "rvae", None)
+            if result.latents is not None and stage is not None and len(result.latents.get("angle", ())) == len(pos):
+                arrays.update(stage.maps(pos, result.latents, img.shape, step))
+        if result.line_drift_nm is not None and result.line_sigma_nm is not None:
+            arrays.update(self._gp_arrays(frame, result, step))
         return Maps(seq=frame.seq, arrays=arrays,
                     metrics=metrics, info={"t_mid": result.t_mid, "preview_step": step,
                                            "pixel_size_nm": list(frame.pixel_size_nm)})
+
+    def _gp_arrays(self, frame: Frame, result: FrameResult, step: int, max_points: int = 128) -> dict:
+        """GP mean and sigma at <= ``max_points`` line times (mean shifted by the first frame's beam
+        shift, so it shares ``drift_nm``'s origin), and the per-line distortion (the modelled
+        drift at every ``step``-th line minus its frame mean)."""
+        mean = np.asarray(result.line_drift_nm, np.float64).reshape(-1, 2)
+        sd = np.asarray(result.line_sigma_nm, np.float64).reshape(-1, 2)
+        lines = np.asarray(frame.line_times(), np.float64)
+        n = min(len(lines), len(mean), len(sd))
+        if n == 0:
+            return {}
+        idx = np.unique(np.linspace(0, n - 1, min(max_points, n)).round().astype(int))
+        b0 = self.engine.start_beam_nm
+        origin = np.zeros(2) if b0 is None else b0
+        return {"gp_t": lines[idx], "gp_mean_nm": mean[idx] - origin, "gp_sigma_nm": sd[idx],
+                "line_distortion_nm": np.ascontiguousarray((mean[:n] - mean[:n].mean(0))[::step])}
 
     def _command_loop(self) -> None:
         while not self._stop.is_set():
@@ -433,6 +458,10 @@ class EngineService:
                 else:
                     self.recorder.start(Path(str(path)).expanduser())
                     msg = f"recording to {path}"
+            elif cmd.cmd == "train":
+                steps = cmd.args.get("steps")
+                # not under the engine lock: starting the background fine-tune must not hold up a frame
+                msg = self.engine.train(None if steps is None else int(steps))
             elif cmd.cmd == "status":
                 msg = "ok"
             else:

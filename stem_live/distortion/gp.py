@@ -60,6 +60,7 @@ BASIS = ("offset", "velocity", "y", "x", "flyback")
 _N_BASIS = len(BASIS)
 _PAD_SIZES = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _PAD_VAR = 1e8
+_N_VAR = 32            # points of the posterior-sd grid computed with each conditioning
 
 
 def _jax():
@@ -164,6 +165,77 @@ def _functions():
         return (-stages(theta, data, prior_var, omega)["ll"]
                 + 0.5 * jnp.sum(((theta - theta0) / 1.5) ** 2)) / n
 
+    def dense(M):
+        """A (nested) tinygp Block as a dense block-diagonal array."""
+        if hasattr(M, "blocks"):
+            return jax.scipy.linalg.block_diag(*(dense(b) for b in M.blocks))
+        return M
+
+    def mean_states(kern, tg, alpha):
+        """State-space form of the posterior mean sum_g k(t, t_g) alpha_g (tinygp's
+        GeneralQSM product with the two scans done once per conditioning): forward states
+        F[g] = sum_{g' <= g} (transition g' -> g) h alpha_g', backward states B[g] likewise
+        from the right. A test time then costs O(1) (see ``ss_mean``)."""
+        a = jax.vmap(lambda x1, x2: dense(kern.transition_matrix(x1, x2)))(
+            jnp.append(tg[0], tg[:-1]), tg)                              # (G, J, J)
+        h2 = jax.vmap(kern.observation_model)(tg)                        # (G, J)
+        pinf = dense(kern.stationary_covariance())
+        pu = h2 @ pinf
+
+        def fwd(f, d):
+            q, a_, x = d
+            f = a_ @ f + jnp.outer(q, x)
+            return f, f
+
+        _, F = jax.lax.scan(fwd, jnp.zeros((h2.shape[1], alpha.shape[1])), (h2, a, alpha))
+
+        def bwd(c, d):
+            f, ap = c
+            p, a_, x = d
+            f = ap.T @ f + jnp.outer(p, x)
+            return (f, a_), f
+
+        _, B = jax.lax.scan(bwd, (jnp.zeros((h2.shape[1], alpha.shape[1])), a[0]), (pu, a, alpha),
+                            reverse=True)
+        return F, B
+
+    def ss_mean(state, t_test, omega):
+        """GP part of the posterior mean at t_test from the precomputed states: O(m)."""
+        kern = time_kernel(state["h"], omega)
+        tg, F, B = state["tg"], state["F"], state["B"]
+        G = tg.shape[0]
+        idx = jnp.searchsorted(tg, t_test, side="right") - 1
+        pinf = dense(kern.stationary_covariance())
+        h1 = jax.vmap(kern.observation_model)(t_test)                     # (m, J)
+        i0 = jnp.clip(idx, 0, G - 1)
+        i1 = jnp.clip(idx + 1, 0, G - 1)
+        pl = jax.vmap(lambda h, x0, x1: (h @ pinf) @ dense(kern.transition_matrix(x0, x1)))(
+            h1, tg[i0], t_test)
+        qu = jax.vmap(lambda h, x0, x1: dense(kern.transition_matrix(x0, x1)) @ h)(
+            h1, t_test, tg[i1])
+        lower = jnp.where((idx >= 0)[:, None], jnp.einsum("mj,mjk->mk", pl, F[i0]), 0.0)
+        upper = jnp.where((idx < G - 1)[:, None], jnp.einsum("mj,mjk->mk", qu, B[i1]), 0.0)
+        return lower + upper
+
+    def cross_cov(kern, tg, t_test):
+        """K(tg, t_test) (G, m) through the quasiseparable form: O((G + m) m), no dense
+        kernel evaluation (t_test sorted)."""
+        return kern.to_general_qsm(tg, t_test) @ jnp.eye(t_test.shape[0])
+
+    def variance(state, t_test, omega):
+        """Posterior variance of d(t) at sorted t_test, with the uncertainty of the linear
+        terms (Rasmussen & Williams eq. 2.42): one quasiseparable solve with m columns."""
+        h, L = state["h"], state["L"]
+        m = t_test.shape[0]
+        phi_s = jnp.zeros((m, _N_BASIS)).at[:, 0].set(1.0).at[:, 1].set(t_test)
+        A = L.solve(cross_cov(time_kernel(h, omega), state["tg"], t_test))
+        Rm = phi_s.T - state["Zp"].T @ A                             # (5, m)
+        V = jax.scipy.linalg.solve_triangular(state["Mc"], Rm, lower=True)
+        kss = h[0] ** 2 + h[2] ** 2
+        if omega is not None:
+            kss = kss + h[6] ** 2
+        return jnp.maximum(kss - jnp.sum(A * A, axis=0) + jnp.sum(V * V, axis=0), 1e-14)
+
     @jax.jit
     def condition(theta, data, prior_var, omega):
         st = stages(theta, data, prior_var, omega)
@@ -171,34 +243,29 @@ def _functions():
         beta = st["mu"] + st["delta"]
         alpha = L.transpose().solve(L.solve(st["r"] - st["Phi"] @ st["delta"]))   # (G, 2)
         beta_cov = jax.scipy.linalg.cho_solve((Mc, True), jnp.eye(Mc.shape[0]))
-        return {"h": st["h"], "L": L, "alpha": alpha, "beta": beta, "beta_cov": beta_cov,
-                "Zp": st["Zp"], "Mc": Mc, "tg": data["tg"], "ll": st["ll"]}
+        F, B = mean_states(time_kernel(st["h"], omega), data["tg"], alpha)
+        state = {"h": st["h"], "L": L, "alpha": alpha, "beta": beta, "beta_cov": beta_cov,
+                 "Zp": st["Zp"], "Mc": Mc, "tg": data["tg"], "ll": st["ll"], "F": F, "B": B,
+                 "tvar": data["tvar"]}
+        # the posterior sd on a grid over the newest frame and the next two (interpolated
+        # by ``predict``): computed here, in the same call, once per conditioning
+        state["svar"] = jnp.sqrt(variance(state, data["tvar"], omega))
+        return state
 
     @jax.jit
     def predict(state, t_test, omega):
-        """Drift d(t) at t_test: offset + velocity + the stationary GP, with the
-        uncertainty of the linear terms (Rasmussen & Williams eq. 2.42)."""
-        h, L, alpha = state["h"], state["L"], state["alpha"]
+        """Drift d(t) at sorted t_test and its sd (exact; one solve with m columns)."""
         m = t_test.shape[0]
         phi_s = jnp.zeros((m, _N_BASIS)).at[:, 0].set(1.0).at[:, 1].set(t_test)
-        Ks = time_kernel(h, omega)(state["tg"], t_test)              # (G, m)
-        mean = phi_s @ state["beta"] + Ks.T @ alpha                  # (m, 2)
-        A = L.solve(Ks)
-        Rm = phi_s.T - state["Zp"].T @ A                             # (5, m)
-        V = jax.scipy.linalg.solve_triangular(state["Mc"], Rm, lower=True)
-        kss = h[0] ** 2 + h[2] ** 2
-        if omega is not None:
-            kss = kss + h[6] ** 2
-        var = jnp.maximum(kss - jnp.sum(A * A, axis=0) + jnp.sum(V * V, axis=0), 1e-14)
-        return mean, jnp.sqrt(var)
+        mean = phi_s @ state["beta"] + ss_mean(state, t_test, omega)
+        return mean, jnp.sqrt(variance(state, t_test, omega))
 
     @jax.jit
     def predict_mean(state, t_test, omega):
-        """The posterior mean alone: a dense (G, m) cross-covariance product, no solve."""
+        """The posterior mean alone, from the state-space form: O(m) after conditioning."""
         m = t_test.shape[0]
         phi_s = jnp.zeros((m, _N_BASIS)).at[:, 0].set(1.0).at[:, 1].set(t_test)
-        Ks = time_kernel(state["h"], omega)(state["tg"], t_test)
-        return phi_s @ state["beta"] + Ks.T @ state["alpha"]
+        return phi_s @ state["beta"] + ss_mean(state, t_test, omega)
 
     def make_fit(steps, lr):
         opt = optax.adam(lr)
@@ -395,9 +462,16 @@ class OnlineDriftGP:
         G = _bucket(n_g, self.min_groups)
         pr, pg = R - n, G - n_g
         tg = np.concatenate([tg, tg[-1] + 1e-3 * np.arange(1, pg + 1)])
+        # grid for the posterior sd (computed with the conditioning): the newest frame and
+        # the next two (their period from the frames' first samples)
+        t_new0 = t[first[-1]]
+        period = t_new0 - t[first[-2]] if len(first) > 1 else 0.0
+        if not period > 0:
+            period = max(1.1 * (t[-1] - t_new0), 1e-3)
+        tvar = t_new0 + np.linspace(0.0, 3.2 * period, _N_VAR)
         psz = np.asarray(w.pixel_size_nm, dtype=float)
         y_mean = np.average(w.disp_nm, axis=0, weights=wt)
-        return {"t": np.concatenate([t, np.zeros(pr)]), "tg": tg,
+        return {"t": np.concatenate([t, np.zeros(pr)]), "tg": tg, "tvar": tvar,
                 "gid": np.concatenate([gid, np.full(pr, G - 1)]).astype(np.int32),
                 "pos": np.concatenate([w.pos_px * psz, np.zeros((pr, 2))]),
                 "centre": self._centre_px * psz,
@@ -441,20 +515,27 @@ class OnlineDriftGP:
             return np.zeros((m, 2)), np.full((m, 2), np.inf)
         jax = _jax()
         fn = _functions()
+        rel = t - snap.tc
         means = []
         with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
-            for a in range(0, m, 1024):                        # chunks: sizes 16, 64, 256, 1024
-                tt = t[a:a + 1024]
+            # the mean is O(1) per point (state-space form): chunks of a few fixed sizes
+            for a in range(0, m, 1024):
+                tt = rel[a:a + 1024]
                 mp = next(b for b in (16, 64, 256, 1024) if b >= len(tt))
-                tp = np.concatenate([tt - snap.tc, np.full(mp - len(tt), tt[-1] - snap.tc)])
+                tp = np.concatenate([tt, np.full(mp - len(tt), tt[-1])])
                 means.append(np.asarray(fn["predict_mean"](snap.state, tp, self._omega))[:len(tt)])
-            # the variance needs a solve per test point (a serial O(window) scan each): take it at
-            # <= 16 points across the range and interpolate; it varies slowly between samples
-            tk = t if m <= 16 else np.linspace(t.min(), t.max(), 16)
-            tp = np.concatenate([tk - snap.tc, np.full(16 - len(tk), tk[-1] - snap.tc)])
-            sk = np.asarray(fn["predict"](snap.state, tp, self._omega)[1])[:len(tk)]
+            tv = np.asarray(snap.state["tvar"])
+            if rel.min() >= tv[0] and rel.max() <= tv[-1]:
+                # the sd grid over the newest frame and the next two, from the conditioning
+                sd = np.interp(rel, tv, np.asarray(snap.state["svar"]))
+            else:
+                # elsewhere: a solve (one O(window) scan) at <= 16 points, interpolated; the
+                # sd varies slowly between samples
+                tk = np.sort(rel) if m <= 16 else np.linspace(rel.min(), rel.max(), 16)
+                tp = np.concatenate([tk, np.full(16 - len(tk), tk[-1])])
+                sk = np.asarray(fn["predict"](snap.state, tp, self._omega)[1])[:len(tk)]
+                sd = np.interp(rel, tk, sk)
         mean = np.concatenate(means) + snap.y_mean
-        sd = sk if m <= 16 else np.interp(t, tk, sk)
         return mean, np.stack([sd, sd], axis=1)
 
     def residuals(self, obs: Observations) -> tuple[np.ndarray, np.ndarray]:
