@@ -6,6 +6,7 @@ import argparse
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 
 import numpy as np
 
@@ -21,10 +22,16 @@ class SimulatedInstrument(Instrument):
     ``speed``: 1.0 paces frames at the real scan rate (frame time + gap); larger is faster;
     ``0`` or ``None`` renders as fast as possible. ``frames`` ends the stream after that many.
     The last ``keep_truth`` frames' ground truth are kept for evaluation (``truth_for(seq)``).
+
+    ``prerender`` > 0 (benchmarks): render that many frames of the seeded session first, then
+    stream them forwards and backwards (the specimen drifts back and forth, never jumps) with
+    ever increasing ``seq`` and ``t_start``, so that the instrument side costs no CPU while the
+    engine is measured. The pre-rendered images do not show corrections: they are acked and
+    clamped as usual, and the frames report the beam shift they were rendered with.
     """
 
     def __init__(self, config: MicroscopeConfig, *, speed: float | None = 1.0, frames: int | None = None,
-                 stream: str = "sim", keep_truth: int = 64) -> None:
+                 stream: str = "sim", keep_truth: int = 64, prerender: int = 0) -> None:
         self.scope = Microscope(config)
         self.speed = speed
         self.frames = frames
@@ -33,13 +40,25 @@ class SimulatedInstrument(Instrument):
         self._truth: deque[tuple[int, FrameTruth]] = deque(maxlen=keep_truth)
         self._next_due: float | None = None
         self._count = 0
+        self._cache = [self.scope.acquire() for _ in range(max(0, int(prerender)))]
+
+    def _render(self) -> tuple:
+        """(image, meta, truth, period_s) of the next frame: rendered now, or from the cache."""
+        period = self.scope.frame_time_s + self.scope.config.frame_gap_s
+        if not self._cache:
+            with self._lock:
+                image, meta, truth = self.scope.acquire()
+            return image, meta, truth, period
+        n = len(self._cache)
+        k = self._count % max(1, 2 * n - 2) if n > 1 else 0
+        image, meta, truth = self._cache[k if k < n else 2 * n - 2 - k]
+        meta = replace(meta, seq=self._count, t_start=self._count * period)
+        return image, meta, truth, period
 
     def acquire(self) -> Frame:
         if self.frames is not None and self._count >= self.frames:
             raise EndOfStream
-        with self._lock:
-            image, meta, truth = self.scope.acquire()
-            period = self.scope.frame_time_s + self.scope.config.frame_gap_s
+        image, meta, truth, period = self._render()
         self._count += 1
         self._truth.append((meta.seq, truth))
         if self.speed:

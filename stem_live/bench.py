@@ -125,7 +125,31 @@ def bench_locate(sizes=SIZES, repeats: int = 10) -> dict:
     return _b(sizes=tuple(s for s in sizes if s <= 1024), repeats=repeats)
 
 
-def bench_gp(frames: int = 300) -> dict:
+def bench_track(sizes=SIZES, repeats: int = 20) -> dict:
+    """``Tracker.update`` per frame on the simulator's drifting frames (columns located once,
+    outside the clock), with the number of columns linked per frame."""
+    from .locate import estimate_spacing, locate_classical
+    from .track import Tracker
+
+    out = {}
+    for size in sizes:
+        frames = _sim_frames(size, 6)
+        img0 = np.asarray(frames[0].image, np.float32)
+        spacing = float(estimate_spacing(img0))
+        cols = [locate_classical(np.asarray(f.image, np.float32), spacing) for f in frames]
+        tr = Tracker(spacing_px=spacing, history=64)
+        tr.update(cols[0])
+        k = [0]
+
+        def step() -> None:
+            k[0] += 1
+            tr.update(cols[1 + k[0] % (len(cols) - 1)])
+
+        out[str(size)] = {**_time(step, repeats), "columns": int(np.median([len(c) for c in cols]))}
+    return out
+
+
+def bench_gp(frames: int = 2000) -> dict:
     from .distortion.bench import bench_gp as _b
 
     return _b(frames=frames)
@@ -140,9 +164,14 @@ def bench_rvae() -> dict:
 # ----------------------------------------------------------------------------- pipeline
 
 
-def _start_sim(frames_ep: str, corr_ep: str, size: int, speed: float, preset: str) -> subprocess.Popen:
+TARGET_HZ = {256: 20.0, 512: 10.0, 1024: 3.0, 2048: 1.0}  # offered frame rates (the performance issue's targets)
+
+
+def _start_sim(frames_ep: str, corr_ep: str, size: int, speed: float, preset: str, prerender: int = 0,
+               seed: int = 0) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "stem_live.cli", "sim", "--size", str(size), "--preset", preset,
-                             "--speed", str(speed), "--frames-endpoint", frames_ep, "--corrections-endpoint", corr_ep],
+                             "--speed", str(speed), "--frames-endpoint", frames_ep, "--corrections-endpoint", corr_ep,
+                             "--prerender", str(prerender), "--seed", str(seed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -154,62 +183,120 @@ def _free_port_endpoint() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def bench_pipeline(size: int = 512, *, seconds: float = 10.0, speed: float = 0.0, preset: str = "graphene",
+def pipeline_engine(model: str = "gp", rvae: bool = True, max_columns: int = 2000):
+    """The engine as the pipeline benchmark runs it: ``model`` gp (locate, track, GP, policy)
+    plus, with ``rvae``, the rVAE encoder on every column (seeded random weights: encoding
+    costs the same as with trained ones; buckets compiled before the clock starts), encoding up
+    to ``max_columns`` columns a frame (the performance issue's load)."""
+    from .engine import Engine, EngineConfig
+
+    stage = None
+    if rvae and model == "gp":
+        from .rvae.model import RVAEConfig, init_params
+        from .rvae.stage import RvaeStage
+
+        stage = RvaeStage(init_params(RVAEConfig(), 0), warmup=False, max_columns=max_columns)
+        stage.encoder.warmup()
+    return Engine(EngineConfig(model=model), rvae=stage)
+
+
+def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | None = None, model: str = "gp",
+                   rvae: bool = True, prerender: int = 60, preset: str = "graphene", window_s: float = 60.0,
                    progress: Callable[[str], None] | None = None) -> dict:
     """The whole engine fed through real sockets by the simulator in another process.
 
-    ``speed`` 0 publishes as fast as the simulator renders (the engine takes the newest frame);
-    otherwise a multiple of the real scan rate. Reports frames/s, latency from frame arrival to
-    correction sent, per-frame time, skipped frames, and memory at start / end.
+    The simulator pre-renders ``prerender`` frames of a seeded session (0: renders live, which
+    takes one of this machine's cores from the engine) and publishes them at ``rate_hz``
+    (default: the target rate for this size, ``TARGET_HZ``); the engine takes the newest frame.
+    All stages on by default (``model`` gp + ``rvae``). Reports frames/s processed, the
+    engine's capacity (1 / median busy time), latency from frame arrival to correction sent
+    (p50, p99), per-stage median / p99, skipped frames, memory, and per ``window_s`` the
+    median frame time and memory (flat over a long run: ``seconds=1800``).
     """
-    from .engine import Engine
+    from simulator import Microscope, MicroscopeConfig
+
     from .service import EngineService
 
+    rate = float(rate_hz or TARGET_HZ.get(size, 2.0))
+    scope = Microscope(MicroscopeConfig(preset=preset, size=size))
+    speed = rate * (scope.frame_time_s + scope.config.frame_gap_s)  # multiple of the real scan rate
     frames_ep, corr_ep = _free_port_endpoint(), _free_port_endpoint()
-    sim = _start_sim(frames_ep, corr_ep, size, speed, preset)
-    engine = Engine()
+    sim = _start_sim(frames_ep, corr_ep, size, speed, preset, prerender)
+    if progress:
+        progress(f"pipeline {size}px: compiling the engine, simulator pre-rendering {prerender} frames ...")
+    engine = pipeline_engine(model, rvae)
     engine.arm()
+    stages: dict[str, list[float]] = {}
+    n_cols: list[int] = []
+
+    def on_result(frame, result) -> None:
+        for k, v in result.timings_ms.items():
+            stages.setdefault(k, []).append(v)
+        if result.columns is not None:
+            n_cols.append(len(result.columns))
+
     svc = EngineService(engine, frames_endpoint=frames_ep, corrections_endpoint=corr_ep,
-                        maps_endpoint="tcp://127.0.0.1:*", commands_endpoint="tcp://127.0.0.1:*")
-    lat, frame_ms, mem = [], [], []
+                        maps_endpoint="tcp://127.0.0.1:*", commands_endpoint="tcp://127.0.0.1:*", on_result=on_result)
+    lat, frame_ms, windows = [], [], []
     try:
         svc.start()
         t0 = time.monotonic()
-        while svc.counters.processed < 3:  # start-up: imports, first frames, compilation
-            if time.monotonic() - t0 > 60:
-                raise RuntimeError("the simulator sent no frames within 60 s")
+        while svc.counters.processed < 5:  # start-up: imports, pre-rendering, first frames, compilation
+            if time.monotonic() - t0 > 300 or sim.poll() is not None:
+                raise RuntimeError("the simulator sent no frames within 300 s")
             time.sleep(0.05)
         n0, sk0, r0 = svc.counters.processed, svc.counters.skipped, svc.counters.received
+        for v in stages.values():
+            v.clear()
+        n_cols.clear()
         mem0 = rss_mb()
         svc.counters.latency_ms.clear()
+        svc.counters.frame_ms.clear()
+        svc.counters.rvae_ms.clear()
+        rs0 = svc.counters.rvae_skipped
         t0 = time.monotonic()
-        last = t0
+        last, win_ms, win_t0 = t0, [], t0
         while (now := time.monotonic()) - t0 < seconds:
             time.sleep(0.2)
             lat.extend(svc.counters.latency_ms)
             svc.counters.latency_ms.clear()
-            frame_ms.extend(svc.counters.frame_ms)
+            new = list(svc.counters.frame_ms)
             svc.counters.frame_ms.clear()
-            if now - last > 1.0:
-                mem.append(rss_mb())
+            frame_ms.extend(new)
+            win_ms.extend(new)
+            if now - win_t0 >= min(window_s, seconds):
+                windows.append({"t_s": round(now - t0, 1), "frame_ms_median": round(float(np.median(win_ms)), 2)
+                                if win_ms else None, "rss_mb": round(rss_mb(), 1)})
+                win_ms, win_t0 = [], now
+            if progress and now - last > 1.0:
                 last = now
-                if progress:
-                    progress(f"pipeline {size}px: {now - t0:.0f}/{seconds:.0f} s, "
-                             f"{(svc.counters.processed - n0) / (now - t0):.1f} frames/s")
+                progress(f"pipeline {size}px: {now - t0:.0f}/{seconds:.0f} s, "
+                         f"{(svc.counters.processed - n0) / (now - t0):.1f} frames/s")
         elapsed = time.monotonic() - t0
         c = svc.counters
         processed = c.processed - n0
+        busy = stages.get("total", [])  # the frame path; the rVAE runs beside it in its own thread
+        if c.rvae_ms:
+            stages["rvae"] = list(c.rvae_ms)
         return {
-            "size": size, "seconds": round(elapsed, 2), "processed": processed,
+            "size": size, "model": model, "rvae": bool(rvae and model == "gp"), "offered_hz": round(rate, 2),
+            "prerendered_frames": prerender, "seconds": round(elapsed, 2), "processed": processed,
             "received": c.received - r0, "skipped": c.skipped - sk0, "fps": round(processed / elapsed, 2),
+            "rvae_skipped": c.rvae_skipped - rs0,
+            "capacity_fps": round(1e3 / float(np.median(busy)), 2) if busy else None,
+            "columns_per_frame": int(np.median(n_cols)) if n_cols else 0,
             "latency_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat else None,
             "latency_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat else None,
             "frame_ms": _stats(frame_ms) if frame_ms else None,
+            "stages": {k: _stats(v) for k, v in stages.items() if v},
+            "windows": windows,
             "rss_start_mb": round(mem0, 1), "rss_end_mb": round(rss_mb(), 1),
             "rss_growth_mb": round(rss_mb() - mem0, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
         }
     finally:
         svc.stop()
+        if engine.rvae is not None:
+            engine.rvae.close()
         sim.send_signal(signal.SIGINT)
         try:
             sim.wait(10)
@@ -217,22 +304,30 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, speed: float = 0.0
             sim.kill()
 
 
-def publish(frames_ep: str, corr_ep: str, size: int, rate_hz: float, seconds: float) -> None:
-    """A bare instrument for the overload benchmark: publishes pre-rendered frames at ``rate_hz``
-    (never blocking: PUB drops for a slow subscriber) and acks every correction it receives."""
+def publish(frames_ep: str, corr_ep: str, size: int, rate_hz: float, seconds: float, calm_hz: float = 0.0,
+            calm_seconds: float = 0.0) -> None:
+    """A bare instrument for the overload benchmark: publishes pre-rendered frames (forwards
+    and backwards through a short seeded session: the specimen drifts to and fro, never
+    jumps), first ``calm_seconds`` at ``calm_hz`` (stream "calm"), then ``seconds`` at
+    ``rate_hz`` (stream "overload"); never blocking (PUB drops for a slow subscriber); acks
+    every correction it receives. Prints the number of frames sent."""
     import zmq
 
     from . import protocol
 
-    frames = _sim_frames(size, 8)
+    frames = _sim_frames(size, 12)
+    order = list(range(len(frames))) + list(range(len(frames) - 2, 0, -1))
     ctx = zmq.Context()
     pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
     pub.setsockopt(zmq.SNDHWM, 2)
     pub.bind(frames_ep)
     router.bind(corr_ep)
-    period, seq, t0 = 1.0 / rate_hz, 0, time.monotonic()
+    frame_s = frames[0].frame_time_s
+    seq, t0 = 0, time.monotonic()
     nxt = t0
-    while time.monotonic() - t0 < seconds:
+    while (el := time.monotonic() - t0) < calm_seconds + seconds:
+        calm = el < calm_seconds
+        period = 1.0 / (calm_hz if calm else rate_hz)
         while router.poll(0):
             ident, *body = router.recv_multipart()
             try:
@@ -241,9 +336,10 @@ def publish(frames_ep: str, corr_ep: str, size: int, rate_hz: float, seconds: fl
                 router.send_multipart([ident, *protocol.encode(ack)])
             except (protocol.ProtocolError, AttributeError):
                 pass
-        f = frames[seq % len(frames)]
-        f = protocol.Frame(seq=seq, image=f.image, t_start=seq * period, pixel_size_nm=f.pixel_size_nm,
-                           dwell_us=f.dwell_us, flyback_us=f.flyback_us, beam_shift_nm=(0.0, 0.0), stream="overload")
+        f = frames[order[seq % len(order)]]
+        f = protocol.Frame(seq=seq, image=f.image, t_start=seq * frame_s, pixel_size_nm=f.pixel_size_nm,
+                           dwell_us=f.dwell_us, flyback_us=f.flyback_us, beam_shift_nm=(0.0, 0.0),
+                           stream="calm" if calm else "overload")
         try:
             protocol.send(pub, f, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -257,29 +353,63 @@ def publish(frames_ep: str, corr_ep: str, size: int, rate_hz: float, seconds: fl
     ctx.term()
 
 
-def bench_overload(size: int = 512, *, seconds: float = 60.0, factor: float = 5.0,
+def engine_capacity_fps(size: int, model: str = "gp", rvae: bool = True, repeats: int = 8) -> float:
+    """Frames/s the engine (as :func:`pipeline_engine` builds it) processes back to back."""
+    frames = _sim_frames(size, repeats + 4)
+    eng = pipeline_engine(model, rvae)
+    eng.arm()
+    for f in frames[:4]:  # compilation, the GP window filling
+        eng.process(f)
+    t0 = time.perf_counter()
+    for f in frames[4:]:
+        eng.process(f)
+    if eng.rvae is not None:
+        eng.rvae.close()
+    return repeats / (time.perf_counter() - t0)
+
+
+def bench_overload(size: int = 512, *, seconds: float = 60.0, factor: float = 5.0, model: str = "gp",
+                   rvae: bool = True, calm_seconds: float = 15.0, start_up_s: float = 15.0,
                    progress: Callable[[str], None] | None = None) -> dict:
-    """Frames published at ``factor`` x what the engine can process, for ``seconds``: the engine must
-    keep taking the newest frame with bounded latency and flat memory, and count every skipped frame."""
-    from .engine import Engine
+    """Frames published at ``factor`` x what the engine can process, for ``seconds``, after
+    ``calm_seconds`` at half of it (the unloaded latency): the engine must keep taking the
+    newest frame with bounded latency and flat memory, and count every skipped frame."""
     from .service import EngineService
 
-    capacity = 1e3 / bench_register((size,), repeats=10)[str(size)]["median_ms"]
+    capacity = engine_capacity_fps(size, model, rvae)
     rate = factor * capacity
     frames_ep, corr_ep = _free_port_endpoint(), _free_port_endpoint()
+    start_up = start_up_s  # the publisher's imports and pre-rendering happen during the calm phase
     pub = subprocess.Popen([sys.executable, "-c", "import sys; from stem_live.bench import publish; "
-                            "publish(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]))",
-                            frames_ep, corr_ep, str(size), str(rate), str(seconds + 5)],
+                            "publish(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), "
+                            "float(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7]))",
+                            frames_ep, corr_ep, str(size), str(rate), str(seconds + 5), str(0.5 * capacity),
+                            str(calm_seconds + start_up)],
                            stdout=subprocess.PIPE, text=True)
-    engine = Engine()
+    engine = pipeline_engine(model, rvae)
     engine.arm()
+    phase = {"stream": ""}
+
+    def on_result(frame, result) -> None:
+        phase["stream"] = frame.stream
+
     svc = EngineService(engine, frames_endpoint=frames_ep, corrections_endpoint=corr_ep,
-                        maps_endpoint="tcp://127.0.0.1:*", commands_endpoint="tcp://127.0.0.1:*")
-    lat, mem = [], []
+                        maps_endpoint="tcp://127.0.0.1:*", commands_endpoint="tcp://127.0.0.1:*", on_result=on_result)
+    calm_lat, lat, mem = [], [], []
     try:
         svc.start()
+        t0 = time.monotonic()
         while svc.counters.processed < 3:
+            if time.monotonic() - t0 > 300 or pub.poll() is not None:
+                raise RuntimeError("the publisher sent no frames within 300 s")
             time.sleep(0.05)
+        svc.counters.latency_ms.clear()
+        while phase["stream"] == "calm":
+            time.sleep(0.5)
+            calm_lat.extend(svc.counters.latency_ms)
+            svc.counters.latency_ms.clear()
+            if progress:
+                progress(f"overload {size}px: calm phase at {0.5 * capacity:.1f} frames/s")
         svc.counters.latency_ms.clear()
         first_seq = svc._last_seq
         n0, sk0 = svc.counters.processed, svc.counters.skipped
@@ -297,28 +427,36 @@ def bench_overload(size: int = 512, *, seconds: float = 60.0, factor: float = 5.
         svc.stop()  # then the totals are final: every frame from the first received is processed, skipped or pending
         pending = int(svc._pending is not None)
         total = {"first_seq": svc.first_seq, "last_seq": svc._last_seq, "processed": c.processed,
-                 "skipped": c.skipped, "pending_at_stop": pending,
-                 "unaccounted": int(svc._last_seq - svc.first_seq + 1 - c.processed - c.skipped - pending)}
+                 "skipped": c.skipped, "failed": c.failed, "pending_at_stop": pending,
+                 "unaccounted": int(svc._last_seq - svc.first_seq + 1 - c.processed - c.skipped - c.failed - pending)}
+        p99 = round(float(np.percentile(lat, 99)), 2) if lat else None
+        calm_p99 = round(float(np.percentile(calm_lat, 99)), 2) if calm_lat else None
         return {
-            "size": size, "seconds": seconds, "engine_capacity_fps": round(capacity, 1), "publish_rate_hz": round(rate, 1),
+            "size": size, "model": model, "rvae": bool(rvae and model == "gp"), "seconds": seconds,
+            "engine_capacity_fps": round(capacity, 2), "publish_rate_hz": round(rate, 1),
             "processed": processed, "skipped": skipped,
             "seq_span": int(last_seq - first_seq), "accounted": processed + skipped,
             "latency_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat else None,
-            "latency_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat else None,
+            "latency_p99_ms": p99, "unloaded_latency_p99_ms": calm_p99,
+            "latency_p99_ratio": round(p99 / calm_p99, 3) if p99 and calm_p99 else None,
             "rss_first_mb": round(mem[0], 1), "rss_last_mb": round(mem[-1], 1),
             "rss_growth_mb": round(mem[-1] - mem[0], 1), "totals": total,
         }
     finally:
         svc.stop()
+        if engine.rvae is not None:
+            engine.rvae.close()
         pub.kill()
         pub.wait()
 
 
-def run_bench(stage: str, *, sizes=SIZES, seconds: float = 10.0, progress: Callable[[str], None] | None = None
+def run_bench(stage: str, *, sizes=SIZES, seconds: float = 10.0, model: str = "gp", rvae: bool = True,
+              rate_hz: float | None = None, prerender: int = 60, progress: Callable[[str], None] | None = None
               ) -> dict:
     """Run one benchmark (or ``all``) and return the report with the machine."""
     report: dict = {"machine": machine(), "stage": stage}
-    stages = ("protocol", "register", "locate", "gp", "rvae", "pipeline", "overload") if stage == "all" else (stage,)
+    stages = (("protocol", "register", "locate", "track", "gp", "rvae", "pipeline", "overload")
+              if stage == "all" else (stage,))
     for st in stages:
         if progress:
             progress(f"bench {st} ...")
@@ -329,18 +467,52 @@ def run_bench(stage: str, *, sizes=SIZES, seconds: float = 10.0, progress: Calla
                 report["register"] = bench_register(sizes)
             elif st == "overload":
                 report["overload"] = bench_overload(sizes[0] if len(sizes) == 1 else 512, seconds=seconds,
-                                                    progress=progress)
+                                                    model=model, rvae=rvae, progress=progress)
             elif st == "locate":
                 report["locate"] = bench_locate(sizes)
+            elif st == "track":
+                report["track"] = bench_track(sizes)
             elif st == "gp":
                 report["gp"] = bench_gp()
             elif st == "rvae":
                 report["rvae"] = bench_rvae()
             elif st == "pipeline":
-                report["pipeline"] = {str(s): bench_pipeline(s, seconds=seconds, progress=progress) for s in sizes}
+                report["pipeline"] = {str(s): bench_pipeline(s, seconds=seconds, model=model, rvae=rvae,
+                                                             rate_hz=rate_hz, prerender=prerender, progress=progress)
+                                      for s in sizes}
             else:
                 raise ValueError(f"unknown benchmark {st!r}")
         except ImportError as exc:
             report[st] = {"error": f"not available in this version ({exc})"}
     report["machine"] = machine()  # again: jax may have been imported by a stage
     return report
+
+
+def summary_table(report: dict) -> str:
+    """A few lines a person reads: the headline number of every stage that ran."""
+    rows = []
+    for st in ("protocol", "register", "locate", "track"):
+        for size, r in (report.get(st) or {}).items():
+            if isinstance(r, dict) and "median_ms" in r:
+                rows.append(f"{st:9s} {size:>5s} px  median {r['median_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms")
+    gp = report.get("gp") or {}
+    if "median_ms" in gp:
+        rows.append(f"gp        stage median {gp['median_ms']} ms over {gp['frames']} frames; around frame 100 "
+                    f"median {gp['median_ms_at_100']} / max {gp['max_ms_at_100']} ms; last 100 frames median "
+                    f"{gp['median_ms_at_end']} / max {gp['max_ms_at_end']} ms")
+    rv = report.get("rvae") or {}
+    if "encode_patches_per_s" in rv:
+        rows.append(f"rvae      encode {rv['encode_patches_per_s']:.0f} patches/s  train {rv.get('train_seconds')} s")
+    for size, r in (report.get("pipeline") or {}).items():
+        if isinstance(r, dict) and "fps" in r:
+            st = "  ".join(f"{k} {v['median_ms']:.1f}" for k, v in r.get("stages", {}).items())
+            rows.append(f"pipeline  {size:>5s} px  {r['fps']:6.2f} fps (offered {r['offered_hz']}, capacity "
+                        f"{r['capacity_fps']})  latency p50 {r['latency_p50_ms']} / p99 {r['latency_p99_ms']} ms  "
+                        f"skipped {r['skipped']}  rss +{r['rss_growth_mb']} MB  [{st}]")
+    ov = report.get("overload") or {}
+    if "latency_p99_ms" in ov:
+        rows.append(f"overload  {ov['size']} px at {ov['publish_rate_hz']} Hz: latency p99 {ov['latency_p99_ms']} ms  "
+                    f"rss +{ov['rss_growth_mb']} MB  processed {ov['processed']} skipped {ov['skipped']}")
+    m = report.get("machine", {})
+    rows.append(f"machine   {m.get('cpu')} ({m.get('cores')} cores), gpu {m.get('gpu')}")
+    return "\n".join(rows)

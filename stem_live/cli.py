@@ -138,7 +138,9 @@ def cmd_sim(a: argparse.Namespace) -> int:
     from instrument_adapters.safety import Limits
     from instrument_adapters.simulated import SimulatedInstrument
 
-    inst = SimulatedInstrument(_sim_config(a), speed=a.speed or None, frames=a.count)
+    if a.prerender < 0:
+        raise UserError(f"--prerender must be >= 0, got {a.prerender}")
+    inst = SimulatedInstrument(_sim_config(a), speed=a.speed or None, frames=a.count, prerender=a.prerender)
     bridge = Bridge(inst, frames_endpoint=a.frames, corrections_endpoint=a.corrections, keys=_server_keys(a),
                     limits=Limits(max_step_nm=a.max_step_nm, max_excursion_nm=a.max_excursion_nm))
     stop = threading.Event()
@@ -222,7 +224,10 @@ def _engine_config(a: argparse.Namespace):
 
     if a.rvae is not None and a.model != "gp":
         raise UserError("--rvae needs columns: add --model gp")
-    return EngineConfig(model=a.model, rvae_checkpoint="" if a.rvae is None else str(a.rvae))
+    if a.calibration is not None and a.model != "gp":
+        raise UserError("--calibration is used by the column model: add --model gp")
+    return EngineConfig(model=a.model, rvae_checkpoint="" if a.rvae is None else str(a.rvae),
+                        calibration="" if a.calibration is None else str(a.calibration))
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -231,6 +236,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rvae", type=Path, default=None, metavar="CHECKPOINT",
                    help="encode every column with this rVAE checkpoint (with --model gp); without it the "
                         "monitor's Train rVAE button trains one from scratch")
+    p.add_argument("--calibration", type=Path, default=None, metavar="JSON",
+                   help="a `stem-live calibrate` result (DIR/calibration.json; with --model gp): the known drift "
+                        "velocity and scan distortion, used from the first frame")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -353,12 +361,28 @@ def cmd_replay(a: argparse.Namespace) -> int:
     from .engine import Engine
     from .record import RecordError
 
+    writer = None
+    if a.results is not None:  # per-frame results need the columns and the GP: --results implies --model gp
+        from .results import ResultsWriter
+
+        if a.model == "rigid":
+            raise UserError("--results needs the column model (per-line drift, columns): use --model gp "
+                            "or leave --model out")
+        a.model = "gp"
+        try:
+            writer = ResultsWriter(a.results, info={"source": str(a.file), "model": "gp", "armed": True,
+                                                    "corrections_applied": False})
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    a.model = a.model or "rigid"
     try:
         inst = ReplayInstrument(a.file, pixel_size_nm=a.pixel_size_nm, dwell_us=a.dwell_us, flyback_us=a.flyback_us,
                                 realtime=a.realtime)
     except (RecordError, OSError) as exc:
         raise UserError(str(exc)) from None
-    engine = Engine()
+    engine = Engine(_engine_config(a))
+    if writer is not None:
+        engine.arm()  # the corrections it would have sent are recorded; a recording cannot move: none is applied
     prog = Progress()
     stop = threading.Event()
     _wait_for_interrupt(stop)
@@ -373,11 +397,16 @@ def cmd_replay(a: argparse.Namespace) -> int:
             except RecordError as exc:
                 raise UserError(str(exc)) from None
             r = engine.process(frame)
+            if writer is not None:
+                writer.add(frame, r, engine)
             n += 1
             prog.line(f"[{n}/{total}] frame {r.seq}  drift [{r.drift_nm[0]:+.3f}, {r.drift_nm[1]:+.3f}] nm  "
                       f"peak {r.peak:.2f}  {n / (time.perf_counter() - t0):.1f} fps")
     finally:
         prog.done()
+        if writer is not None:  # also after Ctrl-C or a bad frame: what was processed is kept
+            path = writer.close()
+            print(f"results of {len(writer)} frames ({writer.n_columns} columns) -> {path}", file=sys.stderr)
     print(f"replayed {n} frames from {a.file} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
@@ -406,6 +435,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     report = evaluate(preset=a.preset, size=a.size, frames=a.count,
                       drift_nm_per_min=3.0 if a.drift_nm_per_min is None else a.drift_nm_per_min,
                       dose=a.dose, seed=a.seed, model=a.model, jump_nm=a.jump_nm, baseline=not a.no_baseline,
+                      calibration="" if a.calibration is None else str(a.calibration),
                       progress=lambda label, i, n: prog.line(f"{label}: frame {i}/{n}"))
     if a.rvae:
         from .rvae.evaluation import eval_dopants, eval_particles
@@ -421,6 +451,65 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(text)
     if a.json:
         Path(a.json).write_text(text + "\n")
+    return 0
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    """A calibration session on a known lattice -> report folder (calibration.json + figures)."""
+    from .calibrate import (LATTICES, SIM_SCALE_ERROR, SIM_SHEAR, calibrate_frames, calibrate_simulator,
+                            lattice_by_name, parse_lattice_vectors, write_report)
+    from .record import RecordError, count_frames, read_frames
+
+    if (a.file is None) == (a.preset is None):
+        raise UserError("give a recorded stack FILE or --preset NAME (the simulator), not " +
+                        ("both" if a.file is not None else "neither"))
+    if a.lattice is not None and a.lattice_vectors is not None:
+        raise UserError("give the lattice once: --lattice NAME or --lattice-vectors AY,AX,BY,BX")
+    if a.refit_steps < 0:
+        raise UserError(f"--refit-steps must be >= 0, got {a.refit_steps}")
+    if a.file is not None and (a.scale_error is not None or a.shear is not None or a.drift_nm_per_min is not None):
+        raise UserError("--scale-error, --shear and --drift-nm-per-min plant a distortion on the simulator: "
+                        "use them with --preset")
+    try:
+        lattice = (parse_lattice_vectors(a.lattice_vectors) if a.lattice_vectors is not None else
+                   lattice_by_name(a.lattice) if a.lattice is not None else None)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    prog = Progress()
+    t0 = time.perf_counter()
+
+    def progress(label: str, i: int, n: int) -> None:
+        prog.line(f"calibrate: {label} {i}/{n}  ({time.perf_counter() - t0:.0f} s)")
+
+    try:
+        if a.preset is not None:
+            run = calibrate_simulator(a.preset, a.count or 60, seed=a.seed, size=a.size,
+                                      scale_error=tuple(a.scale_error or SIM_SCALE_ERROR),
+                                      shear=SIM_SHEAR if a.shear is None else a.shear,
+                                      drift_nm_per_min=a.drift_nm_per_min, lattice=lattice,
+                                      refit_steps=a.refit_steps, max_samples=a.max_samples, progress=progress)
+        else:
+            if lattice is None:
+                raise UserError(f"{a.file}: say which lattice it shows: --lattice NAME ({', '.join(LATTICES)}) "
+                                f"or --lattice-vectors AY,AX,BY,BX (nm)")
+            if not a.file.exists():
+                raise UserError(f"{a.file} does not exist")
+            try:
+                total = count_frames(a.file)
+                frames = read_frames(a.file, pixel_size_nm=a.pixel_size_nm, dwell_us=a.dwell_us,
+                                     flyback_us=a.flyback_us)
+                run = calibrate_frames(frames, lattice, max_frames=a.count, total=min(total, a.count or total),
+                                       source=str(a.file), refit_steps=a.refit_steps,
+                                       max_samples=a.max_samples, progress=progress)
+            except (RecordError, OSError) as exc:
+                raise UserError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        paths = write_report(run, a.out)
+    finally:
+        prog.done()
+    print(json.dumps(run.calibration.summary(), indent=1))
+    print(f"calibration of {run.calibration.meta['frames']} frames in {time.perf_counter() - t0:.1f} s -> "
+          f"{', '.join(str(p) for p in paths)}; use it with `stem-live run --model gp --calibration "
+          f"{paths[0]}`", file=sys.stderr)
     return 0
 
 
@@ -532,10 +621,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     prog = Progress()
     sizes = tuple(a.size) if a.size else ((512,) if a.stage == "overload" else (256, 512, 1024, 2048))
-    report = run_bench(a.stage, sizes=sizes, seconds=a.seconds, progress=prog.line)
+    report = run_bench(a.stage, sizes=sizes, seconds=a.seconds, model=a.model, rvae=not a.no_rvae,
+                       rate_hz=a.rate_hz, prerender=a.prerender, progress=prog.line)
     prog.done()
     text = json.dumps(report, indent=1)
     print(text)
+    from .bench import summary_table
+
+    print(summary_table(report), file=sys.stderr)
     if a.json:
         Path(a.json).write_text(text + "\n")
     return 0
@@ -558,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restore-on-exit", action="store_true", help="restore the starting beam shift on exit")
     s.add_argument("--server-key", type=Path, default=None, help="CURVE: this instrument's NAME.key_secret")
     s.add_argument("--allowed-keys", type=Path, default=None, help="CURVE: folder of allowed engines' NAME.key")
+    s.add_argument("--prerender", type=int, default=0, metavar="N",
+                   help="benchmarks: render N frames first, then stream them back and forth (corrections are "
+                        "acked but do not move the pre-rendered images)")
     s.set_defaults(func=cmd_sim)
 
     s = sub.add_parser("serve", help="serve an instrument (sim, replay, nion, autoscript) on the frames/corrections endpoints")
@@ -602,7 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dwell-us", type=_positive(float), default=None)
     s.add_argument("--flyback-us", type=float, default=None)
     s.add_argument("--realtime", action="store_true", help="reproduce the recorded frame timing")
-    s.set_defaults(func=cmd_replay)
+    s.add_argument("--results", type=Path, default=None, metavar="OUT.npz",
+                   help="write per-frame results (columns raw and undistorted, drift at every scan line with "
+                        "sigma, the corrections an armed engine would have sent); implies --model gp")
+    _model_args(s)
+    s.set_defaults(func=cmd_replay, model=None)
 
     s = sub.add_parser("record", help="record a frame stream to a TIFF stack")
     s.add_argument("out", type=Path, help="output .tif")
@@ -654,9 +754,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_encode_rvae)
 
     s = sub.add_parser("bench", help="stage and end-to-end timings (JSON)")
-    s.add_argument("stage", choices=("protocol", "register", "locate", "gp", "rvae", "pipeline", "overload", "all"))
+    s.add_argument("stage", choices=("protocol", "register", "locate", "track", "gp", "rvae", "pipeline", "overload",
+                                     "all"))
     s.add_argument("--size", type=_positive(int), nargs="+", default=None, help="frame sizes (default 256..2048)")
-    s.add_argument("--seconds", type=_positive(float), default=10.0, help="duration of pipeline/overload runs")
+    s.add_argument("--seconds", type=_positive(float), default=10.0,
+                   help="duration of pipeline/overload runs (1800: the 30-minute flatness run)")
+    s.add_argument("--model", choices=("rigid", "gp"), default="gp", help="pipeline: engine model (default gp)")
+    s.add_argument("--no-rvae", action="store_true", help="pipeline: leave the rVAE stage out")
+    s.add_argument("--rate-hz", type=_positive(float), default=None,
+                   help="pipeline: offered frame rate (default the target: 20/10/3/1 Hz at 256/512/1024/2048 px)")
+    s.add_argument("--prerender", type=int, default=60, metavar="N",
+                   help="pipeline: frames the simulator renders before streaming them (0: render live)")
     s.add_argument("--json", type=Path, default=None, help="also write the report here")
     s.set_defaults(func=cmd_bench)
 
@@ -675,7 +783,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rvae", action="store_true",
                    help="also train and score the rVAE (particles: angle recovery; graphene: Si dopants)")
     s.add_argument("--json", type=Path, default=None, help="also write the report here")
+    s.add_argument("--calibration", type=Path, default=None, metavar="JSON",
+                   help="engine uses this `stem-live calibrate` result (with --model gp)")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("calibrate", help="drift-calibration session on a known lattice (simulator or a recorded "
+                                         "stack): report folder (JSON + figures) for `run --calibration`")
+    s.add_argument("file", type=Path, nargs="?", default=None,
+                   help="recorded stack (.tif, .npy, vendor file) of a known lattice; or use --preset")
+    s.add_argument("--preset", choices=("graphene", "srtio3", "mos2"), default=None,
+                   help="calibrate on the simulator with this specimen (a planted scan distortion, seeded)")
+    s.add_argument("--frames", dest="count", type=_positive(int), default=None,
+                   help="frames to use (default: 60 on the simulator, all of a file)")
+    s.add_argument("--size", type=_positive(int), default=512, help="simulator frame side in pixels (default 512)")
+    s.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    s.add_argument("--drift-nm-per-min", type=float, default=None, help="simulator drift speed (default 1 nm/min)")
+    s.add_argument("--scale-error", type=float, nargs=2, default=None, metavar=("SY", "SX"),
+                   help="simulator: planted fractional scan-step errors (default 0.01 -0.015)")
+    s.add_argument("--shear", type=float, default=None, help="simulator: planted shear, x per y (default 0.02)")
+    s.add_argument("--lattice", default=None, help="the lattice by name: graphene, srtio3, mos2 (default: the preset)")
+    s.add_argument("--lattice-vectors", default=None, metavar="AY,AX,BY,BX",
+                   help="the column lattice as two vectors in nm, image axes (y down, x right)")
+    s.add_argument("--pixel-size-nm", type=_positive(float), default=None, help="file: pixel size if it has none")
+    s.add_argument("--dwell-us", type=_positive(float), default=None, help="file: pixel dwell if it has none")
+    s.add_argument("--flyback-us", type=float, default=None, help="file: line flyback if it has none")
+    s.add_argument("--refit-steps", type=int, default=60,
+                   help="optimiser steps of the GP hyperparameter fit (0: keep the defaults; faster)")
+    s.add_argument("--max-samples", type=_positive(int), default=24000,
+                   help="column samples the session GP is conditioned on (thinned evenly above; default 24000)")
+    s.add_argument("--out", type=Path, required=True, help="report folder to write (created)")
+    s.set_defaults(func=cmd_calibrate)
     return p
 
 

@@ -46,6 +46,7 @@ class EngineConfig:
     gp_window_frames: int = 20
     max_sigma_nm: float = 0.05
     rvae_checkpoint: str = ""  # rVAE checkpoint encoding every column (gp model); "" = none until `train`
+    calibration: str = ""  # `stem-live calibrate` JSON (gp model): known drift velocity and scan distortion
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class Engine:
             rvae = RvaeStage(config.rvae_checkpoint)
         elif rvae is not None and config.model != "gp":
             raise ValueError("the rVAE stage needs columns: use the gp model (--model gp)")
+        if config.calibration and config.model != "gp":
+            raise ValueError("a calibration is used by the gp model: add --model gp")
         self.rvae = rvae
         self._rvae_building = False
         self.reset()
@@ -105,6 +108,12 @@ class Engine:
     def start_beam_nm(self) -> np.ndarray | None:
         """Beam shift (nm) during the very first frame (the GP model's beam-shift-space origin)."""
         return None if self._b0_nm is None else self._b0_nm.copy()
+
+    @property
+    def drift_model(self):
+        """The gp model's online GP as of the last frame (``predict``: beam-shift-space drift, nm;
+        ``distortion``: scan distortion, nm); None for the rigid model."""
+        return None if self._columns is None else self._columns.gp
 
     def train(self, steps: int | None = None) -> str:
         """Start background rVAE fine-tuning (never waits for it); a one-line message.
@@ -166,8 +175,12 @@ class Engine:
         v = (tc[:, None] * (ds - ds.mean(0))).sum(0) / (tc**2).sum()
         return ds.mean(0) + v * (t - ts.mean())
 
-    def process(self, frame: Frame) -> FrameResult:
-        """Measure one frame; return the result and, when armed, the correction to send."""
+    def process(self, frame: Frame, *, encode: bool = True) -> FrameResult:
+        """Measure one frame; return the result and, when armed, the correction to send.
+
+        ``encode=False`` leaves out the rVAE stage, so that a caller can send the correction
+        first and then call :meth:`encode` (the service does: a correction never waits for
+        the rVAE)."""
         t0 = time.perf_counter()
         px = np.asarray(frame.pixel_size_nm, dtype=np.float64)
         beam = np.asarray(frame.beam_shift_nm, dtype=np.float64)
@@ -198,15 +211,6 @@ class Engine:
             # apparent shift vs the very first frame, as a hint for the tracker
             hint = (drift - (beam - self._b0_nm)) / px
             col = self._columns.process(frame, image, hint, timings)
-        latents = None
-        stage = self.rvae
-        if stage is not None and col is not None and col.columns is not None:
-            t2 = time.perf_counter()
-            try:
-                latents = stage.process(image, col.columns.positions)
-            except ValueError as exc:  # e.g. an image too small for patches: no latents, the stream goes on
-                stage.frame_error = str(exc)
-            timings["rvae"] = (time.perf_counter() - t2) * 1e3
         if self.armed and locked:
             if col is not None and col.decision is not None and col.decision.apply:
                 correction = self._make(frame, col.decision.beam_shift_nm, col.decision.reason)
@@ -221,8 +225,30 @@ class Engine:
                                 columns=None if col is None else col.columns,
                                 line_drift_nm=None if col is None else col.line_drift_nm,
                                 line_sigma_nm=None if col is None else col.line_sigma_nm,
-                                jump=False if col is None else col.jump, latents=latents)
-        return self.last
+                                jump=False if col is None else col.jump)
+        return self.encode(frame, self.last) if encode else self.last
+
+    def encode(self, frame: Frame, result: FrameResult) -> FrameResult:
+        """``result`` with the rVAE latents of its columns (and the stage's time in
+        ``timings_ms["rvae"]``); unchanged without an rVAE stage or columns."""
+        from dataclasses import replace
+
+        stage = self.rvae
+        if stage is None or result.columns is None:
+            return result
+        t0 = time.perf_counter()
+        latents = None
+        try:
+            latents = stage.process(np.asarray(frame.image), result.columns.positions)
+        except ValueError as exc:  # e.g. an image too small for patches: no latents, the stream goes on
+            stage.frame_error = str(exc)
+        timings = dict(result.timings_ms)
+        timings["rvae"] = (time.perf_counter() - t0) * 1e3
+        timings["total"] = timings.get("total", 0.0) + timings["rvae"]
+        out = replace(result, latents=latents, timings_ms=timings)
+        if self.last is result:
+            self.last = out
+        return out
 
     def _last_drift(self) -> np.ndarray:
         return self._hist[-1][1] if self._hist else np.zeros(2)
@@ -277,12 +303,20 @@ class ColumnModel:
         self.config = config
         self.spacing_px = config.spacing_px or None
         self.tracker = Tracker(spacing_px=self.spacing_px, history=64)
-        self.gp = OnlineDriftGP(window_frames=config.gp_window_frames, min_groups=1024)
+        # one padded GP size per session (512 sample groups: about 4 frames of 512 lines), so
+        # that no frame after the first waits for a compilation
+        self.gp = OnlineDriftGP(window_frames=config.gp_window_frames, min_groups=512, max_groups=512)
+        self.calibration = None
+        if config.calibration:  # drift velocity as the GP's prior mean, scan scale/shear taken out of the samples
+            from .calibrate import load_cached
+
+            self.calibration = load_cached(config.calibration)
+            self.gp = self.calibration.wrap_gp(self.gp)
         self.policy = CorrectionPolicy(gain=config.gain, deadband_nm=config.deadband_nm,
                                        max_sigma_nm=config.max_sigma_nm)
+        self.deskew_min_frames = 2  # GP frames needed before the tracker gets de-skewed positions
 
     def process(self, frame: Frame, image: np.ndarray, hint_px: np.ndarray, timings: dict) -> ColumnResult:
-        from .distortion import observations_from_columns
         from .locate import estimate_spacing, locate_classical
 
         t0 = time.perf_counter()
@@ -292,27 +326,55 @@ class ColumnModel:
             self.tracker.spacing_px = self.spacing_px
         cols = locate_classical(img, self.spacing_px)
         t1 = time.perf_counter()
-        ids = self.tracker.update(cols, shift_hint=tuple(hint_px))
+        ids = self.tracker.update(self._deskewed(frame, cols), shift_hint=tuple(hint_px))
         ref_ids = self.tracker.reference_ids
         order = np.argsort(ref_ids)
         pos = np.searchsorted(ref_ids[order], ids)
         pos = np.clip(pos, 0, len(ref_ids) - 1)
         matched = np.where(ref_ids[order][pos] == ids, order[pos], -1)
         t2 = time.perf_counter()
-        obs = observations_from_columns(self.tracker.reference, cols.positions, matched, t_start=frame.t_start,
-                                        line_time_s=frame.line_time_s, dwell_s=frame.dwell_us * 1e-6,
-                                        pixel_size_nm=frame.pixel_size_nm, beam_shift_nm=frame.beam_shift_nm,
-                                        frame=frame.seq)
-        jump = self.policy.observe(self.gp, obs)
-        # the model at 64 times across the frame, interpolated to every line: prediction costs
-        # O(window x test points) (the mean is a dense cross-covariance product)
-        lines = frame.line_times()
-        tk = np.linspace(lines[0], lines[-1], min(64, len(lines)))
-        mk, sk = self.gp.predict(tk)
-        line_mean = np.stack([np.interp(lines, tk, mk[:, i]) for i in range(2)], axis=1)
-        line_sd = np.stack([np.interp(lines, tk, sk[:, i]) for i in range(2)], axis=1)
-        decision = self.policy.correction(self.gp, frame.t_start + frame.frame_time_s, frame.frame_time_s,
-                                          frame.beam_shift_nm)
+        line_mean, line_sd, decision, jump = self.gp_stage(frame, self.tracker.reference, cols.positions, matched)
         t3 = time.perf_counter()
         timings.update(locate=(t1 - t0) * 1e3, track=(t2 - t1) * 1e3, gp=(t3 - t2) * 1e3)
         return ColumnResult(cols, line_mean, line_sd, decision, jump)
+
+    def gp_stage(self, frame: Frame, ref_px: np.ndarray, positions_px: np.ndarray, matched: np.ndarray) -> tuple:
+        """Drift samples in, correction decision out (the ``gp`` stage of the timings):
+        observations of the tracked columns, jump check + GP update, the model at every
+        line, the policy's decision. Returns (line_mean (rows, 2), line_sd, decision, jump)."""
+        from .distortion import observations_from_columns
+
+        obs = observations_from_columns(ref_px, positions_px, matched, t_start=frame.t_start,
+                                        line_time_s=frame.line_time_s, dwell_s=frame.dwell_us * 1e-6,
+                                        pixel_size_nm=frame.pixel_size_nm, beam_shift_nm=frame.beam_shift_nm,
+                                        frame=frame.seq)
+        if self.calibration is not None:
+            obs = self.calibration.correct_observations(obs, frame.beam_shift_nm)
+        jump = self.policy.observe(self.gp, obs)
+        # the model at every line (the mean is O(1) a point in state-space form; a coarser grid
+        # would alias the 50 Hz term, a period of ~20 lines)
+        line_mean, line_sd = self.gp.predict(frame.line_times())
+        decision = self.policy.correction(self.gp, frame.t_start + frame.frame_time_s, frame.frame_time_s,
+                                          frame.beam_shift_nm)
+        return line_mean, line_sd, decision, jump
+
+    def _deskewed(self, frame: Frame, cols):
+        """The columns as if the whole frame had been scanned at its middle (px).
+
+        Each column is moved back by the modelled drift between the time it was scanned and
+        mid-frame. Without this the tracker's reference lattice would carry the drift of the
+        frames it was built from as a function of the row (``v * line_time * row``); once the
+        field has moved by some rows that skew reads as a spurious drift offset (about
+        ``v * line_time`` per row moved)."""
+        from dataclasses import replace as dc_replace
+
+        if len(self.gp.frames) < self.deskew_min_frames or not len(cols):
+            return cols
+        pos = np.asarray(cols.positions, dtype=np.float64)
+        t_col = frame.t_start + pos[:, 0] * frame.line_time_s + pos[:, 1] * frame.dwell_us * 1e-6
+        t_mid = frame.t_start + 0.5 * frame.frame_time_s
+        mean, _ = self.gp.predict(np.append(t_col, t_mid))
+        dev = (mean[:-1] - mean[-1]) / np.asarray(frame.pixel_size_nm, dtype=np.float64)
+        if not np.all(np.isfinite(dev)) or np.max(np.abs(dev)) > 0.25 * (self.spacing_px or np.inf):
+            return cols  # the model is not trustworthy here: link the raw positions
+        return dc_replace(cols, positions=pos - dev)

@@ -11,6 +11,9 @@ Report keys (a contract: later work adds keys, never changes these):
 - ``open_loop.residual_rms_nm``, ``closed_loop.residual_rms_nm``: RMS over the run of the true
   apparent displacement of the specimen in the image relative to the first frame, from the
   simulator's truth (mean over the frame's lines of ``d(t) - b(t)``), not from the engine;
+- ``closed_loop.oracle_floor_nm``: the residual of an oracle corrector that knows the true
+  drift up to the end of each frame and the drift model (:func:`oracle_residual_rms_nm`): the
+  floor of any corrector that acts once a frame, set by the unpredictable OU wander;
 - ``columns.recall``, ``columns.precision``, ``columns.rmse_px``, ``columns.rmse_pm``,
   ``columns.locate_ms``: the classical locator on the first 10 open-loop frames against the true
   column positions (:func:`column_metrics`).
@@ -142,6 +145,31 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
                          gp_ms=np.array(gp_ms), jump_frame=jump_frame)
 
 
+def oracle_residual_rms_nm(config: object, frames: int) -> float:
+    """The closed-loop residual of an oracle that, at the end of every frame, knows the true
+    drift so far and the drift model itself (velocity, mains phase, OU parameters) and sets
+    the beam shift for the next frame perfectly: all that is left is the part of the
+    Ornstein-Uhlenbeck wander that nobody can predict (its innovation over the next frame,
+    averaged over that frame's lines). The floor of any corrector that acts once a frame;
+    same RMS definition as ``residual_rms_nm`` (nm, both axes). Jumps are not included."""
+    from simulator import Microscope
+
+    scope = Microscope(config)
+    drift = scope.drift
+    tau = config.drift.ou_tau_s
+    rows = int(config.size)
+    line_s = scope.frame_time_s / rows
+    period = scope.frame_time_s + config.frame_gap_s
+    if config.drift.ou_sigma_nm <= 0 or frames < 2:
+        return 0.0
+    k = np.arange(1, frames)
+    t = (k * period)[:, None] + np.arange(rows)[None, :] * line_s           # (frames - 1, rows)
+    t_end = (k - 1) * period + scope.frame_time_s                           # end of the frame before
+    pred = drift.ou_at(t_end)[:, None, :] * np.exp(-(t - t_end[:, None]) / tau)[..., None]
+    res = (drift.ou_at(t) - pred).mean(axis=1)                              # (frames - 1, 2)
+    return float(np.sqrt(np.mean(np.sum(res ** 2, axis=1))))
+
+
 def drift_rmse_pm(err_nm: np.ndarray, skip_lines: int = 0) -> float:
     """RMS of the per-line drift error after removing its one constant offset (pm)."""
     e = err_nm[skip_lines:]
@@ -168,15 +196,17 @@ def recovery_frames(res: SessionResult, *, floor_nm: float = 0.02) -> int | None
 
 def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, drift_nm_per_min: float = 3.0,
              dose: float | None = None, seed: int = 0, model: str = "rigid", jump_nm: float = 0.0,
-             baseline: bool = True, progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Run open and closed loop (and the baseline tracker) on one seeded configuration; the JSON report."""
+             baseline: bool = True, calibration: str = "",
+             progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Run open and closed loop (and the baseline tracker) on one seeded configuration; the JSON report.
+    ``calibration``: a ``stem-live calibrate`` JSON the engine (gp model) starts from."""
     from simulator import DriftConfig, MicroscopeConfig
 
     drift = DriftConfig(drift_nm_per_min=drift_nm_per_min, jump_nm=jump_nm)
     cfg = MicroscopeConfig(preset=preset, size=size, seed=seed, drift=drift)
     if dose is not None:
         cfg = replace(cfg, dose_e_per_A2=dose)
-    ec = EngineConfig(model=model)
+    ec = EngineConfig(model=model, calibration=calibration)
     t0 = time.perf_counter()
     open_loop = run_session(cfg, frames, armed=False, engine_config=ec, progress=progress, label="open loop",
                             keep_frames=10)
@@ -209,7 +239,8 @@ def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, dr
         "closed_loop": {"residual_rms_nm": round(closed.residual_rms_nm, 5),
                         "final_offset_nm": [round(float(v), 5) for v in closed.residual_nm[-1]],
                         "corrections": closed.corrections, "clamped": closed.clamped,
-                        "ratio_to_open_loop": round(closed.residual_rms_nm / max(open_loop.residual_rms_nm, 1e-12), 4)},
+                        "ratio_to_open_loop": round(closed.residual_rms_nm / max(open_loop.residual_rms_nm, 1e-12), 4),
+                        "oracle_floor_nm": round(oracle_residual_rms_nm(cfg, frames), 5)},
         "columns": column_metrics(open_loop.kept) if preset != "particles" else {},
         **extra,
         "model": model,

@@ -45,8 +45,12 @@ class Counters:
     acks: int = 0
     acks_clamped: int = 0
     acks_refused: int = 0
+    failed: int = 0  # frames the engine raised on (logged; the stream goes on)
+    rvae_skipped: int = 0  # processed frames the rVAE thread had no time to encode
+    rvae_ms: deque = field(default_factory=lambda: deque(maxlen=256))
     last_reject: str = ""
     last_ack_error: str = ""
+    last_error: str = ""
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=256))  # frame arrival -> correction sent
     frame_ms: deque = field(default_factory=lambda: deque(maxlen=256))
     stamps: deque = field(default_factory=lambda: deque(maxlen=64))  # processing end times, for fps
@@ -64,6 +68,7 @@ class Counters:
             "acks_clamped": self.acks_clamped, "acks_refused": self.acks_refused, "fps": round(self.fps(), 3),
             "latency_p50_ms": _pct(lat, 50), "latency_p99_ms": _pct(lat, 99), "frame_ms_p50": _pct(fm, 50),
             "last_reject": self.last_reject, "last_ack_error": self.last_ack_error,
+            "failed": self.failed, "last_error": self.last_error, "rvae_skipped": self.rvae_skipped,
         }
 
 
@@ -121,6 +126,7 @@ class EngineService:
         maps_endpoint: str = MAPS_ENDPOINT,
         commands_endpoint: str = COMMANDS_ENDPOINT,
         maps_max_hz: float = 20.0,
+        latent_maps_max_hz: float = 2.0,
         preview_max_px: int = 512,
         on_result: Callable[[Frame, FrameResult], None] | None = None,
         keys: ClientKeys | None = None,
@@ -137,6 +143,8 @@ class EngineService:
         self.frames_endpoint = frames_endpoint
         self.corrections_endpoint = corrections_endpoint
         self.maps_max_hz = maps_max_hz
+        self.latent_maps_max_hz = latent_maps_max_hz
+        self._last_latent_maps = -np.inf
         self.preview_max_px = preview_max_px
         self.on_result = on_result
         self.keys = keys
@@ -150,6 +158,11 @@ class EngineService:
         self._last_processed: int | None = None
         self._start_beam_nm: np.ndarray | None = None  # beam shift during the first frame processed
         self._threads: list[threading.Thread] = []
+        # the rVAE stage runs in its own thread on the newest processed frame (on a second core,
+        # beside the next frame's locate/track/GP); the maps show its latest latents
+        self._rvae_cond = threading.Condition()
+        self._rvae_pending: tuple[Frame, FrameResult] | None = None
+        self._rvae_latest: FrameResult | None = None
         # bind the engine's own sockets now so that a port clash is reported at start-up
         self._maps = self._ctx.socket(zmq.PUB)
         self._maps.setsockopt(zmq.LINGER, 0)
@@ -172,7 +185,7 @@ class EngineService:
 
     def start(self) -> "EngineService":
         for target, name in ((self._receive_loop, "engine-recv"), (self._work_loop, "engine-work"),
-                             (self._command_loop, "engine-commands")):
+                             (self._command_loop, "engine-commands"), (self._rvae_loop, "engine-rvae")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -182,6 +195,8 @@ class EngineService:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        with self._rvae_cond:
+            self._rvae_cond.notify_all()
         for t in self._threads:
             t.join(timeout)
         self.recorder.stop()
@@ -263,15 +278,25 @@ class EngineService:
                 self._last_processed = frame.seq
                 if self._start_beam_nm is None:
                     self._start_beam_nm = np.asarray(frame.beam_shift_nm, dtype=np.float64)
-                with self._lock:
-                    result = self.engine.process(frame)
-                if result.correction is not None:
+                try:
+                    with self._lock:
+                        result = self.engine.process(frame, encode=False)
+                except Exception as exc:  # noqa: BLE001  (a bad frame must not stop the stream)
+                    self._engine_failed(frame, exc)
+                    continue
+                if result.correction is not None:  # sent before the rVAE stage: it never waits for it
                     try:
                         dealer.send_multipart(protocol.encode(result.correction), flags=zmq.NOBLOCK)
                         self.counters.corrections_sent += 1
                         self.counters.latency_ms.append((time.perf_counter() - arrived) * 1e3)
                     except zmq.Again:
                         log.warning("instrument not reachable: correction %d not sent", result.correction.id)
+                if getattr(self.engine, "rvae", None) is not None and result.columns is not None:
+                    with self._rvae_cond:
+                        if self._rvae_pending is not None:
+                            self.counters.rvae_skipped += 1  # the encoder fell behind: it takes the newest
+                        self._rvae_pending = (frame, result)
+                        self._rvae_cond.notify()
                 self.recorder.write(frame)
                 self.counters.processed += 1
                 self.counters.frame_ms.append((time.perf_counter() - arrived) * 1e3)
@@ -281,6 +306,35 @@ class EngineService:
                 self._publish_maps(frame, result)
         finally:
             dealer.close(0)
+
+    def _rvae_loop(self) -> None:
+        """Encode the columns of the newest processed frame (never holds up a correction)."""
+        while not self._stop.is_set():
+            with self._rvae_cond:
+                if self._rvae_pending is None:
+                    self._rvae_cond.wait(0.1)
+                item, self._rvae_pending = self._rvae_pending, None
+            if item is None:
+                continue
+            frame, result = item
+            try:
+                out = self.engine.encode(frame, result)
+            except Exception as exc:  # noqa: BLE001  (no latents for this frame; the stream goes on)
+                self._engine_failed(frame, exc, stage="rVAE")
+                continue
+            if "rvae" in out.timings_ms:
+                self.counters.rvae_ms.append(out.timings_ms["rvae"])
+            if out.latents is not None:
+                self._rvae_latest = out
+
+    def _engine_failed(self, frame: Frame, exc: Exception, stage: str = "engine") -> None:
+        """Count and log (rate-limited, one line) a frame the engine raised on; keep its pixels."""
+        self.counters.failed += 1
+        self.counters.last_error = f"{stage} failed on frame {frame.seq}: {type(exc).__name__}: {exc}"
+        if self.counters.failed <= 20 or self.counters.failed % 1000 == 0:
+            log.error("%s (%d so far); the stream goes on", self.counters.last_error, self.counters.failed)
+        if stage == "engine":
+            self.recorder.write(frame)  # nothing recorded is lost, even when the analysis fails
 
     def _count_gap(self, seq: int) -> None:
         """Count frames the instrument sent that never reached us (gaps in ``seq``)."""
@@ -381,18 +435,30 @@ class EngineService:
         arrays = {"preview": preview, "drift_nm": np.asarray(result.drift_nm, np.float64)}
         if result.correction is not None:
             arrays["correction_nm"] = np.asarray(result.correction.beam_shift_nm, np.float64)
+        latent_seq = None  # the frame the latent maps were encoded from (maybe an earlier one)
         cols = result.columns
         if cols is not None:  # (N, 3): row, col in preview pixels, class
             pos = np.asarray(cols.positions, np.float64).reshape(-1, 2)
             arrays["columns"] = np.column_stack([pos / step, np.asarray(cols.klass, np.float64)]).astype(np.float32)
             stage = getattr(self.engine, "rvae", None)
-            if result.latents is not None and stage is not None and len(result.latents.get("angle", ())) == len(pos):
-                arrays.update(stage.maps(pos, result.latents, img.shape, step))
+            # the newest encoded frame: this one (engine.encode done by the caller) or one the rVAE
+            # thread finished since (a frame or so behind)
+            enc = result if result.latents is not None else self._rvae_latest
+            now = time.perf_counter()
+            if (enc is not None and enc.latents is not None and enc.columns is not None and stage is not None
+                    and now - self._last_latent_maps >= 1.0 / self.latent_maps_max_hz):
+                epos = np.asarray(enc.columns.positions, np.float64).reshape(-1, 2)
+                if len(enc.latents.get("angle", ())) == len(epos):
+                    # painting the maps costs ~10 ms: at most latent_maps_max_hz (the monitor keeps the last)
+                    self._last_latent_maps = now
+                    arrays.update(stage.maps(epos, enc.latents, img.shape, step))
+                    latent_seq = int(enc.seq)
         if result.line_drift_nm is not None and result.line_sigma_nm is not None:
             arrays.update(self._gp_arrays(frame, result, step))
         return Maps(seq=frame.seq, arrays=arrays,
                     metrics=metrics, info={"t_mid": result.t_mid, "preview_step": step,
-                                           "pixel_size_nm": list(frame.pixel_size_nm)})
+                                           "pixel_size_nm": list(frame.pixel_size_nm),
+                                           **({} if latent_seq is None else {"latent_seq": latent_seq})})
 
     def _gp_arrays(self, frame: Frame, result: FrameResult, step: int, max_points: int = 128) -> dict:
         """GP mean and sigma at <= ``max_points`` line times (mean shifted by the first frame's beam

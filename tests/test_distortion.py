@@ -185,3 +185,44 @@ def test_dewarp_removes_planted_line_shift():
     after = np.sqrt(np.mean((fixed[sl] - ref[sl]) ** 2))
     assert np.abs(line_px).max() > 1.5                        # the planted shift is real
     assert after < 0.2 * before, (after, before)
+
+
+def _rows_obs(frame: int, rows: int, t0: float, rng) -> Observations:
+    """One sample per line: ``rows`` distinct sample groups in one frame."""
+    r = np.arange(rows, dtype=float)
+    t = t0 + r * 1.1e-3
+    return Observations(t_s=t, pos_px=np.stack([r, np.full(rows, 5.0)], axis=1),
+                        disp_nm=0.05 * t[:, None] + rng.normal(0, 0.002, (rows, 2)), sigma_nm=np.full(rows, 0.002),
+                        frame=np.full(rows, frame), t_line_s=np.full(rows, 1e-5), pixel_size_nm=(0.01, 0.01))
+
+
+def test_window_fits_the_compiled_group_sizes():
+    """Until a larger padded size is compiled, the window is trimmed to the sizes that are
+    (oldest frames first, then coarser groups), so no frame waits for a compilation."""
+    rng = np.random.default_rng(0)
+    gp = OnlineDriftGP(window_frames=10, max_samples=4000, min_groups=256)
+    for k in range(3):
+        gp._frames.append(_rows_obs(k, 300, 0.4 * k, rng))
+    gp._centre_px = np.zeros(2)
+    assert gp._window_data()["_ng"] == 900            # no limit: all three frames, one group a line
+    gp._ready_groups = 512
+    d = gp._window_data()
+    assert d["_ng"] == 300 and d["_frames"] == (2,)   # only the newest frame fits
+    gp._ready_groups = 256
+    d = gp._window_data()
+    assert d["_frames"] == (2,) and d["_ng"] == 165    # 2 ms groups (group_s doubled) on 1.1 ms lines
+    assert d["tg"].shape == (256,)
+
+
+def test_capped_window_compiles_one_size_only():
+    """With ``max_groups`` the padded GP size never changes, so nothing compiles after the
+    first frame, even when a window would need more groups."""
+    rng = np.random.default_rng(1)
+    gp = OnlineDriftGP(window_frames=10, max_samples=4000, min_groups=512, max_groups=512)  # as the engine's
+    sizes = set()
+    for k in range(4):
+        gp.add(_rows_obs(k, 200, 0.4 * k, rng))
+        sizes.add(int(gp.snapshot.state["tg"].shape[0]))
+    assert sizes == {512} and 400 <= gp.snapshot.n_groups <= 512
+    mean, sd = gp.predict(0.4 * 3 + np.array([0.05, 0.1]))
+    assert np.all(np.abs(mean[:, 0] - 0.05 * (1.25 + np.array([0.0, 0.05]))) < 0.01) and np.all(np.isfinite(sd))

@@ -35,12 +35,14 @@ SIZE = 128
 class Loop:
     """Simulator bridge + engine service on free loopback ports (as in test_service), own context."""
 
-    def __init__(self, speed: float = 4.0) -> None:
+    def __init__(self, speed: float = 4.0, *, engine: Engine | None = None, size: int = SIZE,
+                 drift_nm_per_min: float = 30.0) -> None:
         self.ctx = zmq.Context()
-        cfg = MicroscopeConfig(preset="graphene", size=SIZE, seed=3, drift=DriftConfig(drift_nm_per_min=30.0))
+        cfg = MicroscopeConfig(preset="graphene", size=size, seed=3,
+                               drift=DriftConfig(drift_nm_per_min=drift_nm_per_min))
         self.inst = SimulatedInstrument(cfg, speed=speed)
         self.bridge = Bridge(self.inst, frames_endpoint=ANY, corrections_endpoint=ANY, context=self.ctx)
-        self.engine = Engine()
+        self.engine = Engine() if engine is None else engine
         self.svc = self.new_service(ANY, ANY)
 
     def new_service(self, maps: str, commands: str) -> EngineService:
@@ -150,6 +152,7 @@ def test_controls_change_engine_state(qtbot, loop, window, tmp_path):
     qtbot.waitUntil(lambda: window.last_reply.cmd == "train", timeout=3000)
     if not window.last_reply.ok:
         assert "train" in window.reply_label.text() and window.last_reply.message in ctl.log.toPlainText()
+    assert ctl.rvae_label.text().startswith("rVAE: none")  # a rigid engine has no rVAE stage
 
     # closing the window sends nothing and never stops acquisition
     qtbot.mouseClick(ctl.arm_button, Qt.LeftButton)
@@ -290,3 +293,203 @@ def test_entry_points():
     code = ("import sys, stem_live, stem_live.monitor; "
             "sys.exit(any(m.split('.')[0] in ('PySide6', 'qtpy', 'pyqtgraph') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0
+
+
+# ----------------------------------------------------------------------------- gp model + rVAE
+
+GP_SIZE = 136  # about 70 columns: the rVAE's 64/256 buckets and the locator's padded sizes hold them
+# 10 frames of 136 lines are about 400 GP sample groups: within the GP's smallest padded size, so
+# nothing recompiles mid-test (a recompilation stalls the frame loop for 10-20 s on this CPU)
+GP_CONFIG = dict(model="gp", gp_window_frames=10)
+
+
+@pytest.fixture(scope="module")
+def rvae_params():
+    """Small random rVAE params; the gp pipeline at GP_SIZE and the small model's training step
+    compiled once beforehand (the first gp frame of a process compiles for 20-40 s on 2 cores)."""
+    from simulator import Microscope
+    from stem_live.engine import EngineConfig
+    from stem_live.evaluate import frame_from_sim
+    from stem_live.rvae.live import LiveEncoder, OnlineTrainer
+    from stem_live.rvae.model import RVAEConfig, init_params
+
+    eng = Engine(EngineConfig(**GP_CONFIG))
+    scope = Microscope(MicroscopeConfig(preset="graphene", size=GP_SIZE, seed=5))
+    for _ in range(2):
+        image, meta, _truth = scope.acquire()
+        eng.process(frame_from_sim(image, meta))
+    cfg = RVAEConfig(patch_size=16, latent_dim=2, encoder_features=(8, 16), encoder_dense=32,
+                     decoder_hidden=(32, 64), canvas_size=16)
+    params = init_params(cfg, seed=0)
+    trainer = OnlineTrainer(LiveEncoder(params, (64, 256)), params, capacity=64, batch_size=32)
+    trainer.add(np.random.default_rng(0).normal(size=(64, 16, 16)))
+    trainer.fine_tune(1, block=True)
+    return params
+
+
+@pytest.fixture
+def gp_loop(rvae_params):
+    from stem_live.engine import EngineConfig
+    from stem_live.rvae.stage import RvaeStage
+
+    stage = RvaeStage(rvae_params, buckets=(64, 256), batch_size=32, min_patches=64, steps=30)
+    assert stage.wait_ready(30)
+    engine = Engine(EngineConfig(**GP_CONFIG), rvae=stage)
+    with Loop(speed=1.0, engine=engine, size=GP_SIZE, drift_nm_per_min=1.5) as lp:
+        lp.results = {}  # seq -> FrameResult, the newest 200
+        lp.first_truth = None
+
+        def keep(frame, result) -> None:
+            if lp.first_truth is None:
+                lp.first_truth = lp.inst.truth_for(lp.svc.first_seq)  # the first frame received
+            lp.results[frame.seq] = result
+            for s in sorted(lp.results)[:-200]:
+                del lp.results[s]
+
+        lp.svc.on_result = keep
+        lp.encoded = {}  # seq -> FrameResult with latents (the service encodes in its own thread)
+        encode = engine.encode
+
+        def keep_encoded(frame, result):
+            out = encode(frame, result)
+            lp.encoded[frame.seq] = out
+            for s in sorted(lp.encoded)[:-200]:
+                del lp.encoded[s]
+            return out
+
+        engine.encode = keep_encoded
+        yield lp
+    stage.close()
+
+
+@pytest.fixture
+def gp_window(qtbot, gp_loop):
+    from stem_live.monitor.window import MonitorWindow
+
+    win = MonitorWindow(gp_loop.svc.maps_endpoint, gp_loop.svc.commands_endpoint, context=gp_loop.ctx,
+                        stale_s=3.0, command_timeout_s=3.0)
+    win.resize(1200, 800)
+    win.show()
+    yield win
+    win.shutdown()
+    win.close()
+
+
+def _spacing(pos: np.ndarray) -> float:
+    from scipy.spatial import cKDTree
+
+    return float(np.median(cKDTree(pos).query(pos, 2)[0][:, 1]))
+
+
+def test_gp_engine_fills_columns_gp_band_distortion_and_latents(qtbot, gp_loop, gp_window):
+    from stem_live.evaluate import match_columns
+
+    win, lp = gp_window, gp_loop
+    qtbot.waitUntil(lambda: win.distortion_panel.has_data and win.drift_panel.gp is not None
+                    and len(win.drift_panel) >= 5 and win.frame_panel.n_columns > 0, timeout=20000)
+
+    # live frame: the columns drawn are the engine's columns of that frame, and the true ones
+    m = win.last_maps
+    res = lp.results[m.seq]
+    truth = lp.inst.truth_for(m.seq)
+    assert win.frame_panel.last_seq == m.seq and win.frame_panel.n_columns == len(res.columns.positions)
+    xy = [item.getData() for item in win.frame_panel.column_items]
+    drawn = np.concatenate([np.column_stack([y, x]) for x, y in xy if len(x)]) - 0.5  # (row, col)
+    assert len(drawn) == win.frame_panel.n_columns
+    tp = truth.columns_px
+    ti, fi = match_columns(tp, drawn, 0.3 * _spacing(tp))
+    rmse = float(np.sqrt(np.mean(np.sum((tp[ti] - drawn[fi]) ** 2, axis=1))))
+    print(f"columns drawn {len(drawn)}, true {len(tp)}, matched {len(ti)}, rmse {rmse:.2f} px")
+    assert len(ti) >= 0.9 * len(tp) and len(fi) >= 0.85 * len(drawn) and rmse < 0.6
+
+    # drift trace: GP mean +- 2 sigma, finite widths, in the same origin as the rigid drift trace
+    gt, gm, gs = win.drift_panel.gp
+    assert len(gt) == len(gm) == len(gs) == min(128, GP_SIZE) and np.all(np.diff(gt) > 0)
+    assert np.isfinite(gm).all() and np.isfinite(gs).all() and np.all(gs > 0) and np.all(gs < 0.2), gs.max()
+    t0 = win.drift_panel.t0
+    for k in range(2):
+        lo, hi, _ = win.drift_panel.bands[k]
+        tl, yl = lo.getData()
+        th, yh = hi.getData()
+        np.testing.assert_allclose(tl, gt - t0)
+        np.testing.assert_allclose(yh - yl, 4 * gs[:, k])
+        np.testing.assert_allclose(win.drift_panel.gp_curves[k].getData()[1], gm[:, k])
+    # the GP mean at the frame's middle agrees with the rigid estimate of the same frame (the
+    # service shifts the GP's beam-shift-space mean by the first frame's beam shift)
+    t_mid = m.info["t_mid"]
+    gp_at_mid = np.array([np.interp(t_mid, gt, gm[:, k]) for k in range(2)])
+    rigid = m.arrays["drift_nm"]
+    true_motion = truth.drift_nm.mean(0) - lp.first_truth.drift_nm.mean(0)
+    print(f"drift at t_mid: GP {gp_at_mid} rigid {rigid} true motion since the first frame {true_motion} nm")
+    assert np.abs(gp_at_mid - rigid).max() < 0.03
+    assert np.abs(gp_at_mid - true_motion).max() < 0.03  # 1.5 nm/min: far from a lattice alias
+
+    # distortion: the modelled drift at every line of the frame minus its mean
+    dist = m.arrays["line_distortion_nm"]
+    assert dist.shape == (GP_SIZE, 2) and np.abs(dist.mean(0)).max() < 1e-9
+    for k in range(2):
+        rows, v = win.distortion_panel.curves[k].getData()
+        np.testing.assert_allclose(rows, np.arange(GP_SIZE))
+        np.testing.assert_allclose(v, dist[:, k])
+    true_lines = truth.drift_nm - truth.drift_nm.mean(0)
+    err = dist - true_lines
+    print(f"per-line: rms true {np.sqrt((true_lines ** 2).mean(0)) * 1e3} pm, rms error "
+          f"{np.sqrt((err ** 2).mean(0)) * 1e3} pm")
+    assert np.sqrt((err ** 2).mean()) < 0.003  # measured 0.8 pm (the true x motion: 3.5 pm rms, 50 Hz)
+
+    # latents: the tab draws when it is brought forward; maps of the preview's size, the scatter
+    win.tabs.setCurrentWidget(win.latent_panel)
+    qtbot.waitUntil(lambda: win.latent_panel.has_data, timeout=5000)
+    lpan = win.latent_panel
+    m = win.last_maps
+    # the latents come from the rVAE thread (maps painted at most 2 a second): of this frame or
+    # of one encoded a little before
+    seq = lpan.shown_seq
+    assert lpan.info.text().startswith(f"seq {seq}") and seq <= m.seq and seq in lp.encoded
+    res = lp.encoded[seq]
+    assert set(lpan.images) == {"latent_angle", "latent_0", "latent_1"}
+    cols = res.columns.positions
+    n = len(cols)
+    sx, sy = lpan.scatter.getData()
+    np.testing.assert_allclose(np.column_stack([sx, sy]), res.latents["content"][:, :2], rtol=1e-5, atol=1e-6)
+    assert len(sx) == n and abs(n - len(lp.inst.truth_for(seq).columns_px)) <= 0.15 * n
+    for name, img in lpan.images.items():
+        a = img.image
+        assert a.shape == m.arrays["preview"].shape
+        covered = np.isfinite(a).mean()
+        assert 0.3 < covered < 0.95, (name, covered)
+    ang = lpan.images["latent_angle"].image
+    assert np.nanmin(ang) >= -np.pi - 1e-6 and np.nanmax(ang) <= np.pi + 1e-6
+    # at every column's own pixel each map shows that column's value
+    r = np.rint(cols / m.info["preview_step"]).astype(int)
+    inside = (r[:, 0] >= 0) & (r[:, 0] < GP_SIZE) & (r[:, 1] >= 0) & (r[:, 1] < GP_SIZE)
+    for j, name in enumerate(("latent_0", "latent_1")):
+        got = lpan.images[name].image[r[inside, 0], r[inside, 1]]
+        np.testing.assert_allclose(got, res.latents["content"][inside, j], rtol=1e-5, atol=1e-6)
+    got = ang[r[inside, 0], r[inside, 1]]
+    np.testing.assert_allclose(got, res.latents["angle"][inside], rtol=1e-5, atol=1e-6)
+
+
+def test_train_control_reaches_the_gp_engine_and_status_shows_the_rvae(qtbot, gp_loop, gp_window):
+    win, lp = gp_window, gp_loop
+    ctl = win.controls
+    stage = lp.engine.rvae
+    qtbot.waitUntil(lambda: len(stage.trainer) >= stage.min_patches, timeout=20000)
+    qtbot.waitUntil(lambda: win.last_reply is not None and win.last_reply.cmd == "status", timeout=5000)
+    assert "rVAE v0: encoding" in ctl.rvae_label.text() and "given params" in ctl.rvae_label.text()
+    qtbot.mouseClick(ctl.train_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: win.last_reply.cmd == "train", timeout=5000)
+    rep = win.last_reply
+    assert rep.ok and "fine-tuning started: 30 steps" in rep.message, rep.message
+    assert rep.message in ctl.log.toPlainText() and "train" in win.reply_label.text()
+    st = rep.state["rvae"]
+    assert st["origin"] == "given params" and (st["training"] or st["version"] == 1)
+    qtbot.waitUntil(lambda: stage.version == 1, timeout=15000)
+    n = lp.svc.counters.processed
+    ctl.status_button.click()
+    qtbot.waitUntil(lambda: win.last_reply.cmd == "status" and win.last_reply.state["rvae"]["version"] == 1,
+                    timeout=5000)
+    st = win.last_reply.state["rvae"]
+    assert st["steps_done"] == 30 and not st["training"] and st["available"] and np.isfinite(st["last_loss"])
+    assert ctl.rvae_label.text().startswith("rVAE v1: encoding · 30 steps, loss")
+    qtbot.waitUntil(lambda: lp.svc.counters.processed > n + 2, timeout=5000)  # the stream went on

@@ -123,9 +123,9 @@ def test_commands_change_engine_state_and_maps_flow():
 
 
 class SlowEngine(Engine):
-    def process(self, frame: Frame):
+    def process(self, frame: Frame, *, encode: bool = True):
         time.sleep(0.03)
-        return super().process(frame)
+        return super().process(frame, encode=encode)
 
 
 def test_live_mode_takes_the_newest_frame_and_counts_skips():
@@ -171,3 +171,24 @@ def test_bad_frames_are_rejected_and_the_stream_goes_on():
 def test_engine_refuses_non_loopback(endpoint):
     with pytest.raises(Exception, match="loopback"):
         EngineService(Engine(), maps_endpoint=endpoint, commands_endpoint=ANY)
+
+
+class BrokenEngine(Engine):
+    """Raises on every third frame, as an analysis bug would."""
+
+    def process(self, frame: Frame, *, encode: bool = True):
+        if frame.seq % 3 == 1:
+            raise RuntimeError("boom")
+        return super().process(frame, encode=encode)
+
+
+def test_an_engine_error_is_counted_and_the_stream_goes_on():
+    """A frame the engine raises on is counted and logged; the frames after it are processed."""
+    with Loop(MicroscopeConfig(preset="srtio3", size=128, seed=1), speed=1.0, frames=30) as loop:
+        loop.svc.engine = BrokenEngine()
+        assert loop.bridge.wait(30)
+        time.sleep(0.5)
+        c = loop.svc.counters
+        assert c.failed >= 3 and "boom" in c.last_error
+        assert c.processed >= 10
+        assert c.processed + c.failed + c.skipped == 30, (c.processed, c.failed, c.skipped)

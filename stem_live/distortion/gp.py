@@ -36,6 +36,7 @@ All JAX work runs in float64 (``jax.enable_x64`` as a context, not globally) on 
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -60,7 +61,11 @@ BASIS = ("offset", "velocity", "y", "x", "flyback")
 _N_BASIS = len(BASIS)
 _PAD_SIZES = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _PAD_VAR = 1e8
+_MEAN_CHUNKS = (16, 1024)  # padded sizes of the prediction (each compiles once per window size)
 _N_VAR = 32            # points of the posterior-sd grid computed with each conditioning
+
+
+log = logging.getLogger(__name__)
 
 
 def _jax():
@@ -147,8 +152,8 @@ def _functions():
         L = K.cholesky()
         Phi = pbar * gmask[:, None]
         r = (ybar - pbar @ mu) * gmask[:, None]                      # (G, 2)
-        Zr = L.solve(r)
-        Zp = L.solve(Phi)                                            # (G, 5)
+        Z = L.solve(jnp.concatenate([r, Phi], axis=1))               # one scan for both
+        Zr, Zp = Z[:, :2], Z[:, 2:]                                  # (G, 2), (G, 5)
         M = P + Zp.T @ Zp
         Mc = jnp.linalg.cholesky(M)
         c = Zp.T @ Zr                                                # (5, 2)
@@ -157,7 +162,7 @@ def _functions():
         logdet_M = 2.0 * jnp.sum(jnp.log(jnp.diag(Mc)))
         ll_gp = (-0.5 * jnp.sum(jnp.sum(Zr * Zr, axis=0) - jnp.sum(c * delta, axis=0))
                  - 2.0 * logdet - (logdet_M - logdet_P) - n_grp * np.log(2 * np.pi))
-        return dict(h=h, L=L, Zp=Zp, Mc=Mc, delta=delta, mu=mu, Phi=Phi, r=r, ll=ll_within + ll_gp)
+        return dict(h=h, L=L, Zr=Zr, Zp=Zp, Mc=Mc, delta=delta, mu=mu, Phi=Phi, r=r, ll=ll_within + ll_gp)
 
     def nll(theta, data, prior_var, omega, theta0):
         # MAP: a weak log-normal prior (sd 1.5 in log) around the initial values
@@ -241,7 +246,8 @@ def _functions():
         st = stages(theta, data, prior_var, omega)
         L, Mc = st["L"], st["Mc"]
         beta = st["mu"] + st["delta"]
-        alpha = L.transpose().solve(L.solve(st["r"] - st["Phi"] @ st["delta"]))   # (G, 2)
+        # K^-1 (r - Phi delta), reusing the forward solves: L^-1 (r - Phi delta) = Zr - Zp delta
+        alpha = L.transpose().solve(st["Zr"] - st["Zp"] @ st["delta"])   # (G, 2)
         beta_cov = jax.scipy.linalg.cho_solve((Mc, True), jnp.eye(Mc.shape[0]))
         F, B = mean_states(time_kernel(st["h"], omega), data["tg"], alpha)
         state = {"h": st["h"], "L": L, "alpha": alpha, "beta": beta, "beta_cov": beta_cov,
@@ -302,6 +308,9 @@ class GPSnapshot:
     t_range: tuple = (np.nan, np.nan)
     beta: np.ndarray = field(default_factory=lambda: np.zeros((_N_BASIS, 2)))
     beta_sd: np.ndarray = field(default_factory=lambda: np.full((_N_BASIS, 2), np.inf))
+    mean_state: dict | None = None   # the few arrays ``predict_mean`` needs (cheap to pass per call)
+    tvar: np.ndarray | None = None   # times (rel. to tc) of the posterior-sd grid, host copy
+    svar: np.ndarray | None = None   # posterior sd on that grid (nm)
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -329,6 +338,9 @@ class OnlineDriftGP:
     fit_distortion: False pins the distortion coefficients to 0.
     min_groups: the GP stage is padded to a power of two >= this (each size compiles once,
         a few seconds; raise it to compile once per session).
+    max_groups: the padded group count is capped here (None: no cap): a window with more
+        groups is trimmed, oldest frames first, then coarser groups within one frame, so a
+        session compiles one size and no later frame waits for a compilation.
     """
 
     def __init__(self, window_frames: int = 20, max_samples: int = 4000, *,
@@ -339,13 +351,16 @@ class OnlineDriftGP:
                  sigma_mains_nm: float = 0.003, mains_q: float = 50.0, sigma_line_nm: float = 0.001,
                  prior_sd: tuple[float, float, float, float, float] = (0.3, 0.1, 0.05, 0.05, 0.05),
                  centre_px: tuple[float, float] | None = None, fit_distortion: bool = True,
-                 min_groups: int = 256):
+                 min_groups: int = 256, max_groups: int | None = None):
         if window_frames < 1 or max_samples < 16 or group_s <= 0:
             raise ValueError("need window_frames >= 1, max_samples >= 16 and group_s > 0")
         self.window_frames = int(window_frames)
         self.max_samples = int(max_samples)
         self.group_s = float(group_s)
         self.min_groups = int(min_groups)     # smallest padded GP size (fewer compilations)
+        # the largest padded group count a window may use (None: any)
+        self._ready_groups: int | None = None if max_groups is None else _bucket(max_groups, self.min_groups)
+        self._warm: set[int] = set()  # padded sizes whose every jit function has been compiled
         self._omega = None if not mains_hz else float(2 * np.pi * mains_hz)
         h0 = dict(sigma_long_nm=sigma_long_nm, ell_long_s=ell_long_s, sigma_short_nm=sigma_short_nm,
                   ell_short_s=ell_short_s, sigma_white_nm=sigma_white_nm,
@@ -424,6 +439,7 @@ class OnlineDriftGP:
             theta = self._theta.copy()
         t1 = time.perf_counter()
         self._snap = self._condition(theta, data)
+        self._warm_up(self._snap)
         t2 = time.perf_counter()
         self.timings_ms = {"window": (t1 - t0) * 1e3, "condition": (t2 - t1) * 1e3,
                            "add": (t2 - t0) * 1e3}
@@ -446,16 +462,25 @@ class OnlineDriftGP:
                 budget = 0
         w = Observations.concat(keep[::-1])
         w = w.select(np.argsort(w.t_s, kind="stable"))
-        n = len(w)
-        tc = float(w.t_s[-1])                           # time origin: the newest sample
-        t = w.t_s - tc
-        # groups: time bins of group_s from each frame's first sample (never across frames)
-        _, first = np.unique(w.frame, return_index=True)
-        f0 = t[first][np.searchsorted(w.frame[first], w.frame)]
-        b = np.floor((t - f0) / self.group_s)
-        new = np.r_[True, (np.diff(w.frame) != 0) | (np.diff(b) != 0)]
-        gid = np.cumsum(new) - 1
-        n_g = int(gid[-1]) + 1
+        coarsen = 1
+        while True:
+            n = len(w)
+            tc = float(w.t_s[-1])                           # time origin: the newest sample
+            t = w.t_s - tc
+            # groups: time bins of group_s from each frame's first sample (never across frames)
+            _, first = np.unique(w.frame, return_index=True)
+            f0 = t[first][np.searchsorted(w.frame[first], w.frame)]
+            b = np.floor((t - f0) / (self.group_s * coarsen))
+            new = np.r_[True, (np.diff(w.frame) != 0) | (np.diff(b) != 0)]
+            gid = np.cumsum(new) - 1
+            n_g = int(gid[-1]) + 1
+            ready = self._ready_groups
+            if ready is None or n_g <= ready:
+                break
+            if len(first) > 1:   # too many groups for the sizes compiled so far: drop the oldest frame
+                w = w.select(w.frame != w.frame[first[0]])
+            else:                # one frame alone: coarser groups
+                coarsen *= 2
         wt = 1.0 / w.sigma_nm ** 2
         tg = np.bincount(gid, wt * t, n_g) / np.bincount(gid, wt, n_g)
         R = _bucket(max(n, self.max_samples), 256)     # fixed: one compilation
@@ -468,7 +493,8 @@ class OnlineDriftGP:
         period = t_new0 - t[first[-2]] if len(first) > 1 else 0.0
         if not period > 0:
             period = max(1.1 * (t[-1] - t_new0), 1e-3)
-        tvar = t_new0 + np.linspace(0.0, 3.2 * period, _N_VAR)
+        # (from a little before its first sample: its first lines hold no column centre)
+        tvar = t_new0 + np.linspace(-0.25 * period, 3.2 * period, _N_VAR)
         psz = np.asarray(w.pixel_size_nm, dtype=float)
         y_mean = np.average(w.disp_nm, axis=0, weights=wt)
         return {"t": np.concatenate([t, np.zeros(pr)]), "tg": tg, "tvar": tvar,
@@ -483,6 +509,22 @@ class OnlineDriftGP:
                 "_frames": tuple(sorted(set(w.frame.tolist()))),
                 "_t_range": (float(w.t_s[0]), float(w.t_s[-1]))}
 
+    def _warm_up(self, snap: GPSnapshot) -> None:
+        """With the first window of a padded size, compile every prediction that size needs
+        (the sd fallback of ``predict`` and both chunk sizes), so that no later frame does."""
+        if snap.state is None:
+            return
+        g = int(snap.state["tg"].shape[0])
+        if g in self._warm:
+            return
+        self._warm.add(g)
+        jax = _jax()
+        fn = _functions()
+        with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+            for m in _MEAN_CHUNKS:
+                fn["predict_mean"](snap.mean_state, np.zeros(m), self._omega)
+            jax.block_until_ready(fn["predict"](snap.state, np.zeros(16), self._omega))
+
     @staticmethod
     def _jdata(data: dict) -> dict:
         return {k: v for k, v in data.items() if not k.startswith("_")}
@@ -496,8 +538,10 @@ class OnlineDriftGP:
             st = fn["condition"](theta, self._jdata(data), self._prior_var, self._omega)
             beta = np.asarray(st["beta"])
             bsd = np.sqrt(np.maximum(np.diag(np.asarray(st["beta_cov"])), 0.0))
+            mean_state = {k: st[k] for k in ("h", "beta", "tg", "F", "B")}
         return GPSnapshot(theta.copy(), st, data["_y_mean"], data["_tc"], data["_n"], data["_ng"],
-                          data["_frames"], data["_t_range"], beta, np.stack([bsd, bsd], axis=1))
+                          data["_frames"], data["_t_range"], beta, np.stack([bsd, bsd], axis=1),
+                          mean_state, np.asarray(st["tvar"]), np.asarray(st["svar"]))
 
     # ------------------------------------------------------------------ prediction
     def predict(self, t_s) -> tuple[np.ndarray, np.ndarray]:
@@ -519,15 +563,15 @@ class OnlineDriftGP:
         means = []
         with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
             # the mean is O(1) per point (state-space form): chunks of a few fixed sizes
-            for a in range(0, m, 1024):
-                tt = rel[a:a + 1024]
-                mp = next(b for b in (16, 64, 256, 1024) if b >= len(tt))
+            for a in range(0, m, _MEAN_CHUNKS[-1]):
+                tt = rel[a:a + _MEAN_CHUNKS[-1]]
+                mp = next(b for b in _MEAN_CHUNKS if b >= len(tt))
                 tp = np.concatenate([tt, np.full(mp - len(tt), tt[-1])])
-                means.append(np.asarray(fn["predict_mean"](snap.state, tp, self._omega))[:len(tt)])
-            tv = np.asarray(snap.state["tvar"])
+                means.append(np.asarray(fn["predict_mean"](snap.mean_state, tp, self._omega))[:len(tt)])
+            tv = snap.tvar
             if rel.min() >= tv[0] and rel.max() <= tv[-1]:
                 # the sd grid over the newest frame and the next two, from the conditioning
-                sd = np.interp(rel, tv, np.asarray(snap.state["svar"]))
+                sd = np.interp(rel, tv, snap.svar)
             else:
                 # elsewhere: a solve (one O(window) scan) at <= 16 points, interpolated; the
                 # sd varies slowly between samples

@@ -76,7 +76,9 @@ def init_params(seed: int = 0, out: int = 1):
     import jax
     import jax.numpy as jnp
 
-    return make_model(out).init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 1), jnp.float32))["params"]
+    # jit: eager flax init dispatches (and compiles) every initializer op by op
+    init = jax.jit(make_model(out).init)
+    return init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 1), jnp.float32))["params"]
 
 
 def save_params(params, path) -> int:

@@ -438,6 +438,7 @@ class LatentPanel(WaitingPanel):
         self.names: tuple[str, ...] = ()
         self.images: dict[str, pg.ImageItem] = {}
         self.scatter: pg.ScatterPlotItem | None = None
+        self.shown_seq: int | None = None  # the frame whose latents are shown (``maps`` info latent_seq)
 
     def _layout(self, names: tuple[str, ...]) -> None:
         self.view.clear()
@@ -485,7 +486,10 @@ class LatentPanel(WaitingPanel):
             self.images[k].setImage(np.asarray(img, np.float32), levels=levels)
         if scat is not None and self.scatter is not None:
             self.scatter.setData(scat[:, 0], scat[:, 1])
-        self.info.setText(f"seq {m.seq} · {len(imgs)} maps" + (f" · {len(scat)} points" if scat is not None else ""))
+        seq = m.info.get("latent_seq", m.seq)  # the rVAE may lag the frame by one or so
+        seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else m.seq
+        self.shown_seq = seq
+        self.info.setText(f"seq {seq} · {len(imgs)} maps" + (f" · {len(scat)} points" if scat is not None else ""))
         self.show_body()
 
 

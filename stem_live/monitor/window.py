@@ -44,6 +44,21 @@ def _ms(v: float | None) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
+def rvae_text(st: Any) -> str:
+    """One line for the engine's rVAE state (``status()["rvae"]``; None: no stage)."""
+    if not isinstance(st, dict):
+        return "rVAE: none (Train rVAE builds one from scratch; needs --model gp)"
+    if st.get("error"):
+        return f"rVAE: error: {st['error']}"
+    state = ("training" if st.get("training") else
+             f"waiting for patches ({st.get('pending_steps')} steps queued)" if st.get("pending_steps") else
+             "encoding" if st.get("available") else "compiling" if not st.get("ready") else "not trained yet")
+    loss = st.get("last_loss")
+    loss = f", loss {loss:.4g}" if isinstance(loss, (int, float)) and math.isfinite(loss) else ""
+    return (f"rVAE v{st.get('version', 0)}: {state} · {st.get('steps_done', 0)} steps{loss} · "
+            f"{st.get('buffered', 0)} patches buffered ({st.get('origin', '?')})")
+
+
 class ControlsPanel(QWidget):
     """Buttons and parameters; every action is one :class:`Command` to the engine."""
 
@@ -114,8 +129,12 @@ class ControlsPanel(QWidget):
         self.train_button = QPushButton("Train rVAE")
         self.train_button.setToolTip("Train the rotationally invariant VAE on the columns seen so far")
         self.status_button = QPushButton("Refresh status")
+        self.rvae_label = QLabel("rVAE: –")
+        self.rvae_label.setWordWrap(True)
+        self.rvae_label.setToolTip("The engine's rVAE stage (from the last reply; Refresh status updates it)")
         g.addWidget(self.train_button)
         g.addWidget(self.status_button)
+        g.addWidget(self.rvae_label)
         lay.addWidget(box)
 
         lay.addWidget(QLabel("Replies"))
@@ -163,6 +182,8 @@ class ControlsPanel(QWidget):
             gain = cfg.get("gain")
             if isinstance(gain, (int, float)) and not self.gain_spin.hasFocus():
                 self.gain_spin.setValue(float(gain))
+        if "rvae" in state:
+            self.rvae_label.setText(rvae_text(state.get("rvae")))
         rec = state.get("recording")
         if isinstance(rec, dict):
             if rec.get("active"):

@@ -159,8 +159,10 @@ class OnlineTrainer:
             raise ValueError("capacity must be >= 1")
         self.batch_size = int(batch_size)
         self.lr = float(lr)
-        self._x = np.zeros((self.capacity, s, s), np.float32)
-        self._m = np.zeros((self.capacity, s, s), np.bool_)
+        # filled (not np.zeros, whose pages the OS hands out lazily) so the buffer's memory is
+        # taken once, here, and the resident size stays flat while it fills up
+        self._x = np.full((self.capacity, s, s), 0.0, np.float32)
+        self._m = np.full((self.capacity, s, s), False, np.bool_)
         self._n = 0
         self._head = 0
         self._lock = threading.Lock()

@@ -39,12 +39,15 @@ class RvaeStage:
     an ``RVAEParams``, or None to start from random params (``config``, ``seed``) and train on
     the buffer when asked. ``buffer``: replay-buffer capacity (patches); ``steps``: default
     fine-tuning steps per ``train``; ``min_patches``: patches needed before training starts;
-    ``buckets``: the encoder's padded batch sizes (all compiled in the background).
+    ``buckets``: the encoder's padded batch sizes (all compiled in the background);
+    ``max_columns``: at most this many columns are encoded per frame (evenly spread, a
+    different subset each frame); the others get NaN latents, so the latents stay
+    index-matched to the columns.
     """
 
-    def __init__(self, source=None, *, buffer: int = 20_000, batch_size: int = 128, lr: float = 3e-4,
+    def __init__(self, source=None, *, buffer: int = 8192, batch_size: int = 128, lr: float = 3e-4,
                  seed: int = 0, steps: int = 200, min_patches: int = 256, config=None,
-                 buckets: tuple[int, ...] = BUCKETS, warmup: bool = True) -> None:
+                 buckets: tuple[int, ...] = BUCKETS, warmup: bool = True, max_columns: int = 4096) -> None:
         from .live import LiveEncoder, OnlineTrainer
         from .model import RVAEConfig, RVAEParams, init_params
 
@@ -59,6 +62,8 @@ class RvaeStage:
             self.trained, self.origin = False, f"random init (seed {seed})"
         else:
             raise TypeError(f"RvaeStage needs a checkpoint path, RVAEParams or None, got {type(source).__name__}")
+        self.max_columns = max(1, int(max_columns))
+        self._frames_seen = 0
         self.default_steps = int(steps)
         self.min_patches = max(1, int(min_patches))
         self.encoder = LiveEncoder(params, buckets)
@@ -128,6 +133,14 @@ class RvaeStage:
         pos = pos[:0] if len(pos) and not np.isfinite(pos).all() else pos
         if len(pos) == 0:
             return None
+        n = len(pos)
+        self._frames_seen += 1
+        sel = None
+        if n > self.max_columns:  # an even subset, shifted every frame so every column gets its turn
+            stride = n / self.max_columns
+            sel = (np.floor(np.arange(self.max_columns) * stride) + self._frames_seen % int(np.ceil(stride))) % n
+            sel = np.unique(sel.astype(np.int64))
+            pos = pos[sel]
         patches, masks = extract_patches(image, pos, self.patch_size, buckets=self.encoder.buckets)
         self.trainer.add(patches, masks)
         if self._pending_steps and len(self.trainer) >= self.min_patches and not self.trainer.running:
@@ -135,7 +148,15 @@ class RvaeStage:
             self.trainer.fine_tune(steps)
         if not self.available:
             return None
-        return self.encoder.encode(patches, masks)
+        lat = self.encoder.encode(patches, masks)
+        if sel is None:
+            return lat
+        full = {}
+        for key, v in lat.items():
+            out = np.full((n,) + v.shape[1:], np.nan, np.float32)
+            out[sel] = v
+            full[key] = out
+        return full
 
     def train(self, steps: int | None = None) -> str:
         """Start fine-tuning in the background; a one-line message says what happens.
@@ -193,6 +214,7 @@ def latent_arrays(positions_px, latents: dict, shape, step: int = 1, *, max_poin
     sc = np.concatenate([content, angle[:, None]], axis=1)[:, :2]
     if sc.shape[1] < 2:
         sc = np.concatenate([sc, np.zeros((len(sc), 1), np.float32)], axis=1)
+    sc = sc[np.all(np.isfinite(sc), axis=1)]  # columns not encoded this frame (``max_columns``)
     if len(sc) > max_points:
         sc = sc[np.linspace(0, len(sc) - 1, max_points).round().astype(int)]
     out["latent_scatter"] = np.ascontiguousarray(sc, np.float32)
