@@ -273,6 +273,9 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
                 progress(f"pipeline {size}px: {now - t0:.0f}/{seconds:.0f} s, "
                          f"{(svc.counters.processed - n0) / (now - t0):.1f} frames/s")
         elapsed = time.monotonic() - t0
+        if win_ms:  # the last, partial window
+            windows.append({"t_s": round(elapsed, 1), "frame_ms_median": round(float(np.median(win_ms)), 2),
+                            "rss_mb": round(rss_mb(), 1)})
         c = svc.counters
         processed = c.processed - n0
         busy = stages.get("total", [])  # the frame path; the rVAE runs beside it in its own thread
