@@ -183,6 +183,12 @@ def _free_port_endpoint() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+def _window_row(t_s: float, frame_ms: list[float]) -> dict:
+    """One row of a long run's time series: elapsed s, median frame time, resident memory."""
+    return {"t_s": round(t_s, 1), "frame_ms_median": round(float(np.median(frame_ms)), 2) if frame_ms else None,
+            "rss_mb": round(rss_mb(), 1)}
+
+
 def pipeline_engine(model: str = "gp", rvae: bool = True, max_columns: int = 2000):
     """The engine as the pipeline benchmark runs it: ``model`` gp (locate, track, GP, policy)
     plus, with ``rvae``, the rVAE encoder on every column (seeded random weights: encoding
@@ -265,8 +271,7 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
             frame_ms.extend(new)
             win_ms.extend(new)
             if now - win_t0 >= min(window_s, seconds):
-                windows.append({"t_s": round(now - t0, 1), "frame_ms_median": round(float(np.median(win_ms)), 2)
-                                if win_ms else None, "rss_mb": round(rss_mb(), 1)})
+                windows.append(_window_row(now - t0, win_ms))
                 win_ms, win_t0 = [], now
             if progress and now - last > 1.0:
                 last = now
@@ -274,8 +279,7 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
                          f"{(svc.counters.processed - n0) / (now - t0):.1f} frames/s")
         elapsed = time.monotonic() - t0
         if win_ms:  # the last, partial window
-            windows.append({"t_s": round(elapsed, 1), "frame_ms_median": round(float(np.median(win_ms)), 2),
-                            "rss_mb": round(rss_mb(), 1)})
+            windows.append(_window_row(elapsed, win_ms))
         c = svc.counters
         processed = c.processed - n0
         busy = stages.get("total", [])  # the frame path; the rVAE runs beside it in its own thread

@@ -72,6 +72,11 @@ class Counters:
         }
 
 
+def _worth_logging(count: int) -> bool:
+    """Log the first 20 of a kind, then every 1000th: a flood is counted, not logged line by line."""
+    return count <= 20 or count % 1000 == 0
+
+
 def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if values else None
 
@@ -214,7 +219,7 @@ class EngineService:
     def _reject(self, reason: str) -> None:
         self.counters.rejected += 1
         self.counters.last_reject = reason
-        if self.counters.rejected <= 20 or self.counters.rejected % 1000 == 0:  # a flood is counted, not logged line by line
+        if _worth_logging(self.counters.rejected):
             log.warning("rejected message (%d so far): %s", self.counters.rejected, reason)
 
     def _receive_loop(self) -> None:
@@ -331,7 +336,7 @@ class EngineService:
         """Count and log (rate-limited, one line) a frame the engine raised on; keep its pixels."""
         self.counters.failed += 1
         self.counters.last_error = f"{stage} failed on frame {frame.seq}: {type(exc).__name__}: {exc}"
-        if self.counters.failed <= 20 or self.counters.failed % 1000 == 0:
+        if _worth_logging(self.counters.failed):
             log.error("%s (%d so far); the stream goes on", self.counters.last_error, self.counters.failed)
         if stage == "engine":
             self.recorder.write(frame)  # nothing recorded is lost, even when the analysis fails

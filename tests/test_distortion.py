@@ -196,20 +196,21 @@ def _rows_obs(frame: int, rows: int, t0: float, rng) -> Observations:
                         frame=np.full(rows, frame), t_line_s=np.full(rows, 1e-5), pixel_size_nm=(0.01, 0.01))
 
 
-def test_window_fits_the_compiled_group_sizes():
-    """Until a larger padded size is compiled, the window is trimmed to the sizes that are
-    (oldest frames first, then coarser groups), so no frame waits for a compilation."""
-    rng = np.random.default_rng(0)
-    gp = OnlineDriftGP(window_frames=10, max_samples=4000, min_groups=256)
-    for k in range(3):
-        gp._frames.append(_rows_obs(k, 300, 0.4 * k, rng))
-    gp._centre_px = np.zeros(2)
-    assert gp._window_data()["_ng"] == 900            # no limit: all three frames, one group a line
-    gp._ready_groups = 512
-    d = gp._window_data()
+def test_window_is_trimmed_to_the_group_cap():
+    """With ``max_groups`` a window with more sample groups is trimmed (oldest frames first,
+    then coarser groups), so the padded size, and the compilation, never change."""
+    def window(max_groups):
+        rng = np.random.default_rng(0)
+        gp = OnlineDriftGP(window_frames=10, max_samples=4000, min_groups=256, max_groups=max_groups)
+        for k in range(3):
+            gp._frames.append(_rows_obs(k, 300, 0.4 * k, rng))
+        gp._centre_px = np.zeros(2)
+        return gp._window_data()
+
+    assert window(None)["_ng"] == 900                 # no cap: all three frames, one group a line
+    d = window(512)
     assert d["_ng"] == 300 and d["_frames"] == (2,)   # only the newest frame fits
-    gp._ready_groups = 256
-    d = gp._window_data()
+    d = window(256)
     assert d["_frames"] == (2,) and d["_ng"] == 165    # 2 ms groups (group_s doubled) on 1.1 ms lines
     assert d["tg"].shape == (256,)
 

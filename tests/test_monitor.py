@@ -76,17 +76,22 @@ def loop():
         yield lp
 
 
-@pytest.fixture
-def window(qtbot, loop):
+def _open_window(loop, *, stale_s: float, command_timeout_s: float):
+    """A shown monitor window on ``loop``'s engine; yields it, then shuts it down."""
     from stem_live.monitor.window import MonitorWindow
 
     win = MonitorWindow(loop.svc.maps_endpoint, loop.svc.commands_endpoint, context=loop.ctx,
-                        stale_s=1.0, command_timeout_s=1.5)
+                        stale_s=stale_s, command_timeout_s=command_timeout_s)
     win.resize(1200, 800)
     win.show()
     yield win
     win.shutdown()  # before the context is terminated
     win.close()
+
+
+@pytest.fixture
+def window(qtbot, loop):
+    yield from _open_window(loop, stale_s=1.0, command_timeout_s=1.5)
 
 
 def _wait_frames(qtbot, win, n: int, timeout_ms: int = 15000) -> None:
@@ -364,15 +369,7 @@ def gp_loop(rvae_params):
 
 @pytest.fixture
 def gp_window(qtbot, gp_loop):
-    from stem_live.monitor.window import MonitorWindow
-
-    win = MonitorWindow(gp_loop.svc.maps_endpoint, gp_loop.svc.commands_endpoint, context=gp_loop.ctx,
-                        stale_s=3.0, command_timeout_s=3.0)
-    win.resize(1200, 800)
-    win.show()
-    yield win
-    win.shutdown()
-    win.close()
+    yield from _open_window(gp_loop, stale_s=3.0, command_timeout_s=3.0)
 
 
 def _spacing(pos: np.ndarray) -> float:

@@ -36,7 +36,6 @@ All JAX work runs in float64 (``jax.enable_x64`` as a context, not globally) on 
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
@@ -64,8 +63,6 @@ _PAD_VAR = 1e8
 _MEAN_CHUNKS = (16, 1024)  # padded sizes of the prediction (each compiles once per window size)
 _N_VAR = 32            # points of the posterior-sd grid computed with each conditioning
 
-
-log = logging.getLogger(__name__)
 
 
 def _jax():
@@ -250,7 +247,7 @@ def _functions():
         alpha = L.transpose().solve(st["Zr"] - st["Zp"] @ st["delta"])   # (G, 2)
         beta_cov = jax.scipy.linalg.cho_solve((Mc, True), jnp.eye(Mc.shape[0]))
         F, B = mean_states(time_kernel(st["h"], omega), data["tg"], alpha)
-        state = {"h": st["h"], "L": L, "alpha": alpha, "beta": beta, "beta_cov": beta_cov,
+        state = {"h": st["h"], "L": L, "beta": beta, "beta_cov": beta_cov,
                  "Zp": st["Zp"], "Mc": Mc, "tg": data["tg"], "ll": st["ll"], "F": F, "B": B,
                  "tvar": data["tvar"]}
         # the posterior sd on a grid over the newest frame and the next two (interpolated
@@ -359,7 +356,7 @@ class OnlineDriftGP:
         self.group_s = float(group_s)
         self.min_groups = int(min_groups)     # smallest padded GP size (fewer compilations)
         # the largest padded group count a window may use (None: any)
-        self._ready_groups: int | None = None if max_groups is None else _bucket(max_groups, self.min_groups)
+        self._group_cap: int | None = None if max_groups is None else _bucket(max_groups, self.min_groups)
         self._warm: set[int] = set()  # padded sizes whose every jit function has been compiled
         self._omega = None if not mains_hz else float(2 * np.pi * mains_hz)
         h0 = dict(sigma_long_nm=sigma_long_nm, ell_long_s=ell_long_s, sigma_short_nm=sigma_short_nm,
@@ -474,10 +471,10 @@ class OnlineDriftGP:
             new = np.r_[True, (np.diff(w.frame) != 0) | (np.diff(b) != 0)]
             gid = np.cumsum(new) - 1
             n_g = int(gid[-1]) + 1
-            ready = self._ready_groups
-            if ready is None or n_g <= ready:
+            cap = self._group_cap
+            if cap is None or n_g <= cap:
                 break
-            if len(first) > 1:   # too many groups for the sizes compiled so far: drop the oldest frame
+            if len(first) > 1:   # more groups than the padded size: drop the oldest frame
                 w = w.select(w.frame != w.frame[first[0]])
             else:                # one frame alone: coarser groups
                 coarsen *= 2
