@@ -164,7 +164,8 @@ def bench_rvae() -> dict:
 # ----------------------------------------------------------------------------- pipeline
 
 
-TARGET_HZ = {256: 20.0, 512: 10.0, 1024: 3.0, 2048: 1.0}  # offered frame rates (the performance issue's targets)
+TARGET_HZ = {256: 20.0, 512: 10.0, 1024: 3.0, 2048: 1.0}  # the performance issue's end-to-end targets
+OFFER_FACTOR = 1.25  # the pipeline offers 25 % more than the target: "keeps up" is then measured, not given
 
 
 def _start_sim(frames_ep: str, corr_ep: str, size: int, speed: float, preset: str, prerender: int = 0,
@@ -213,7 +214,9 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
 
     The simulator pre-renders ``prerender`` frames of a seeded session (0: renders live, which
     takes one of this machine's cores from the engine) and publishes them at ``rate_hz``
-    (default: the target rate for this size, ``TARGET_HZ``); the engine takes the newest frame.
+    (default: ``OFFER_FACTOR`` x the target rate for this size, ``TARGET_HZ``, so that a
+    processed rate at or above the target is a measurement, not the offered rate echoed back);
+    the engine takes the newest frame.
     All stages on by default (``model`` gp + ``rvae``). Reports frames/s processed, the
     engine's capacity (1 / median busy time), latency from frame arrival to correction sent
     (p50, p99), per-stage median / p99, skipped frames, memory, and per ``window_s`` the
@@ -223,7 +226,7 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
 
     from .service import EngineService
 
-    rate = float(rate_hz or TARGET_HZ.get(size, 2.0))
+    rate = float(rate_hz or OFFER_FACTOR * TARGET_HZ.get(size, 2.0))
     scope = Microscope(MicroscopeConfig(preset=preset, size=size))
     speed = rate * (scope.frame_time_s + scope.config.frame_gap_s)  # multiple of the real scan rate
     frames_ep, corr_ep = _free_port_endpoint(), _free_port_endpoint()

@@ -762,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", choices=("rigid", "gp"), default="gp", help="pipeline: engine model (default gp)")
     s.add_argument("--no-rvae", action="store_true", help="pipeline: leave the rVAE stage out")
     s.add_argument("--rate-hz", type=_positive(float), default=None,
-                   help="pipeline: offered frame rate (default the target: 20/10/3/1 Hz at 256/512/1024/2048 px)")
+                   help="pipeline: offered frame rate (default 1.25 x the target: 25/12.5/3.75/1.25 Hz at 256/512/1024/2048 px)")
     s.add_argument("--prerender", type=int, default=60, metavar="N",
                    help="pipeline: frames the simulator renders before streaming them (0: render live)")
     s.add_argument("--json", type=Path, default=None, help="also write the report here")

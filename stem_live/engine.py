@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -47,6 +48,10 @@ class EngineConfig:
     max_sigma_nm: float = 0.05
     rvae_checkpoint: str = ""  # rVAE checkpoint encoding every column (gp model); "" = none until `train`
     calibration: str = ""  # `stem-live calibrate` JSON (gp model): known drift velocity and scan distortion
+    # gp model: register only a centred crop of at most this many px a side (the tracker measures
+    # the shift from the columns; registration only hints it and checks the lock): 4x less
+    # work at 1024 px. 0: the whole frame (the rigid model always registers the whole frame)
+    register_crop_px: int = 512
 
 
 @dataclass(frozen=True)
@@ -186,8 +191,9 @@ class Engine:
         beam = np.asarray(frame.beam_shift_nm, dtype=np.float64)
         t_mid = frame.t_start + 0.5 * frame.frame_time_s
         image = np.asarray(frame.image)
-        if self._ref is None or self._ref.shape != image.shape:
-            self._set_reference(image, beam, np.zeros(2) if self._ref is None else self._last_drift())
+        reg_image = self._register_view(image)
+        if self._ref is None or self._ref.shape != reg_image.shape:
+            self._set_reference(reg_image, beam, np.zeros(2) if self._ref is None else self._last_drift())
             if self._b0_nm is None:
                 self._b0_nm = beam.copy()
             shift_px, peak = np.zeros(2), 1.0
@@ -196,14 +202,14 @@ class Engine:
             # robust to skipped frames and to corrections that arrived late
             pred = self.predict_drift(t_mid)
             pred_px = np.zeros(2) if pred is None else (pred - self._ref_offset_nm - (beam - self._ref_beam_nm)) / px
-            shift_px, peak = register(self._ref, image, predicted=tuple(pred_px))
+            shift_px, peak = register(self._ref, reg_image, predicted=tuple(pred_px))
         t1 = time.perf_counter()
         locked = peak >= self.config.min_peak
         drift = self._ref_offset_nm + shift_px * px + (beam - self._ref_beam_nm)
         if locked:
             self._hist.append((t_mid, drift))
-            if np.hypot(*shift_px) > self.config.rereference_frac * min(image.shape):
-                self._set_reference(image, beam, drift)  # keep the reference overlapping the image
+            if np.hypot(*shift_px) > self.config.rereference_frac * min(reg_image.shape):
+                self._set_reference(reg_image, beam, drift)  # keep the reference overlapping the image
         correction = None
         timings = {"register": (t1 - t0) * 1e3}
         col = None
@@ -228,27 +234,50 @@ class Engine:
                                 jump=False if col is None else col.jump)
         return self.encode(frame, self.last) if encode else self.last
 
-    def encode(self, frame: Frame, result: FrameResult) -> FrameResult:
+    def encode(self, frame: Frame, result: FrameResult, *, between: Callable[[], object] | None = None
+               ) -> FrameResult:
         """``result`` with the rVAE latents of its columns (and the stage's time in
-        ``timings_ms["rvae"]``); unchanged without an rVAE stage or columns."""
+        ``timings_ms["rvae"]``); unchanged without an rVAE stage or columns. ``between`` is
+        called between the encoder's chunks (the service: wait while a frame is processed)."""
         from dataclasses import replace
 
         stage = self.rvae
         if stage is None or result.columns is None:
             return result
         t0 = time.perf_counter()
+        waited = [0.0]
+
+        def timed_between() -> None:  # the stage's time is its work, not its waits
+            t = time.perf_counter()
+            between()
+            waited[0] += time.perf_counter() - t
+
         latents = None
         try:
-            latents = stage.process(np.asarray(frame.image), result.columns.positions)
+            latents = stage.process(np.asarray(frame.image), result.columns.positions,
+                                    between=None if between is None else timed_between)
         except ValueError as exc:  # e.g. an image too small for patches: no latents, the stream goes on
             stage.frame_error = str(exc)
         timings = dict(result.timings_ms)
-        timings["rvae"] = (time.perf_counter() - t0) * 1e3
+        timings["rvae"] = (time.perf_counter() - t0 - waited[0]) * 1e3
+        if between is not None:
+            timings["rvae_wait"] = waited[0] * 1e3
         timings["total"] = timings.get("total", 0.0) + timings["rvae"]
         out = replace(result, latents=latents, timings_ms=timings)
         if self.last is result:
             self.last = out
         return out
+
+    def _register_view(self, image: np.ndarray) -> np.ndarray:
+        """What the rigid registration sees: the whole frame, or (gp model) a centred crop of
+        at most ``register_crop_px`` a side; a crop moves with the frame like the whole."""
+        crop = int(self.config.register_crop_px) if self.config.model == "gp" else 0
+        h, w = image.shape[:2]
+        if crop <= 0 or (h <= crop and w <= crop):
+            return image
+        ch, cw = min(h, crop), min(w, crop)
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+        return image[y0:y0 + ch, x0:x0 + cw]
 
     def _last_drift(self) -> np.ndarray:
         return self._hist[-1][1] if self._hist else np.zeros(2)

@@ -106,6 +106,8 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
     from instrument_adapters.safety import Limits, clamp_target
     from simulator import Microscope
 
+    from .service import SETTLE_AFTER_FRAMES, settle_heap
+
     scope = Microscope(config)
     engine = Engine(engine_config)
     if armed:
@@ -123,6 +125,8 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
         if k < keep_frames:
             kept.append((image, meta, truth))
         apparent.append(np.mean(np.asarray(truth.drift_nm) - np.asarray(truth.beam_shift_nm), axis=0))
+        if k == SETTLE_AFTER_FRAMES:
+            settle_heap()  # as the live service does: no full-collection pauses in the timings
         t0 = time.perf_counter()
         res = engine.process(frame_from_sim(image, meta))
         times.append((time.perf_counter() - t0) * 1e3)

@@ -273,6 +273,34 @@ def test_refine_does_not_recompile_within_a_bucket():
     assert refine_mod.bucket_size(70) == refine_mod.bucket_size(80) == 80
 
 
+def test_stream_refine_compiles_once_when_the_count_wanders_across_a_bucket_edge():
+    from stem_live.locate.refine import refine_fixed_width
+
+    img = render((128, 128), hex_lattice((128, 128), 9.0), sigma=1.8)
+    pts = hex_lattice((128, 128), 9.0, margin=2.0)
+    assert len(pts) > 100
+
+    def fit(n):
+        pos, amp, _, info = refine_fixed_width(img, pts[:n], np.ones(n), 1.8, 7, n_iter=1)
+        return pos
+
+    fit(60)  # first frame: bucket_size(1.1 * 60) = 80 compiled, headroom above 64
+    n0 = refine_mod.trace_count()
+    for n in (63, 66, 70, 64, 80):  # across the 64 edge and back: no new compile
+        pos = fit(n)
+    assert refine_mod.trace_count() == n0
+    assert np.max(np.abs(pos - pts[:80])) < 0.3  # the padding changes nothing in the fit
+    fit(90)  # beyond the compiled size: one new one
+    assert refine_mod.trace_count() == n0 + 1
+    for n in (85, 95, 70):
+        fit(n)
+    assert refine_mod.trace_count() == n0 + 1
+    assert refine_mod.stream_bucket(70, ("test-key",)) == 80 and refine_mod.stream_bucket(72, ("test-key",)) == 80
+    assert refine_mod.stream_bucket(1100, ("test-key",)) == 1280  # 1.1 x 1100 -> 1280
+    assert refine_mod.stream_bucket(1030, ("test-key",)) == 1280  # reused across the 1024 edge
+    assert refine_mod.stream_bucket(500, ("test-key",)) == 640  # far fewer: a new, smaller size
+
+
 # ----------------------------------------------------------------------------- classes
 def _si_in_graphene(seed, n_si=6):
     rng = np.random.default_rng(seed)

@@ -355,8 +355,8 @@ def gp_loop(rvae_params):
         lp.encoded = {}  # seq -> FrameResult with latents (the service encodes in its own thread)
         encode = engine.encode
 
-        def keep_encoded(frame, result):
-            out = encode(frame, result)
+        def keep_encoded(frame, result, *, between=None):
+            out = encode(frame, result, between=between)
             lp.encoded[frame.seq] = out
             for s in sorted(lp.encoded)[:-200]:
                 del lp.encoded[s]

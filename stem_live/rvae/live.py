@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -91,8 +92,12 @@ class LiveEncoder:
         self._params = new
         self.version += 1
 
-    def encode(self, patches, mask=None) -> dict:
-        """Posterior means/stds for (N, S, S) patches (numpy dict as ``model.encode``)."""
+    def encode(self, patches, mask=None, *, between: Callable[[], object] | None = None) -> dict:
+        """Posterior means/stds for (N, S, S) patches (numpy dict as ``model.encode``).
+
+        More patches than the largest bucket go in chunks of it; ``between`` is called
+        before every chunk after the first (the service passes a wait for its frame path to
+        be idle, so that the encoder never holds up a correction by more than one chunk)."""
         from .model import wrap_angles
 
         params = self._params  # one read: a concurrent swap does not mix two param sets
@@ -111,6 +116,8 @@ class LiveEncoder:
         top = self.buckets[-1]
         parts = []
         for start in range(0, n, top):
+            if start and between is not None:
+                between()
             xs = x[start:start + top]
             cnt = len(xs)
             b = bucket_for(cnt, self.buckets)

@@ -24,12 +24,23 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .patches import BUCKETS
 
-__all__ = ["RvaeStage", "latent_arrays"]
+__all__ = ["RvaeStage", "latent_arrays", "stage_buckets"]
+
+
+def stage_buckets() -> tuple[int, ...]:
+    """The live stage's padded batch sizes for the device JAX uses: on a CPU at most 256
+    patches a call (measured on 2 cores: 8 calls of 256 take 10 ms where one of 2048 takes
+    26-45 ms, the large batch falls out of cache; and the encoder can pause between
+    chunks), on an accelerator up to 4096 (big batches are what it is fast at)."""
+    import jax
+
+    return tuple(b for b in BUCKETS if b <= 256) if jax.default_backend() == "cpu" else BUCKETS
 
 
 class RvaeStage:
@@ -39,7 +50,8 @@ class RvaeStage:
     an ``RVAEParams``, or None to start from random params (``config``, ``seed``) and train on
     the buffer when asked. ``buffer``: replay-buffer capacity (patches); ``steps``: default
     fine-tuning steps per ``train``; ``min_patches``: patches needed before training starts;
-    ``buckets``: the encoder's padded batch sizes (all compiled in the background);
+    ``buckets``: the encoder's padded batch sizes (all compiled in the background; default
+    ``stage_buckets()``);
     ``max_columns``: at most this many columns are encoded per frame (evenly spread, a
     different subset each frame); the others get NaN latents, so the latents stay
     index-matched to the columns.
@@ -47,7 +59,7 @@ class RvaeStage:
 
     def __init__(self, source=None, *, buffer: int = 8192, batch_size: int = 128, lr: float = 3e-4,
                  seed: int = 0, steps: int = 200, min_patches: int = 256, config=None,
-                 buckets: tuple[int, ...] = BUCKETS, warmup: bool = True, max_columns: int = 4096) -> None:
+                 buckets: tuple[int, ...] | None = None, warmup: bool = True, max_columns: int = 4096) -> None:
         from .live import LiveEncoder, OnlineTrainer
         from .model import RVAEConfig, RVAEParams, init_params
 
@@ -66,7 +78,7 @@ class RvaeStage:
         self._frames_seen = 0
         self.default_steps = int(steps)
         self.min_patches = max(1, int(min_patches))
-        self.encoder = LiveEncoder(params, buckets)
+        self.encoder = LiveEncoder(params, buckets or stage_buckets())
         self.trainer = OnlineTrainer(self.encoder, params, capacity=buffer, batch_size=batch_size, lr=lr, seed=seed)
         self.patch_size = params.config.patch_size
         self.error: str | None = None  # the stage cannot run (warm-up failed)
@@ -121,12 +133,12 @@ class RvaeStage:
 
     # ------------------------------------------------------------------ per frame
 
-    def process(self, image, positions_px) -> dict | None:
+    def process(self, image, positions_px, *, between: Callable[[], object] | None = None) -> dict | None:
         """Encode the patches around ``positions_px`` (N, 2) (row, col) and buffer them.
 
         Returns the latents (``angle``, ``shift``, ``content`` and their sigmas), index-matched
         to ``positions_px``, or None while the encoder is compiling or untrained. Never waits
-        for training."""
+        for training; ``between`` is called between encoder chunks (``LiveEncoder.encode``)."""
         from .patches import extract_patches
 
         pos = np.asarray(positions_px, dtype=np.float64).reshape(-1, 2)
@@ -148,7 +160,7 @@ class RvaeStage:
             self.trainer.fine_tune(steps)
         if not self.available:
             return None
-        lat = self.encoder.encode(patches, masks)
+        lat = self.encoder.encode(patches, masks, between=between)
         if sel is None:
             return lat
         full = {}
