@@ -120,6 +120,8 @@ def bench_register(sizes=SIZES, repeats: int = 20) -> dict:
 
 
 def bench_locate(sizes=SIZES, repeats: int = 10) -> dict:
+    """Both locators (and atomap where installed) at the sizes up to 1024 px (the U-Net takes
+    seconds beyond); see :mod:`stem_live.locate.bench`."""
     from .locate.bench import bench_locate as _b
 
     return _b(sizes=tuple(s for s in sizes if s <= 1024), repeats=repeats)
@@ -501,10 +503,15 @@ def run_bench(stage: str, *, sizes=SIZES, seconds: float = 10.0, model: str = "g
 def summary_table(report: dict) -> str:
     """A few lines a person reads: the headline number of every stage that ran."""
     rows = []
-    for st in ("protocol", "register", "locate", "track"):
+    for st in ("protocol", "register", "track"):
         for size, r in (report.get(st) or {}).items():
             if isinstance(r, dict) and "median_ms" in r:
-                rows.append(f"{st:9s} {size:>5s} px  median {r['median_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms")
+                rows.append(f"{st:9s} {str(size):>5s} px  median {r['median_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms")
+    loc = report.get("locate") or {}
+    if loc and "error" not in loc:
+        from .locate.bench import table
+
+        rows.extend(f"locate    {line}" for line in table(loc).splitlines())
     gp = report.get("gp") or {}
     if "median_ms" in gp:
         rows.append(f"gp        stage median {gp['median_ms']} ms over {gp['frames']} frames; around frame 100 "

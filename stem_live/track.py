@@ -101,15 +101,15 @@ def _nn_spacing(points: np.ndarray) -> float:
     return float(np.median(d[:, 1]))
 
 
-def _refine_shift_points(ref: np.ndarray, pts: np.ndarray, shift, radius: float, n_iter: int = 3):
+def _refine_shift_points(ref: np.ndarray, pts: np.ndarray, shift, radius: float, n_iter: int = 3, tree=None):
     """Median offset of nearest-neighbour pairs within ``radius``; returns (shift, fraction
-    of ``pts`` matched)."""
+    of ``pts`` matched). ``tree``: a cKDTree of ``ref`` already built."""
     from scipy.spatial import cKDTree
 
     s = np.asarray(shift, np.float64)
     if len(ref) == 0 or len(pts) == 0:
         return s, 0.0
-    tree = cKDTree(ref)
+    tree = cKDTree(ref) if tree is None else tree
     frac = 0.0
     for _ in range(n_iter):
         d, idx = tree.query(pts - s, distance_upper_bound=radius)
@@ -285,9 +285,10 @@ class Tracker:
             spacing = self.spacing_px
             radius = self.max_link_frac * spacing
             ref = self.reference
+            tree = cKDTree(ref)
             p = pts[finite]
             if shift_hint is not None:
-                shift, frac = _refine_shift_points(ref, p, np.asarray(shift_hint, np.float64), radius)
+                shift, frac = _refine_shift_points(ref, p, np.asarray(shift_hint, np.float64), radius, tree=tree)
                 if frac < 0.5:
                     shift_hint = None
             if shift_hint is None:
@@ -301,9 +302,8 @@ class Tracker:
                     coarse = last + np.asarray(inc)
                 else:
                     coarse = pred
-                shift, _ = _refine_shift_points(ref, p, coarse, radius)
+                shift, _ = _refine_shift_points(ref, p, coarse, radius, tree=tree)
             q = p - shift
-            tree = cKDTree(ref)
             d, site = tree.query(q, distance_upper_bound=radius)
             linked = np.isfinite(d)
             # one column per site: the closest wins, the others become new sites

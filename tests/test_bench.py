@@ -44,3 +44,30 @@ def test_prerendered_simulator_plays_back_and_forth_without_jumps():
     for a, b in ((2, 4), (1, 5), (0, 6), (1, 7)):
         assert np.array_equal(frames[a].image, frames[b].image)
     assert not np.array_equal(frames[0].image, frames[1].image)
+
+
+def test_locate_bench_scores_both_locators_against_the_truth():
+    """``bench locate``: both locators timed and scored on frames with known positions; the
+    summary table shows every row; atomap's row says why it is missing when it is."""
+    import numpy as np
+
+    from stem_live.bench import summary_table
+    from stem_live.locate.bench import bench_locate, score
+
+    truth = np.array([[10.0, 10.0], [10.0, 22.0], [22.0, 10.0]])
+    rec, prec, rmse = score(np.array([[10.1, 10.0], [22.0, 9.9], [40.0, 40.0]]), truth, 3.0)
+    assert rec == 2 / 3 and prec == 2 / 3 and abs(rmse - 0.1) < 1e-9
+
+    r = bench_locate(sizes=(128,), repeats=2, unet_repeats=1)
+    c, u = r["classical"]["128"], r["unet"]["128"]
+    assert c["recall"] >= 0.99 and c["precision"] >= 0.99 and c["rmse_px"] < 0.15, c
+    assert u["recall"] >= 0.9 and u["rmse_px"] < 0.5, u
+    assert c["median_ms"] > 0 and u["median_ms"] > 0
+    try:
+        import atomap  # noqa: F401
+
+        assert r["atomap"]["128"]["rmse_px"] < 0.5
+    except ImportError:
+        assert "not installed" in r["atomap"]["128"]["error"]
+    table = summary_table({"locate": r, "machine": {}})
+    assert "classical   128 px" in table and "unet        128 px" in table and "atomap" in table

@@ -1,7 +1,7 @@
 """Learned column locator: a small U-Net (Flax linen) that maps a frame to a per-pixel
 "column here" probability, followed by the same peak finding, sub-pixel refinement and
 intensity classes as the classical locator (``classical.find_peaks``,
-``refine.refine_positions``, ``classes.classify_intensity``).
+``classical._refine_fixed``, ``classes.classify_intensity``).
 
     from stem_live.locate.unet import locate_unet
     cols = locate_unet(image)            # committed weights, spacing estimated
@@ -178,6 +178,8 @@ def locate_unet(
     thresholds: Sequence[float] | None = None,
     classifier=None,
     saturation: float | str | None = "auto",
+    refine_method: str = "fixed",
+    min_amp_snr: float = 3.0,
 ) -> Columns:
     """Find atomic columns in one frame with the U-Net; same result type as
     ``locate_classical``.
@@ -190,11 +192,16 @@ def locate_unet(
     params : network weights (default: the committed ``load_default()``).
     threshold : minimum column probability at a peak of the probability map.
     min_distance_frac : non-maximum suppression radius as a fraction of the spacing.
-    refine : sub-pixel position. "image" (default): the JAX Gaussian fit
-        (``refine_positions``) on the raw frame, starting from the probability peak; a fit
-        that is not trusted (position std > ``max_fit_std`` px, moved > ``max_fit_shift``
-        px, failed) keeps the probability-map position. "map": the same fit on the
-        probability map. refine=False: quadratic interpolation of the map peak.
+    refine, refine_on, refine_method : sub-pixel position. Default (``refine_on="image"``,
+        ``refine_method="fixed"``): the classical locator's refinement on the raw frame
+        (``classical._refine_fixed``: probe width from the brightest columns, fixed-width
+        neighbour-subtracted Poisson-weighted fit), starting from the probability peaks; a
+        peak whose fitted amplitude is below ``min_amp_snr`` standard errors, or whose fitted
+        centre is outside the frame, is dropped; a fit that is not trusted (position std >
+        ``max_fit_std`` px, moved > ``max_fit_shift`` px, failed) keeps the probability-map
+        position. ``refine_method="free"``: a free-width Gaussian fit (``refine_positions``)
+        instead, nothing dropped; ``refine_on="map"``: that fit on the probability map.
+        refine=False: quadratic interpolation of the map peak.
     n_classes, thresholds, classifier : intensity classes, as in ``locate_classical``
         (intensity = band-passed frame at the final position).
     saturation : as in ``locate_classical``: peaks near clipped pixels are dropped.
@@ -205,7 +212,8 @@ def locate_unet(
     the spacing and the threshold used.
     """
     from .classes import classify_intensity
-    from .classical import _bilinear, _count_in_box, _merge_duplicates, _saturated, _subpixel, bandpass, find_peaks
+    from .classical import (_bilinear, _count_in_box, _merge_duplicates, _refine_fixed, _saturated, _subpixel,
+                            bandpass, find_peaks)
     from .refine import refine_positions, window_for_spacing
 
     img = np.asarray(image)
@@ -215,6 +223,8 @@ def locate_unet(
         raise ValueError(f"image too small for column finding: {img.shape}")
     if refine_on not in ("image", "map"):
         raise ValueError(f"refine_on must be 'image' or 'map', got {refine_on!r}")
+    if refine_method not in ("fixed", "free"):
+        raise ValueError(f"refine_method must be 'fixed' or 'free', got {refine_method!r}")
     img = img.astype(np.float32, copy=False)
     if not np.isfinite(img).all():
         img = np.where(np.isfinite(img), img, np.nanmedian(img)).astype(np.float32)
@@ -244,10 +254,25 @@ def locate_unet(
                        np.zeros(0, bool), meta)
     start = _subpixel(probp, pts)
     conf = heights.astype(np.float64)
+    window_given = window_px is not None
     if window_px is None:
         window_px = window_for_spacing(spacing_px)
     window_px = int(window_px) | 1
-    if refine:
+    if refine and refine_on == "image" and refine_method == "fixed":
+        # the classical locator's refinement of the network's peaks: fixed-width, neighbour-
+        # subtracted, Poisson-weighted fit on the raw frame; a peak with no significant column
+        # under it, or whose column is centred outside the frame (only its tail shows, as a
+        # peak on the edge), is dropped, as in ``locate_classical``
+        pos, _, border, good, width, real, judge = _refine_fixed(
+            img, start, conf, spacing_px, sigma_px, window_px, window_given, None, n_iter, max_fit_std,
+            0.5 * min_distance_frac * spacing_px, min_amp_snr)
+        meta["probe_sigma_px"] = width
+        h, w = img.shape
+        keep = real & ((judge[:, 0] >= -0.5) & (judge[:, 0] < h - 0.5)
+                       & (judge[:, 1] >= -0.5) & (judge[:, 1] < w - 0.5))
+        conf = conf * np.where(good, 1.0, 0.5)
+        pos, border, conf = pos[keep], border[keep], conf[keep]
+    elif refine:
         target = img if refine_on == "image" else prob
         pos, _, border, info = refine_positions(target, start, window_px, sigma_px=sigma_px,
                                                 n_iter=n_iter, return_info=True)
