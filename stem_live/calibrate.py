@@ -442,10 +442,7 @@ class CalibratedGP:
         self.velocity = np.asarray(velocity_nm_per_s, dtype=float).reshape(2)
         self.t0: float | None = None
         if velocity_sd_nm_per_s is not None:
-            # the prior variance of the velocity term (OnlineDriftGP basis index 1); read at each conditioning
-            pv = np.array(gp._prior_var, dtype=float)
-            pv[1] = float(velocity_sd_nm_per_s) ** 2
-            gp._prior_var = pv
+            gp.set_velocity_prior_sd(velocity_sd_nm_per_s)
 
     def __getattr__(self, name: str):
         return getattr(self.gp, name)

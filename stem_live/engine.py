@@ -344,6 +344,12 @@ class ColumnModel:
         self.policy = CorrectionPolicy(gain=config.gain, deadband_nm=config.deadband_nm,
                                        max_sigma_nm=config.max_sigma_nm)
         self.deskew_min_frames = 2  # GP frames needed before the tracker gets de-skewed positions
+        # the probe width (column Gaussian sigma, px) is measured on the first frame and again
+        # every `probe_refresh_frames`; in between the fit takes it as known (one free fit of the
+        # brightest columns less per frame, and no frame-to-frame jitter of the width)
+        self.probe_refresh_frames = 32
+        self._probe_sigma_px: float | None = None
+        self._located = 0
 
     def process(self, frame: Frame, image: np.ndarray, hint_px: np.ndarray, timings: dict) -> ColumnResult:
         from .locate import estimate_spacing, locate_classical
@@ -353,7 +359,10 @@ class ColumnModel:
         if self.spacing_px is None:
             self.spacing_px = float(estimate_spacing(img))
             self.tracker.spacing_px = self.spacing_px
-        cols = locate_classical(img, self.spacing_px)
+        known = self._probe_sigma_px if self._located % self.probe_refresh_frames else None
+        cols = locate_classical(img, self.spacing_px, probe_sigma_px=known)
+        self._located += 1
+        self._probe_sigma_px = cols.meta.get("probe_sigma_px", known)
         t1 = time.perf_counter()
         ids = self.tracker.update(self._deskewed(frame, cols), shift_hint=tuple(hint_px))
         ref_ids = self.tracker.reference_ids

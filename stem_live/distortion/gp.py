@@ -396,6 +396,13 @@ class OnlineDriftGP:
         """Frame numbers in the current window."""
         return self._snap.frames
 
+    def set_velocity_prior_sd(self, sd_nm_per_s: float) -> None:
+        """Narrow (or widen) the prior std of the velocity term (nm/s), e.g. when a
+        calibration already knows the drift velocity; used from the next conditioning on."""
+        pv = self._prior_var.copy()
+        pv[1] = float(sd_nm_per_s) ** 2
+        self._prior_var = pv
+
     @property
     def hyperparameters(self) -> dict[str, float]:
         lo = np.array([_BOUNDS[k][0] for k in HYPER_NAMES])
