@@ -51,6 +51,22 @@ def test_register_follows_large_shift_with_prediction():
     np.testing.assert_allclose(est, shift, atol=0.1)
 
 
+def test_gp_model_registers_a_centred_crop_that_moves_with_the_frame():
+    """``register_crop_px``: the gp model registers a centred crop (a hint for the tracker),
+    whose shift is the whole frame's; the rigid model always sees the whole frame."""
+    gp = Engine(EngineConfig(model="gp", register_crop_px=128))
+    img = lattice_image((0.0, 0.0), seed=1)
+    crop = gp._register_view(img)
+    assert crop.shape == (128, 128) and crop[0, 0] == img[64, 64]
+    assert Engine(EngineConfig(model="rigid", register_crop_px=128))._register_view(img).shape == (256, 256)
+    shift = (2.7, -1.4)
+    moved = lattice_image(shift, seed=2)
+    est_crop, _ = register(make_reference(crop), gp._register_view(moved))
+    est_full, _ = register(make_reference(img), moved)
+    np.testing.assert_allclose(est_crop, shift, atol=0.15)
+    np.testing.assert_allclose(est_full, shift, atol=0.08)
+
+
 def _frame(seq: int, image: np.ndarray, beam_nm: np.ndarray, frame_time: float) -> Frame:
     rows, cols = image.shape
     dwell = frame_time / rows / cols * 1e6
