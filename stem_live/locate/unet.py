@@ -198,9 +198,10 @@ def locate_unet(
         neighbour-subtracted Poisson-weighted fit), starting from the probability peaks; a
         peak whose fitted amplitude is below ``min_amp_snr`` standard errors, or whose fitted
         centre is outside the frame, is dropped; a fit that is not trusted (position std >
-        ``max_fit_std`` px, moved > ``max_fit_shift`` px, failed) keeps the probability-map
-        position. ``refine_method="free"``: a free-width Gaussian fit (``refine_positions``)
-        instead, nothing dropped; ``refine_on="map"``: that fit on the probability map.
+        ``max_fit_std`` px, moved by more than half the suppression radius, failed) keeps the
+        probability-map position. ``refine_method="free"``: a free-width Gaussian fit
+        (``refine_positions``) instead, nothing dropped, untrusted beyond ``max_fit_shift`` px
+        of movement; ``refine_on="map"``: that fit on the probability map.
         refine=False: quadratic interpolation of the map peak.
     n_classes, thresholds, classifier : intensity classes, as in ``locate_classical``
         (intensity = band-passed frame at the final position).
