@@ -241,8 +241,6 @@ def refine_positions(
     A fit that fails (non-finite, moved out of its window, non-positive peak) keeps its start
     position and gets ``ok = False``.
     """
-    import jax.numpy as jnp
-
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"refine_positions needs a 2-D image, got shape {image.shape}")

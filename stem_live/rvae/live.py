@@ -17,7 +17,6 @@ short lock for a memory copy; a frame never waits for training.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Callable
 
 import numpy as np
