@@ -238,8 +238,8 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
         progress(f"pipeline {size}px: compiling the engine, simulator pre-rendering {prerender} frames ...")
     engine = pipeline_engine(model, rvae)
     engine.arm()
-    # the bench's own bookkeeping in flat arrays (8 bytes a value, not a Python float each): over a
-    # 30-minute run lists of floats alone grew this process by ~8 MB, which is not the engine's
+    # the bench's own bookkeeping in flat arrays (8 bytes a value, not a Python float each): with
+    # lists a 30-minute run grew this process by 12 MB, mostly the bench's, not the engine's
     stages: dict[str, array] = {}
     n_cols = array("d")
 

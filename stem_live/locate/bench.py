@@ -38,18 +38,14 @@ def _frames(size: int, spacing_px: float, dose: float, seed: int, n: int) -> tup
 
 def score(found: np.ndarray, truth: np.ndarray, radius_px: float) -> tuple[float, float, float]:
     """(recall, precision, rmse_px) of ``found`` matched one-to-one to ``truth`` within
-    ``radius_px`` (nearest pairs first: at a radius below half the spacing no column has two
-    candidates, so this is the optimal assignment)."""
-    from scipy.spatial import cKDTree
+    ``radius_px``, matched as ``stem-live evaluate`` matches (``evaluate.match_columns``)."""
+    from ..evaluate import match_columns
 
     found = np.asarray(found, np.float64).reshape(-1, 2)
     if len(found) == 0 or len(truth) == 0:
         return 0.0, 0.0, float("nan")
-    d, j = cKDTree(truth).query(found, distance_upper_bound=radius_px)
-    ok = np.isfinite(d)
-    order = np.argsort(d[ok])
-    _, first = np.unique(j[ok][order], return_index=True)
-    err = d[ok][order][first]
+    ti, fi = match_columns(truth, found, radius_px)
+    err = np.linalg.norm(found[fi] - truth[ti], axis=1)
     return len(err) / len(truth), len(err) / len(found), float(np.sqrt(np.mean(err**2))) if len(err) else float("nan")
 
 

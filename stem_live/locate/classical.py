@@ -367,9 +367,7 @@ def locate_classical(
         if not keep_outside:
             # the image shows the tail of a column centred just outside it as a peak on the
             # edge; the fit (on the pixels inside) puts it outside: not a column of this frame
-            h, w = img.shape
-            keep &= ((judge[:, 0] >= -0.5) & (judge[:, 0] < h - 0.5)
-                     & (judge[:, 1] >= -0.5) & (judge[:, 1] < w - 0.5))
+            keep &= _inside_frame(judge, img.shape)
         pos, intensity, border, conf = pos[keep], intensity[keep], border[keep], conf[keep]
     else:
         pos = start
@@ -429,6 +427,13 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     if np.median(snr_fit) < 3.0 * min_amp_snr:
         real[:] = True
     return pos, np.nan_to_num(amp), border, good, width, real, judge
+
+
+def _inside_frame(pos: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(N,) bool: the (row, col) position lies in the frame (-0.5 <= p < size - 0.5, the
+    simulator truth's convention)."""
+    h, w = shape[:2]
+    return (pos[:, 0] >= -0.5) & (pos[:, 0] < h - 0.5) & (pos[:, 1] >= -0.5) & (pos[:, 1] < w - 0.5)
 
 
 def _merge_duplicates(pos: np.ndarray, strength: np.ndarray, radius: float):

@@ -459,6 +459,8 @@ def refine_fixed_width(
     """
     from scipy.spatial import cKDTree
 
+    if int(n_pass) < 1:
+        raise ValueError(f"n_pass must be >= 1, got {n_pass}")
     image = np.asarray(image)
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
     n = len(pos)
@@ -511,9 +513,6 @@ def refine_fixed_width(
     disc = (oy**2 + ox**2) <= (r + 0.5) ** 2
     off = ((oy[disc] + r) * wp + (ox[disc] + r)).astype(np.intp)
     z = np.take(imgp.ravel(), (cc[:, 0] * wp + cc[:, 1]).astype(np.intp)[:, None] + off[None, :])
-    border = np.zeros(nb, bool)
-    pos_std = np.zeros(nb, np.float32)
-    amp_snr = np.zeros(nb, np.float32)
     kk = max(k, 1)
     for ps in range(int(n_pass)):
         fit_b = ps == 0

@@ -213,8 +213,8 @@ def locate_unet(
     the spacing and the threshold used.
     """
     from .classes import classify_intensity
-    from .classical import (_bilinear, _count_in_box, _merge_duplicates, _refine_fixed, _saturated, _subpixel,
-                            bandpass, find_peaks)
+    from .classical import (_bilinear, _count_in_box, _inside_frame, _merge_duplicates, _refine_fixed, _saturated,
+                            _subpixel, bandpass, find_peaks)
     from .refine import refine_positions, window_for_spacing
 
     img = np.asarray(image)
@@ -268,9 +268,7 @@ def locate_unet(
             img, start, conf, spacing_px, sigma_px, window_px, window_given, None, n_iter, max_fit_std,
             0.5 * min_distance_frac * spacing_px, min_amp_snr)
         meta["probe_sigma_px"] = width
-        h, w = img.shape
-        keep = real & ((judge[:, 0] >= -0.5) & (judge[:, 0] < h - 0.5)
-                       & (judge[:, 1] >= -0.5) & (judge[:, 1] < w - 0.5))
+        keep = real & _inside_frame(judge, img.shape)
         conf = conf * np.where(good, 1.0, 0.5)
         pos, border, conf = pos[keep], border[keep], conf[keep]
     elif refine:
