@@ -106,7 +106,7 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
     from instrument_adapters.safety import Limits, clamp_target
     from simulator import Microscope
 
-    from .service import SETTLE_AFTER_FRAMES, settle_heap
+    from .heap import SETTLE_AFTER_FRAMES, settle_heap
 
     scope = Microscope(config)
     engine = Engine(engine_config)

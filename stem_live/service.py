@@ -13,7 +13,6 @@ engine in order (lossless) while still publishing maps and answering commands.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -26,6 +25,7 @@ import numpy as np
 
 from . import protocol
 from .engine import Engine, FrameResult
+from .heap import SETTLE_AFTER_FRAMES, settle_heap
 from .protocol import Ack, ClientKeys, Command, Frame, Maps, ProtocolError, Reply, is_loopback
 
 log = logging.getLogger("stem_live.service")
@@ -73,20 +73,6 @@ class Counters:
         }
 
 
-def settle_heap() -> None:
-    """Collect once and freeze what survives (imports, compiled functions, models, buffers):
-    later full collections then scan only what the stream itself allocates. Without this a
-    full collection walks the ~150k objects of jax and flax and pauses the frame thread for
-    110-140 ms (measured on 2 cores): the tail of the correction latency. Called once, after
-    the first frames (when everything the engine compiles exists); calling it again (a new
-    session in the same process) first unfreezes, so what an earlier session left behind is
-    collected then."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-
-
-SETTLE_AFTER_FRAMES = 3
 # how often an idle helper thread (receiver, commands, rVAE) wakes to check for stop: every
 # wake-up takes the GIL from the frame thread (1024 px, 10 Hz: latency p50 / p99 106 / 158 ms;
 # 2 Hz: 93 / 130 ms); stop() waits up to this long

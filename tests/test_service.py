@@ -203,7 +203,7 @@ def test_settle_heap_freezes_the_survivors_and_a_new_session_collects_the_old_ga
     import gc
     import weakref
 
-    from stem_live.service import settle_heap
+    from stem_live.heap import settle_heap
 
     class Node:
         pass

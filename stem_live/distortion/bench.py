@@ -22,7 +22,7 @@ def bench_gp(frames: int = 2000, size: int = 512, seed: int = 0, progress: bool 
 
     from ..engine import ColumnModel, EngineConfig
     from ..protocol import Frame
-    from ..service import SETTLE_AFTER_FRAMES, settle_heap
+    from ..heap import SETTLE_AFTER_FRAMES, settle_heap
 
     scope = Microscope(MicroscopeConfig(preset="graphene", size=size, seed=seed, noise=False,
                                         drift=DriftConfig(drift_nm_per_min=3.0)))
