@@ -440,7 +440,7 @@ def bench_overload(size: int = 512, *, seconds: float = 60.0, factor: float = 5.
         last_seq = svc._last_seq
         processed, skipped = c.processed - n0, c.skipped - sk0
         svc.stop()  # then the totals are final: every frame from the first received is processed, skipped or pending
-        pending = int(svc._pending is not None)
+        pending = int(svc._frames.full)
         total = {"first_seq": svc.first_seq, "last_seq": svc._last_seq, "processed": c.processed,
                  "skipped": c.skipped, "failed": c.failed, "pending_at_stop": pending,
                  "unaccounted": int(svc._last_seq - svc.first_seq + 1 - c.processed - c.skipped - c.failed - pending)}

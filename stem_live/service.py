@@ -88,6 +88,40 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if values else None
 
 
+class LatestSlot:
+    """A one-item hand-off between two threads that keeps only the newest item: ``put`` over
+    an item not yet taken replaces it (and says so: the caller counts it as skipped)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: object | None = None
+
+    def put(self, item: object) -> bool:
+        """Store ``item``; True when it replaced one that was never taken."""
+        with self._cond:
+            replaced = self._item is not None
+            self._item = item
+            self._cond.notify()
+        return replaced
+
+    def take(self, timeout_s: float) -> object | None:
+        """The newest item (emptying the slot), waiting up to ``timeout_s``; None if none came."""
+        with self._cond:
+            if self._item is None:
+                self._cond.wait(timeout_s)
+            item, self._item = self._item, None
+        return item
+
+    @property
+    def full(self) -> bool:
+        return self._item is not None
+
+    def wake(self) -> None:
+        """Wake a thread waiting in ``take`` (on stop)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
 class Recorder:
     """Start/stop recording processed frames to a TIFF stack (used by the ``record`` command)."""
 
@@ -162,8 +196,7 @@ class EngineService:
         self.keys = keys
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()  # guards the engine
-        self._cond = threading.Condition()
-        self._pending: tuple[Frame, float] | None = None
+        self._frames = LatestSlot()  # (Frame, arrival time): receiver -> worker
         self._stop = threading.Event()
         self._last_seq: int | None = None  # newest seq received
         self.first_seq: int | None = None  # first seq received (accounting: processed + skipped + pending)
@@ -172,8 +205,7 @@ class EngineService:
         self._threads: list[threading.Thread] = []
         # the rVAE stage runs in its own thread on the newest processed frame (on a second core,
         # beside the next frame's locate/track/GP); the maps show its latest latents
-        self._rvae_cond = threading.Condition()
-        self._rvae_pending: tuple[Frame, FrameResult] | None = None
+        self._rvae_slot = LatestSlot()  # (Frame, FrameResult): worker -> rVAE thread
         self._rvae_latest: FrameResult | None = None
         # set while the worker has no frame in hand: the rVAE thread encodes in chunks and waits
         # for this before each one, so a frame (and its correction) never shares the cores with
@@ -211,10 +243,8 @@ class EngineService:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        with self._rvae_cond:
-            self._rvae_cond.notify_all()
+        self._frames.wake()
+        self._rvae_slot.wake()
         for t in self._threads:
             t.join(timeout)
         self.recorder.stop()
@@ -261,11 +291,8 @@ class EngineService:
                     continue
                 self.counters.received += 1
                 self._count_gap(msg.seq)
-                with self._cond:
-                    if self._pending is not None:
-                        self.counters.skipped += 1  # overwritten: the engine only takes the newest frame
-                    self._pending = (msg, time.perf_counter())
-                    self._cond.notify()
+                if self._frames.put((msg, time.perf_counter())):
+                    self.counters.skipped += 1  # overwritten: the engine only takes the newest frame
         finally:
             sub.close(0)
 
@@ -281,10 +308,7 @@ class EngineService:
         try:
             while not self._stop.is_set():
                 self._read_acks(dealer)
-                with self._cond:
-                    if self._pending is None:
-                        self._cond.wait(0.05)
-                    item, self._pending = self._pending, None
+                item = self._frames.take(0.05)
                 if item is None:
                     continue
                 frame, arrived = item
@@ -322,11 +346,8 @@ class EngineService:
             except zmq.Again:
                 log.warning("instrument not reachable: correction %d not sent", result.correction.id)
         if getattr(self.engine, "rvae", None) is not None and result.columns is not None:
-            with self._rvae_cond:
-                if self._rvae_pending is not None:
-                    self.counters.rvae_skipped += 1  # the encoder fell behind: it takes the newest
-                self._rvae_pending = (frame, result)
-                self._rvae_cond.notify()
+            if self._rvae_slot.put((frame, result)):
+                self.counters.rvae_skipped += 1  # the encoder fell behind: it takes the newest
         self._frame_idle.set()  # what follows is light: the rVAE may go on
         self.recorder.write(frame)
         self.counters.processed += 1
@@ -341,10 +362,7 @@ class EngineService:
     def _rvae_loop(self) -> None:
         """Encode the columns of the newest processed frame (never holds up a correction)."""
         while not self._stop.is_set():
-            with self._rvae_cond:
-                if self._rvae_pending is None:
-                    self._rvae_cond.wait(IDLE_POLL_MS / 1e3)
-                item, self._rvae_pending = self._rvae_pending, None
+            item = self._rvae_slot.take(IDLE_POLL_MS / 1e3)
             if item is None:
                 continue
             frame, result = item

@@ -221,3 +221,27 @@ def test_settle_heap_freezes_the_survivors_and_a_new_session_collects_the_old_ga
         assert ref() is None
     finally:
         gc.unfreeze()
+
+
+def test_latest_slot_keeps_the_newest_and_reports_what_it_replaced():
+    import threading
+    import time
+
+    from stem_live.service import LatestSlot
+
+    slot = LatestSlot()
+    t0 = time.perf_counter()
+    assert slot.take(0.05) is None  # nothing came: returns after the timeout
+    assert time.perf_counter() - t0 >= 0.04
+    assert slot.put(1) is False
+    assert slot.put(2) is True  # 1 was never taken: replaced (the caller counts it skipped)
+    assert slot.full and slot.take(0.0) == 2 and not slot.full
+    # a waiting taker wakes on put, not after its timeout
+    got = []
+    th = threading.Thread(target=lambda: got.append(slot.take(5.0)))
+    th.start()
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    slot.put(3)
+    th.join(2.0)
+    assert got == [3] and time.perf_counter() - t0 < 1.0
