@@ -262,13 +262,8 @@ def refine_positions(
                            "ok": np.zeros(0, bool), "pos_std": np.zeros(0)},)
         return out
 
-    img32 = np.ascontiguousarray(image, dtype=np.float32)
-    finite = np.isfinite(img32)
-    if not finite.all():
-        img32 = np.where(finite, img32, 0.0).astype(np.float32)
+    img32 = np.asarray(image, dtype=np.float32)
     fn = _build(window, int(n_iter), bool(circular))
-    imgp = np.zeros((h + 2 * r, w + 2 * r), np.float32)
-    imgp[r : r + h, r : r + w] = img32
 
     centers = np.rint(pos)
     centers[:, 0] = np.clip(centers[:, 0], 0, h - 1)
@@ -280,15 +275,12 @@ def refine_positions(
     c_pad[:n] = centers
     c_pad[n:] = (h // 2, w // 2)
     f_pad[:n] = frac
-    # gather the square windows on the host (a strided view: contiguous row copies)
-    view = np.lib.stride_tricks.sliding_window_view(imgp, (window, window))
-    z = view[c_pad[:, 0], c_pad[:, 1]].reshape(nb, window * window)
-    if not finite.all():
-        z = z.copy()
-        validp = np.zeros(imgp.shape, bool)
-        validp[r : r + h, r : r + w] = finite
-        vview = np.lib.stride_tricks.sliding_window_view(validp, (window, window))
-        z[~vview[c_pad[:, 0], c_pad[:, 1]].reshape(nb, -1)] = np.nan
+    # gather the square windows (indices clipped to the frame: the fit masks the pixels
+    # outside it, and non-finite ones, itself)
+    off = np.arange(-r, r + 1)
+    rows = np.clip(c_pad[:, 0:1] + off, 0, h - 1)
+    cols = np.clip(c_pad[:, 1:2] + off, 0, w - 1)
+    z = img32[rows[:, :, None], cols[:, None, :]].reshape(nb, window * window)
     p, border, r2, pos_std = fn(z, c_pad, f_pad, np.float32(sigma_px), (h, w))
     pos_std = np.asarray(pos_std, dtype=np.float64)[:n]
     p = np.asarray(p, dtype=np.float64)[:n]
