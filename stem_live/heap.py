@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 
+
 def settle_heap() -> None:
     """Collect once and freeze what survives (imports, compiled functions, models, buffers):
     later full collections then scan only what the stream itself allocates. Without this a

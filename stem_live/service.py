@@ -114,6 +114,7 @@ class LatestSlot:
 
     @property
     def full(self) -> bool:
+        """An item is waiting (a snapshot: another thread may take or replace it next)."""
         return self._item is not None
 
     def wake(self) -> None:
