@@ -138,10 +138,13 @@ def test_live_mode_takes_the_newest_frame_and_counts_skips():
         assert loop.bridge.wait(30)
         time.sleep(0.5)
         c = loop.svc.counters
-        published = loop.bridge.stats.frames_published
+        published, dropped = loop.bridge.stats.frames_published, loop.bridge.stats.frames_dropped
+        assert published + dropped == 150 and published > 0.9 * 150
         assert c.processed < 0.7 * published
-        # every published frame was either processed or counted as skipped
-        assert c.processed + c.skipped == published, (c.processed, c.skipped, published)
+        # every frame from the first one received on was processed or counted as skipped; frames
+        # the bridge dropped (its queue full on a busy machine) are gaps in seq, counted as skipped
+        sent_since_first = published + dropped - loop.svc.first_seq
+        assert c.processed + c.skipped == sent_since_first, (c.processed, c.skipped, published, dropped)
 
 
 def test_bad_frames_are_rejected_and_the_stream_goes_on():
