@@ -726,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train-locator", help="train the U-Net column locator on simulated frames (seeded)")
     s.add_argument("--out", type=Path, required=True, help="weights to write (.msgpack); MODEL.md goes beside them")
-    s.add_argument("--minutes", type=_positive(float), default=18.0, help="wall-clock training budget")
+    s.add_argument("--minutes", type=_positive(float), default=20.0, help="wall-clock training budget")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_train_locator)
 

@@ -122,7 +122,8 @@ def _fit_lattice(points):
     return c0, basis, resid
 
 
-def test_srtio3_sr_and_ti_columns_found_and_classed():
+@pytest.mark.parametrize("locator", ["classical", "unet"])
+def test_srtio3_sr_and_ti_columns_found_and_classed(locator):
     img = np.load(DATA / "srtio3_adf.npy")
     meta = json.loads((DATA / "srtio3_adf.json").read_text())
     a_px = 0.3905 / meta["pixel_size_nm"]  # 41.9 px
@@ -130,7 +131,12 @@ def test_srtio3_sr_and_ti_columns_found_and_classed():
     # apart along each row, rows a/sqrt(2) = 29.6 px apart (a [110]-type projection):
     # the nearest-neighbour distance of the detected sites is a/2.
     spacing = a_px / 2
-    cols = locate_classical(img, spacing, n_classes=2)
+    if locator == "classical":
+        cols = locate_classical(img, spacing, n_classes=2)
+    else:
+        from stem_live.locate.unet import locate_unet
+
+        cols = locate_unet(img, spacing, n_classes=2)
     assert len(cols) > 200
     # Fit the lattice to the brightest third of the found peaks (Sr), independent of the
     # classes: then build every ideal Sr site and the Ti site half way along the a-vector.
@@ -160,7 +166,7 @@ def test_srtio3_sr_and_ti_columns_found_and_classed():
         assert np.all(d <= tol), f"{np.sum(d > tol)} of {len(sites)} sites have no column within {tol:.1f} px"
         got = cols.klass[idx]
         assert np.all(got == want), f"{np.sum(got != want)} of {len(sites)} sites in the wrong class"
-    print(f"SrTiO3: {len(sr)} Sr and {len(ti)} Ti sites found and classed; "
+    print(f"SrTiO3 ({locator}): {len(sr)} Sr and {len(ti)} Ti sites found and classed; "
           f"thresholds from {len(cols)} columns")
 
 

@@ -77,9 +77,10 @@ def test_sim_recall_is_complete(sims):
         assert score_sim(cols, truth.columns_px)["recall"] >= 0.995, preset
 
 
-@pytest.mark.xfail(strict=True, reason="F1 measured 0.43 at threshold 0.5 (0.88 at 0.1) < 0.95: "
-                   "domain gap simulator -> real MADF image, recall is low")
+@pytest.mark.xfail(strict=True, reason="F1 measured 0.910 at threshold 0.5 (0.944 at 0.3, 0.953 at 0.2) "
+                   "< 0.95: misses beside the saturated contamination and at the left edge")
 def test_real_graphene_f1():
+    """The issue's target (strict xfail) and, below, what the committed weights reach."""
     img = np.load(DATA / "graphene_gb_6nm.npy")
     ref = np.load(DATA / "graphene_gb_6nm_reference_columns.npy").astype(float)
     meta = json.loads((DATA / "graphene_gb_6nm.json").read_text())
@@ -117,3 +118,53 @@ def test_train_step_smoke(tmp_path):
     back = load_params(path)
     prob = probability_map(np.random.default_rng(1).random((16, 16)), back)
     assert prob.shape == (16, 16)
+
+
+def test_normalisation_ignores_a_saturated_blob():
+    """A saturated contamination blob over 12 % of the frame (as on the real graphene image)
+    leaves the normalised lattice elsewhere within 10 % of the blob-free one; with the old
+    (p99.5 - median) scale it shrank 9x."""
+    from stem_live.locate.unet import normalise
+
+    img, _ = sim_frame("graphene", 11, 256, dose_e_per_A2=1e5)
+    img = img.astype(np.float32)
+    yy, xx = np.mgrid[:256, :256]
+    blob = (yy - 256) ** 2 + (xx - 256) ** 2 < 100**2  # a quarter disc in one corner
+    assert 0.10 < blob.mean() < 0.15
+    dirty = np.where(blob, np.float32(img.max() * 3), img)
+    a, b = normalise(img)[~blob], normalise(dirty)[~blob]
+    gain = np.polyfit(a, b, 1)[0]
+    assert 0.9 < gain < 1.1, gain
+
+
+def test_detector_artefacts_blob_clears_the_target_and_saturates():
+    from stem_live.locate import train_unet as T
+
+    img, truth = sim_frame("srtio3", 5, 128)
+    y = T.target_map(img.shape, truth.columns_px)
+    seen_blob = seen_clip = False
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        x2, y2 = T.detector_artefacts(rng, img, y)
+        assert x2.shape == img.shape and x2.dtype == np.float32 and np.all(x2 >= 0)
+        cleared = (y > 0.5) & (y2 == 0)
+        if cleared.any():  # a blob: bright and flat-topped where the target was cleared
+            seen_blob = True
+            top = np.float32(x2.max())
+            assert np.mean(x2 >= top) > 0.01
+            assert np.median(x2[cleared]) > np.percentile(img, 99.5)
+        elif np.sum(x2 >= x2.max()) >= 2 and x2.max() < img.max():
+            seen_clip = True  # highlights clipped, the target kept
+            assert np.array_equal(y2, y)
+    assert seen_blob and seen_clip
+
+
+def test_real_graphene_f1_reached():
+    """What the committed weights do reach on the real image (0.43 before the blob-proof
+    normalisation and the low-dose / detector-artefact training; measured 0.910)."""
+    img = np.load(DATA / "graphene_gb_6nm.npy")
+    ref = np.load(DATA / "graphene_gb_6nm_reference_columns.npy").astype(float)
+    meta = json.loads((DATA / "graphene_gb_6nm.json").read_text())
+    sc = score_real(locate_unet(img, 0.142 / meta["pixel_size_nm"]), ref, img.shape)
+    assert sc["f1"] >= 0.90, sc
+    assert sc["fp"] <= 20, sc

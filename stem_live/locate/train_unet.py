@@ -1,14 +1,16 @@
 """Train the U-Net column locator (``unet.py``) on simulated frames, within a wall-clock
 budget, and evaluate it.
 
-    python -m stem_live.locate.train_unet --out stem_live/locate/weights/unet.msgpack --minutes 18
+    python -m stem_live.locate.train_unet --out stem_live/locate/weights/unet.msgpack --minutes 20
 
 Training frames are rendered on the fly by the virtual STEM (``simulator``): every preset
-(graphene, srtio3, mos2, particles), pixel sizes 5-40 pm, doses 0.2-5 x the preset default,
+(graphene, srtio3, mos2, particles), pixel sizes 5-40 pm, doses 0.05-5 x the preset default,
 probe sizes 0.75-1.5 x default, random scan rotation, drift (linear, OU walk, jitter) and
-scan distortion (scale error, shear, flyback, line jitter), random background and readout
-noise. Target: Gaussian blobs (sigma = 0.15 x nearest-neighbour spacing, clipped to 1-2 px;
-max over columns) at ``truth.columns_px``. Loss: binary cross-entropy. Optimiser: Adam with a
+scan distortion (scale error, shear, flyback, line jitter), random background (up to 4 x the
+brightest column) and readout noise, then detector artefacts (``detector_artefacts``: a
+saturated contamination blob, clipped highlights, fast-scan smear).
+Target: Gaussian blobs (sigma = 0.15 x nearest-neighbour spacing, clipped to 1-2 px; max over
+columns) at ``truth.columns_px``. Loss: binary cross-entropy. Optimiser: Adam with a
 cosine learning-rate decay over the time budget. Everything is seeded; the result is
 reproducible up to how many steps fit in the budget.
 """
@@ -28,6 +30,13 @@ PRESET_P = (0.3, 0.25, 0.25, 0.2)
 CROP = 128
 BATCH = 8
 EVAL_SEED0 = 1_000_000  # held-out simulator seeds start here (training uses < 1e6)
+DOSE_RANGE = (0.05, 5.0)  # x the preset's default dose, log-uniform
+#: brightest-column counts per pixel at the preset's default dose and pixel size (simulator)
+PEAK_COUNTS = {"graphene": 35.0, "srtio3": 175.0, "mos2": 220.0, "particles": 120.0}
+HIGH_BACKGROUND_P, HIGH_BACKGROUND_X = 0.4, (0.3, 4.0)  # background = U(0.3, 4) x peak counts
+BLOB_P = 0.25  # a saturated contamination blob covering 3-30 % of the frame
+CLIP_P = 0.25  # the top 0.01-1 % of the intensities clipped (an 8-bit export, a saturated detector)
+LINE_BLUR_P = 0.3  # detector bandwidth: each pixel mixes 10-40 % of the previous one along the fast scan
 
 
 # ----------------------------------------------------------------------------- data
@@ -38,8 +47,14 @@ def random_config(rng: np.random.Generator, size: int = CROP):
     preset = PRESETS[rng.choice(len(PRESETS), p=PRESET_P)]
     d = PRESET_DEFAULTS[preset]
     pix = float(np.exp(rng.uniform(np.log(0.005), np.log(0.04))))
-    dose = d["dose_e_per_A2"] * float(np.exp(rng.uniform(np.log(0.2), np.log(5.0))))
+    dose_frac = float(np.exp(rng.uniform(np.log(DOSE_RANGE[0]), np.log(DOSE_RANGE[1]))))
+    dose = d["dose_e_per_A2"] * dose_frac
     probe = d["probe_fwhm_nm"] * float(rng.uniform(0.75, 1.5))
+    if rng.random() < HIGH_BACKGROUND_P:  # MADF on a thick support: the background dwarfs the columns
+        peak = PEAK_COUNTS[preset] * dose_frac * (pix / d["pixel_size_nm"]) ** 2
+        background = float(peak * rng.uniform(*HIGH_BACKGROUND_X))
+    else:
+        background = float(rng.uniform(0.0, 20.0))
     scan = ScanConfig(
         scale_error=tuple(rng.uniform(-0.02, 0.02, 2).tolist()),
         shear=float(rng.uniform(-0.03, 0.03)),
@@ -58,7 +73,7 @@ def random_config(rng: np.random.Generator, size: int = CROP):
     return MicroscopeConfig(
         preset=preset, size=size, pixel_size_nm=pix, dose_e_per_A2=dose, probe_fwhm_nm=probe,
         dwell_us=float(rng.uniform(1.0, 8.0)), flyback_us=float(rng.uniform(20.0, 200.0)),
-        readout_noise=float(rng.uniform(0.3, 3.0)), background_counts=float(rng.uniform(0.0, 20.0)),
+        readout_noise=float(rng.uniform(0.3, 3.0)), background_counts=background,
         scan_rotation_rad=float(rng.uniform(0, 2 * np.pi)), seed=int(rng.integers(0, EVAL_SEED0)),
         drift=drift, scan=scan,
     )
@@ -92,15 +107,44 @@ def target_map(shape, columns_px: np.ndarray) -> np.ndarray:
     return out
 
 
+def detector_artefacts(rng: np.random.Generator, img: np.ndarray, target: np.ndarray):
+    """What real detectors and specimens add to a simulated frame (counts, rows = slow scan):
+    a bright, noisy, saturated contamination blob (``BLOB_P``; the target is cleared under
+    it: no column is visible there), clipping of the brightest pixels (``CLIP_P``) and a
+    detector bandwidth that smears each pixel into the next along the fast scan
+    (``LINE_BLUR_P``). Returns new (image float32, target) arrays."""
+    from scipy.ndimage import gaussian_filter
+
+    x = np.asarray(img, np.float32).copy()
+    y = target.copy()
+    h, w = x.shape
+    if rng.random() < LINE_BLUR_P:
+        a = np.float32(rng.uniform(0.1, 0.4))
+        x[:, 1:] = (1 - a) * x[:, 1:] + a * x[:, :-1]
+    if rng.random() < BLOB_P:
+        field = gaussian_filter(rng.standard_normal((h, w)), sigma=max(h, w) / rng.uniform(4.0, 8.0))
+        cut = np.quantile(field, 1.0 - rng.uniform(0.03, 0.3))
+        edge = max(float(np.std(field)) * 0.15, 1e-12)
+        blob = np.clip((field - cut) / edge, 0.0, 1.0).astype(np.float32)
+        lo, hi = np.percentile(x, [50.0, 99.5])
+        amp = float(max(hi - lo, 1.0) * rng.uniform(1.5, 6.0))
+        x += blob * amp + rng.standard_normal((h, w)).astype(np.float32) * np.sqrt(blob * amp)
+        x = np.minimum(x, np.float32(lo + 0.8 * amp))  # the blob saturates the detector
+        y[blob > 0.2] = 0.0
+    elif rng.random() < CLIP_P:
+        x = np.minimum(x, np.float32(np.percentile(x, 100.0 - rng.uniform(0.01, 1.0))))
+    return np.maximum(x, 0.0), y
+
+
 def make_sample(rng: np.random.Generator, size: int = CROP):
-    """One (normalised image, target) pair, randomly flipped / transposed."""
+    """One (normalised image, target) pair with detector artefacts, randomly flipped / transposed."""
     from simulator import Microscope
 
     from .unet import normalise
 
     img, _, truth = Microscope(random_config(rng, size)).acquire()
+    img, y = detector_artefacts(rng, img, target_map(img.shape, truth.columns_px))
     x = normalise(img)
-    y = target_map(img.shape, truth.columns_px)
     k = int(rng.integers(0, 8))
     if k & 1:
         x, y = x[::-1], y[::-1]
@@ -151,7 +195,7 @@ def make_train_step(optimizer):
     return step
 
 
-def train(out_path, *, minutes: float = 18.0, seed: int = 0, progress=print, lr: float = 3e-3,
+def train(out_path, *, minutes: float = 20.0, seed: int = 0, progress=print, lr: float = 3e-3,
           batch: int = BATCH, size: int = CROP, pool_size: int = 64, refresh: int = 1, crop: int = 96, evaluate_after: bool = True, max_steps: int | None = None,
           model_card: bool = True) -> dict:
     """Train for ``minutes`` of wall-clock time (or ``max_steps``), save the weights to
@@ -306,15 +350,20 @@ def write_model_card(path: Path, m: dict) -> None:
         "Flax linen U-Net, channels 16-32-64, two 2x max-pool downsamplings, ConvTranspose",
         "upsampling, skip connections, ReLU, no normalisation layers; 1 output (column",
         f"probability, sigmoid). {m['n_params']} parameters, {m['weights_bytes'] / 1024:.0f} KiB (flax.serialization msgpack).",
-        "Input: one frame, normalised per image: (x - median) / (p99.5 - median), clipped to [-4, 8].",
+        "Input: one frame, normalised per image: (x - m) / s clipped to [-4, 16], m and s the medians over",
+        "32 x 32 px tiles of each tile's median and interquartile range (a saturated contamination blob",
+        "or a vacuum hole spoils only its own tiles, so it does not squash the columns elsewhere).",
         "",
         "## Training",
         f"- Data: rendered on the fly by `simulator` (no stored data set; a pool of {m.get('pool')} frames, {m.get('refresh')} replaced by fresh ones every step): presets graphene,",
         "  srtio3, mos2, particles (p = 0.3/0.25/0.25/0.2), 128x128 frames (random 96x96 crops), pixel size 5-40 pm",
-        "  (log-uniform), dose 0.2-5x preset default, probe FWHM 0.75-1.5x default, random scan",
+        f"  (log-uniform), dose {DOSE_RANGE[0]:g}-{DOSE_RANGE[1]:g}x preset default (log-uniform), probe FWHM 0.75-1.5x default, random scan",
         "  rotation, drift (linear 0-3 nm/min, OU 0-0.03 nm, 20-80 Hz jitter 0-0.01 nm), scan",
         "  distortion (scale error +-2 %, shear +-0.03, flyback 0-0.05 nm / 5-50 us, optional ringing,",
-        "  line jitter 0-0.004 nm), background 0-20 counts, readout noise 0.3-3; random flips/transpose.",
+        f"  line jitter 0-0.004 nm), background 0-20 counts or (p = {HIGH_BACKGROUND_P:g}) {HIGH_BACKGROUND_X[0]:g}-{HIGH_BACKGROUND_X[1]:g}x the brightest",
+        "  column's counts, readout noise 0.3-3; detector artefacts (`detector_artefacts`): a saturated",
+        f"  contamination blob over 3-30 % of the frame (p = {BLOB_P:g}; no target under it), or the top 0.01-1 %",
+        f"  of intensities clipped (p = {CLIP_P:g}); fast-scan smear of 10-40 % (p = {LINE_BLUR_P:g}); random flips/transpose.",
         "- Target: max over Gaussian blobs at `truth.columns_px`, sigma = 0.15 x NN spacing clipped",
         "  to [1, 2] px. Loss: sigmoid binary cross-entropy. Adam, lr 3e-3 with cosine decay over the",
         "  wall-clock budget.",
@@ -352,7 +401,7 @@ def main(argv=None) -> int:
                                  description="train the U-Net column locator on simulated frames")
     ap.add_argument("--out", default=str(Path(__file__).parent / "weights" / "unet.msgpack"),
                     help="weights file to write (msgpack); MODEL.md is written next to it")
-    ap.add_argument("--minutes", type=float, default=18.0, help="wall-clock training budget")
+    ap.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     a = ap.parse_args(argv)
