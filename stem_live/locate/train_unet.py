@@ -29,6 +29,7 @@ PRESETS = ("graphene", "srtio3", "mos2", "particles")
 PRESET_P = (0.3, 0.25, 0.25, 0.2)
 CROP = 128
 BATCH = 8
+MINUTES = 20.0  # default wall-clock training budget (the committed weights' run; `stem-live train-locator` too)
 EVAL_SEED0 = 1_000_000  # held-out simulator seeds start here (training uses < 1e6)
 DOSE_RANGE = (0.05, 5.0)  # x the preset's default dose, log-uniform
 #: brightest-column counts per pixel at the preset's default dose and pixel size (simulator)
@@ -195,7 +196,7 @@ def make_train_step(optimizer):
     return step
 
 
-def train(out_path, *, minutes: float = 20.0, seed: int = 0, progress=print, lr: float = 3e-3,
+def train(out_path, *, minutes: float = MINUTES, seed: int = 0, progress=print, lr: float = 3e-3,
           batch: int = BATCH, size: int = CROP, pool_size: int = 64, refresh: int = 1, crop: int = 96, evaluate_after: bool = True, max_steps: int | None = None,
           model_card: bool = True) -> dict:
     """Train for ``minutes`` of wall-clock time (or ``max_steps``), save the weights to
@@ -401,7 +402,7 @@ def main(argv=None) -> int:
                                  description="train the U-Net column locator on simulated frames")
     ap.add_argument("--out", default=str(Path(__file__).parent / "weights" / "unet.msgpack"),
                     help="weights file to write (msgpack); MODEL.md is written next to it")
-    ap.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget")
+    ap.add_argument("--minutes", type=float, default=MINUTES, help="wall-clock training budget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     a = ap.parse_args(argv)
