@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy.optimize import least_squares, linear_sum_assignment
 from scipy.spatial import cKDTree
 
@@ -91,11 +92,15 @@ def test_graphene_f1_against_reference():
     f1 = 2 * tp / (2 * tp + fp + fn)
     print(f"graphene: found {len(cols)}, tp {tp}, fp {fp}, fn {fn}, F1 {f1:.4f}")
     assert f1 >= 0.95
-    # nothing is reported inside the saturated contamination (bottom right)
+    # nothing is reported inside or beside the saturated contamination (bottom right); the
+    # small saturated specks elsewhere (noise at 255, the bright left edge) are not contamination
     sat = img >= img.max()
-    assert sat.sum() > 1000
+    labels, _ = ndimage.label(sat)
+    blob = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    assert blob.sum() > 5000
+    near_blob = ndimage.distance_transform_edt(~blob) <= spacing
     ij = np.rint(cols.positions).astype(int)
-    assert not np.any(sat[ij[:, 0], ij[:, 1]])
+    assert not np.any(near_blob[ij[:, 0], ij[:, 1]])
     assert np.all((cols.confidence >= 0) & (cols.confidence <= 1))
 
 

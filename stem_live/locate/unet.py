@@ -217,7 +217,8 @@ def locate_unet(
         refine=False: quadratic interpolation of the map peak.
     n_classes, thresholds, classifier : intensity classes, as in ``locate_classical``
         (intensity = band-passed frame at the final position).
-    saturation : as in ``locate_classical``: peaks near clipped pixels are dropped.
+    saturation : as in ``locate_classical``: peaks beside a saturated region (not a clipped
+        column top) are dropped.
 
     Returns
     -------
@@ -225,8 +226,8 @@ def locate_unet(
     the spacing and the threshold used.
     """
     from .classes import classify_intensity
-    from .classical import (_bilinear, _count_in_box, _inside_frame, _merge_duplicates, _refine_fixed, _saturated,
-                            _subpixel, bandpass, find_peaks)
+    from .classical import (_bilinear, _inside_frame, _merge_duplicates, _refine_fixed, _subpixel, bandpass,
+                            find_peaks, near_saturation)
     from .refine import refine_positions, window_for_spacing
 
     img = np.asarray(image)
@@ -258,10 +259,8 @@ def locate_unet(
 
     pts, heights = find_peaks(probp, threshold, min_distance_frac * spacing_px)
     if len(pts):
-        sat_mask = _saturated(img, saturation)
-        if sat_mask is not None:
-            near = _count_in_box(sat_mask, pts, int(np.ceil(spacing_px)))
-            pts, heights = pts[near == 0], heights[near == 0]
+        near = near_saturation(img, pts, saturation, spacing_px)
+        pts, heights = pts[~near], heights[~near]
     if len(pts) == 0:
         return Columns(np.zeros((0, 2)), np.zeros(0, int), np.zeros(0), np.zeros(0),
                        np.zeros(0, bool), meta)
