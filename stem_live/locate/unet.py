@@ -128,28 +128,71 @@ def _forward_fn(out: int = 1):
 
 
 CLIP = (-4.0, 16.0)  # normalised input range (hot pixels, saturated contamination)
-TILE = 32  # px: the normalisation's statistics are medians over tiles of this size
+TILE = 32  # px: the normalisation's statistics are taken over tiles of this size
+TILE_OK = (2.0, 0.5, 2.0)  # a tile is lattice if |median - m| <= 2 s and 0.5 s <= IQR <= 2 s
+
+
+def _tile_stats(img: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """Median and interquartile range of every tile x tile block (the frame edge-padded to
+    a multiple of ``tile``): two (ceil(H / tile), ceil(W / tile)) arrays."""
+    h, w = img.shape
+    x = np.pad(img, ((0, (-h) % tile), (0, (-w) % tile)), mode="edge")
+    ny, nx = x.shape[0] // tile, x.shape[1] // tile
+    blocks = x.reshape(ny, tile, nx, tile).transpose(0, 2, 1, 3).reshape(ny * nx, tile * tile)
+    q1, med, q3 = np.percentile(blocks, [25.0, 50.0, 75.0], axis=1)
+    return med.reshape(ny, nx), (q3 - q1).reshape(ny, nx)
+
+
+def _interp_matrix(n: int, tile: int, n_tiles: int) -> np.ndarray:
+    """(n, n_tiles) linear-interpolation weights from tile centres to pixels 0..n-1 (constant
+    beyond the first and last centre)."""
+    u = np.clip((np.arange(n) - (tile - 1) / 2.0) / tile, 0.0, n_tiles - 1.0)
+    i0 = np.minimum(u.astype(int), n_tiles - 1)
+    i1 = np.minimum(i0 + 1, n_tiles - 1)
+    f = (u - i0).astype(np.float32)
+    wts = np.zeros((n, n_tiles), np.float32)
+    np.add.at(wts, (np.arange(n), i0), 1.0 - f)
+    np.add.at(wts, (np.arange(n), i1), f)
+    return wts
+
+
+def _tile_field(values: np.ndarray, shape: tuple[int, int], tile: int) -> np.ndarray:
+    """Bilinear interpolation of per-tile values (tile centres) to every pixel of ``shape``:
+    separable, two small matrix products."""
+    wy = _interp_matrix(shape[0], tile, values.shape[0])
+    wx = _interp_matrix(shape[1], tile, values.shape[1])
+    return wy @ values.astype(np.float32) @ wx.T
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
-    """Per-image robust normalisation: (x - m) / s, clipped to ``CLIP``, where m and s are
-    the medians over 32 x 32 px tiles of each tile's median and interquartile range. A
-    saturated contamination blob or a vacuum hole spoils only the tiles it covers, so up to
-    about half the frame can be blob or hole without changing the lattice's scale; the
-    standard deviation stands in when the quartiles coincide (sparse counts)."""
+    """Robust local normalisation: (x - M) / S, clipped to ``CLIP``. M and S are each 32 x 32
+    px tile's median and interquartile range, interpolated between tile centres, so a slowly
+    varying background (a thicker support, the rim of contamination) is flattened. A tile
+    that is not lattice (saturated contamination, a vacuum hole: its median or IQR far from
+    the frame's medians m, s over all tiles, ``TILE_OK``) takes m and s instead, so a hole
+    stays dark and a blob does not squash the columns beside it. The standard deviation
+    stands in for s when the quartiles coincide (sparse counts)."""
     img = np.asarray(image, np.float32)
     h, w = img.shape
-    th, tw = min(TILE, h), min(TILE, w)
-    tiles = img[: h - h % th, : w - w % tw].reshape(h // th, th, w // tw, tw).transpose(0, 2, 1, 3)
-    q1, med, q3 = np.percentile(tiles.reshape(-1, th * tw), [25.0, 50.0, 75.0], axis=1)
+    tile = min(TILE, h, w)
+    med, iqr = _tile_stats(img, tile)
     m = float(np.median(med))
-    scale = float(np.median(q3 - q1))
-    if not scale > 1e-6 * max(abs(m), 1.0):
-        scale = float(np.std(img))
-    scale = max(scale, 1e-6 * max(abs(m), 1.0), 1e-12)
-    return np.clip((img - np.float32(m)) / np.float32(scale), *CLIP)
+    scale = float(np.median(iqr))
+    floor = 1e-6 * max(abs(m), 1.0)
+    if not scale > floor:
+        scale = max(float(np.std(img)), floor, 1e-12)
+        return np.clip((img - np.float32(m)) / np.float32(scale), *CLIP)
+    k_med, k_lo, k_hi = TILE_OK
+    ok = (np.abs(med - m) <= k_med * scale) & (iqr >= k_lo * scale) & (iqr <= k_hi * scale)
+    loc_m = _tile_field(np.where(ok, med, m), img.shape, tile)
+    loc_s = _tile_field(np.where(ok, iqr, scale), img.shape, tile)
+    return np.clip((img - loc_m) / loc_s, *CLIP)
 
 
+#: detection threshold on the column probability: the F1 maximum on held-out simulated frames
+#: (``train_unet.calibrate_threshold``, recorded in weights/metrics.json; keep the two in step)
+THRESHOLD = 0.15
+SPACING_THRESHOLD = 0.5  # peaks used to estimate the spacing when it is not given
 BIN_TARGET_PX = 10.0  # px: larger spacings are binned down to about this (see ``binning_for``)
 
 
@@ -201,7 +244,7 @@ def locate_unet(
     spacing_px: float | None = None,
     *,
     params=None,
-    threshold: float = 0.5,
+    threshold: float = THRESHOLD,
     min_distance_frac: float = 0.6,
     refine: bool = True,
     refine_on: str = "image",
@@ -269,7 +312,8 @@ def locate_unet(
     prob = None
     if spacing_px is None:
         prob = probability_map(img, params)
-        pts0, _ = find_peaks(np.pad(prob, 1), threshold, 2.0)
+        # spacing from the confident peaks only: a low detection threshold admits noise peaks
+        pts0, _ = find_peaks(np.pad(prob, 1), max(threshold, SPACING_THRESHOLD), 2.0)
         spacing_px = _nn_spacing(pts0.astype(float))
         if spacing_px is None:
             spacing_px = 8.0
