@@ -189,8 +189,8 @@ def normalise(image: np.ndarray) -> np.ndarray:
     return np.clip((img - loc_m) / loc_s, *CLIP)
 
 
-#: detection threshold on the column probability: the F1 maximum on held-out simulated frames
-#: (``train_unet.calibrate_threshold``, recorded in weights/metrics.json; keep the two in step)
+#: detection threshold on the column probability: the maximum of the per-frame mean F1 on held-out
+#: simulated frames (``train_unet.calibrate_threshold``, recorded in weights/metrics.json; keep the two in step)
 THRESHOLD = 0.15
 SPACING_THRESHOLD = 0.5  # peaks used to estimate the spacing when it is not given
 BIN_TARGET_PX = 10.0  # px: larger spacings are binned down to about this (see ``binning_for``)
@@ -268,7 +268,8 @@ def locate_unet(
     spacing_px : nearest-neighbour column spacing (px); when None it is the median
         nearest-neighbour distance of the network's own detections.
     params : network weights (default: the committed ``load_default()``).
-    threshold : minimum column probability at a peak of the probability map.
+    threshold : minimum column probability at a peak of the probability map (default
+        ``THRESHOLD``, calibrated with the committed weights; see weights/MODEL.md).
     min_distance_frac : non-maximum suppression radius as a fraction of the spacing.
     refine, refine_on, refine_method : sub-pixel position. Default (``refine_on="image"``,
         ``refine_method="fixed"``): the classical locator's refinement on the raw frame
