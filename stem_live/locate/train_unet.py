@@ -308,7 +308,8 @@ CALIBRATION_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
 
 def calibrate_threshold(params=None, *, n_frames: int = 64, size: int = 256, seed: int = 7,
                         thresholds=CALIBRATION_THRESHOLDS, progress=print) -> dict:
-    """F1 of ``locate_unet`` (given spacing) against the visible true columns, averaged over
+    """F1 of ``locate_unet`` (given spacing) against the visible true columns (``score_real``
+    within 0.3 x spacing), averaged over
     ``n_frames`` held-out frames of the training distribution (``random_config`` with
     simulator seeds >= EVAL_SEED0, ``detector_artefacts``), for every detection threshold.
     Detections within 3 px of the edge that match nothing are not counted. Returns
@@ -336,14 +337,8 @@ def calibrate_threshold(params=None, *, n_frames: int = 64, size: int = 256, see
         if len(t) < 4:
             continue
         nn = float(np.median(cKDTree(t).query(t, k=2)[0][:, 1]))
-        row = []
-        for th in thresholds:
-            p = locate_unet(img, nn, params=params, threshold=th).positions
-            r, _ = match(p, t, 0.3 * nn)
-            un = np.setdiff1d(np.arange(len(p)), r)
-            fp = int(((p[un] >= 3).all(1) & (p[un] < size - 3).all(1)).sum())
-            row.append(2 * len(r) / max(len(r) + fp + len(t), 1))
-        per_frame.append(row)
+        per_frame.append([score_real(locate_unet(img, nn, params=params, threshold=th), t, img.shape,
+                                     tol=0.3 * nn, edge_px=3.0)["f1"] for th in thresholds])
     # every frame weighs the same: pooled counts would let a 40 pm frame with thousands of
     # columns drown the false positives of a sparse nanoparticle field
     f1 = np.mean(per_frame, axis=0)
