@@ -312,6 +312,50 @@ def test_stream_refine_compiles_once_when_the_count_wanders_across_a_bucket_edge
     assert refine_mod.stream_bucket(500, ("test-key",)) == 640  # far fewer: a new, smaller size
 
 
+def _line_sums(n_cols, n_rows, shifts, seed, span=9, info=25.0):
+    """Per-line sums as the fit hands them to ``line_shifts``: column c spans ``span`` lines
+    from first[c]; its line i measures X_c + shifts[row] relative to the fit's weighted mean
+    with noise 1 / sqrt(a_ci), a_ci a Gaussian profile over the lines (information, 1/px^2)."""
+    rng = np.random.default_rng(seed)
+    first = rng.integers(-span // 2, n_rows - span // 2, n_cols)
+    rows = first[:, None] + np.arange(span)[None, :]
+    a = info * np.exp(-(((np.arange(span) - span // 2) / 2.5) ** 2))[None, :].repeat(n_cols, 0)
+    a = np.where((rows >= 0) & (rows < n_rows), a, 0.0)
+    d = shifts[np.clip(rows, 0, n_rows - 1)]
+    x = d + rng.standard_normal(a.shape) / np.sqrt(np.maximum(a, 1e-12))
+    fit_x = np.sum(a * x, 1) / a.sum(1)  # the fit absorbs the weighted mean: steps are relative to it
+    centre = np.clip(first + span // 2, 0, n_rows - 1)
+    return a * (x - fit_x[:, None]), a, first, fit_x, shifts[centre], centre
+
+
+def test_line_shifts_recover_per_line_offsets_and_leave_clean_frames_alone():
+    from stem_live.locate.linejitter import line_shifts
+
+    n_rows = 256
+    rng = np.random.default_rng(0)
+    t = np.arange(n_rows)
+    jitter = 0.5 * np.sin(2 * np.pi * t / 18.6) + 0.2 * rng.standard_normal(n_rows)  # mains + random, px
+    b, a, first, fit_x, true_x, centre = _line_sums(600, n_rows, jitter, seed=1)
+    col_dx, line_dx, rms = line_shifts(b, a, first, n_rows)
+    before = np.sqrt(np.mean((fit_x - true_x) ** 2))  # the fit's centre vs the centre line's x
+    after = np.sqrt(np.mean((fit_x + col_dx + line_dx[centre] - true_x) ** 2))
+    assert before > 0.15 and after < 0.6 * before  # measured 0.20 -> 0.11 px
+    assert 0.2 < rms < 0.5  # the true rms is 0.41 px; the estimate 0.30 (slow parts go to the columns)
+    inner = slice(10, n_rows - 10)
+    assert np.corrcoef(line_dx[inner], jitter[inner])[0, 1] > 0.9
+    # no jitter: the prior shrinks the correction to nothing, dense or sparse
+    for n_cols in (600, 5):
+        b, a, first, fit_x, true_x, centre = _line_sums(n_cols, n_rows, np.zeros(n_rows), seed=2)
+        col_dx, line_dx, rms = line_shifts(b, a, first, n_rows)
+        before = np.sqrt(np.mean((fit_x - true_x) ** 2))
+        after = np.sqrt(np.mean((fit_x + col_dx + line_dx[centre] - true_x) ** 2))
+        assert rms <= 0.05 and np.max(np.abs(col_dx + line_dx[centre])) < 0.05
+        assert after <= 1.03 * before
+    # nothing usable (every column's information 0): no correction
+    col_dx, line_dx, rms = line_shifts(b, np.zeros_like(a), first, n_rows)
+    assert rms == 0.0 and not col_dx.any() and not line_dx.any()
+
+
 # ----------------------------------------------------------------------------- classes
 def _si_in_graphene(seed, n_si=6):
     rng = np.random.default_rng(seed)

@@ -222,6 +222,7 @@ def locate_classical(
     probe_sigma_px: float | None = None,
     keep_outside: bool = False,
     min_amp_snr: float = 3.0,
+    line_jitter: bool = True,
 ) -> Columns:
     """Find atomic columns in one frame.
 
@@ -276,6 +277,11 @@ def locate_classical(
     min_amp_snr : with "fixed": drop a column whose fitted amplitude is below this many
         standard errors (a lattice-denoiser ghost in a vacancy), in frames where the
         median column is clearly measurable (>= 3 x this); off in very noisy frames.
+    line_jitter : with "fixed": measure every scan line's x offset from the columns
+        crossing it and place each column where it appears on the line through its centre
+        (``linejitter.line_shifts``; RMSE 0.29 -> 0.22 px on the simulated graphene with its
+        default scan jitter, unchanged without jitter). ``meta`` gets ``line_jitter_px``
+        (estimated rms line offset) and ``line_shift_px`` (H,) (each line's x shift).
 
     Returns
     -------
@@ -348,10 +354,11 @@ def locate_classical(
             intensity = np.where(good, intensity, heights)
         conf = conf * np.where(good, 0.5 + 0.5 * info["r2"], 0.25)
     elif refine:
-        pos, intensity, border, good, width, real, judge = _refine_fixed(
+        pos, intensity, border, good, width, real, judge, lines = _refine_fixed(
             img, start, prom, spacing_px, sigma_px, window_px, window_given, probe_sigma_px,
-            n_iter, max_fit_std, 0.5 * min_distance_frac * spacing_px, min_amp_snr)
+            n_iter, max_fit_std, 0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter)
         meta["probe_sigma_px"] = width
+        meta.update(lines)
         if intensity_from == "filtered":
             intensity = _bilinear(filt, pos + 1.0)
         else:
@@ -385,11 +392,13 @@ def locate_classical(
 
 
 def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_given, probe_sigma_px,
-                  n_iter, max_fit_std, max_move, min_amp_snr):
+                  n_iter, max_fit_std, max_move, min_amp_snr, line_jitter=True):
     """The default refinement: the probe width from a free Gaussian fit of the most
     prominent columns (median), then the fixed-width, neighbour-subtracted, Poisson-weighted
-    fit of every column (``refine_fixed_width``). Returns positions, amplitudes, border,
-    good (the fit is trusted; otherwise the band-passed peak is kept) and the width used."""
+    fit of every column (``refine_fixed_width``, with the line de-jitter if ``line_jitter``).
+    Returns positions, amplitudes, border, good (the fit is trusted; otherwise the
+    band-passed peak is kept), the width used, real (a significant amplitude), judge (the
+    position that decides inside / outside the frame) and the line-jitter meta entries."""
     from .refine import refine_fixed_width, refine_positions
 
     n = len(start)
@@ -410,7 +419,9 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     peak = sum(img[ij[:, 0] + a, ij[:, 1] + b] for a in (-1, 0, 1) for b in (-1, 0, 1)) / 9.0
     low = float(np.percentile(img[:: max(1, h // 128), :: max(1, w // 128)], 5))
     amp0 = np.maximum(peak - low, 0.0)
-    pos, amp, border, info = refine_fixed_width(img, start, amp0, width, fwin, background=low)
+    pos, amp, border, info = refine_fixed_width(img, start, amp0, width, fwin, background=low,
+                                                line_jitter=line_jitter)
+    lines = {k: info[k] for k in ("line_jitter_px", "line_shift_px") if k in info}
     moved = np.hypot(*(pos - start).T)
     good = info["ok"] & (moved <= max_move) & (info["pos_std"] <= max_fit_std)
     # inside or outside the frame: wherever the fit converged decides, even when it moved
@@ -427,7 +438,7 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     real = snr_fit >= min_amp_snr
     if np.median(snr_fit) < 3.0 * min_amp_snr:
         real[:] = True
-    return pos, np.nan_to_num(amp), border, good, width, real, judge
+    return pos, np.nan_to_num(amp), border, good, width, real, judge, lines
 
 
 def _inside_frame(pos: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

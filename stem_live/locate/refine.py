@@ -305,13 +305,14 @@ def refine_positions(
 
 # ----------------------------------------------------------------------------- fixed width
 @functools.lru_cache(maxsize=None)
-def _build_fixed(window: int, n_iter: int, fit_b: bool):
+def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False):
     """Jit'd pass of the fixed-width Gaussian fit with the neighbours' model subtracted (see
     ``refine_fixed_width``); windows are the discs inscribed in (window x window). Every
     column is independent given its neighbours' (pre-gathered) start parameters, so the
     columns can go in chunks. The normal equations are assembled from moments (one matmul
     per iteration) rather than one reduction per entry: 2.5 -> 1.6 ms per 1024 columns on
-    2 CPU cores, the same fit to 1e-5 px."""
+    2 CPU cores, the same fit to 1e-5 px. With ``line_sums`` it also returns, per window
+    line, the sums ``linejitter.line_shifts`` needs to measure the line jitter."""
     import jax
     import jax.numpy as jnp
 
@@ -325,6 +326,7 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool):
     # monomials 1, y, x, y^2, x^2, y x of the window pixels: every sum of the normal
     # equations is a moment of one of six weighted arrays, so one matmul gives them all
     mono = jnp.asarray(np.stack([np.ones_like(oy), oy, ox, oy * oy, ox * ox, oy * ox], axis=1), jnp.float32)
+    line_of = jnp.asarray(oy[:, None] + r == np.arange(window)[None, :], jnp.float32)  # (K, window) one-hot
 
     def run(z, centers, p0, nb_off, nb_amp, sigma, var_c, shape):
         """z (C, K) window pixels; centers (C, 2) int; p0 (C, 4) start (amp, dy, dx, bg);
@@ -347,7 +349,7 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool):
         n_w = jnp.sum(w0, axis=1)
         n = 4 if fit_b else 3
 
-        def gn(p):
+        def gn(p, lines: bool = False):
             a, y0, x0, b = p
             dy = yy - y0[:, None]
             dx = xx - x0[:, None]
@@ -385,17 +387,28 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool):
             if fit_b:
                 b = b + d[3]
             chi2 = mom[:, 5, 0] / jnp.maximum(n_w - n, 1.0)
-            return (a, y0, x0, b), (mm, chi2)
+            sums = ()
+            if lines:  # each window line's x-step (its b / a) and information, after this step
+                dm = aq[:, None] * dx * g  # d model / d x0
+                wdm = w * dm
+                la = wdm * dm @ line_of
+                lb = (wdm * res) @ line_of - la * jnp.clip(d[2], -lim, lim)[:, None]
+                # only converged fits (the last step small) measure the lines
+                done = ((jnp.abs(d[0]) < 0.05 * jnp.abs(a)) & (jnp.abs(d[1]) < 0.05)
+                        & (jnp.abs(d[2]) < 0.05))
+                scale = jnp.where(done, 1.0 / jnp.maximum(chi2, 1e-30), 0.0)[:, None]
+                sums = (lb * scale, la * scale)
+            return (a, y0, x0, b), (mm, chi2, sums)
 
         p = (p0[:, 0], p0[:, 1], p0[:, 2], p0[:, 3])
-        for _ in range(n_iter):
-            p, (mm, chi2) = gn(p)
+        for it in range(n_iter):
+            p, (mm, chi2, sums) = gn(p, line_sums and it == n_iter - 1)
         # position standard error from the weighted normal matrix, scaled by the reduced
         # chi^2 (so that it does not depend on the units of the noise model)
         pos_std = jnp.sqrt(0.5 * (1.0 / mm[(1, 1)] + 1.0 / mm[(2, 2)]) * chi2)
         amp_snr = p[0] / jnp.sqrt(chi2 / mm[(0, 0)])
         border = jnp.any(~in_frame, axis=1)
-        return jnp.stack(p, axis=-1), border, pos_std, amp_snr
+        return (jnp.stack(p, axis=-1), border, pos_std, amp_snr) + sums
 
     return jax.jit(run)
 
@@ -443,6 +456,7 @@ def refine_fixed_width(
     n_iter: int = 3,
     n_pass: int = 1,
     var_floor: float | None = None,
+    line_jitter: bool = True,
 ):
     """Sub-pixel positions from a Gaussian of fixed, known width ``sigma_px`` fitted to each
     column with its neighbours' model subtracted, Poisson-weighted: the (near) maximum-
@@ -456,11 +470,18 @@ def refine_fixed_width(
     and fits amplitude and position only. Weights 1 / (model + ``var_floor``); the floor
     defaults to a quarter of the image median (scale-invariant).
 
+    With ``line_jitter`` the last pass also measures every scan line's x offset from the
+    columns crossing it (``linejitter.line_shifts``) and puts each column where it appears on
+    the line through its centre (x + column offset + that line's shift): 0.29 -> 0.21 px RMSE
+    on the simulated graphene with its default jitter; a frame without jitter is unchanged.
+
     Returns positions (N, 2), amplitudes (N,), border (N,) bool (the window crosses the
     frame edge) and a dict: ``background`` (N,), ``pos_std`` (position standard error, px,
     from the weighted normal matrix and the reduced chi^2), ``amp_snr`` (amplitude over its
-    standard error: ~0 where nothing is there), ``ok``. A fit that fails keeps its start
-    position (amplitude NaN, pos_std inf, amp_snr 0).
+    standard error: ~0 where nothing is there), ``ok``, and with ``line_jitter``
+    ``line_shift_px`` (H,) (the x shift of the image content on every line, px) and
+    ``line_jitter_px`` (its estimated rms). A fit that fails keeps its start position
+    (amplitude NaN, pos_std inf, amp_snr 0).
     """
     from scipy.spatial import cKDTree
 
@@ -529,7 +550,8 @@ def refine_fixed_width(
         if k:
             nb_off[:n] = centers[nbr] + p[nbr, 1:3] - centers[:, None, :]
             nb_amp[:n] = np.maximum(np.nan_to_num(p[nbr, 0]), 0.0)
-        fn = _build_fixed(window, int(n_iter), fit_b)
+        sums = bool(line_jitter) and ps == int(n_pass) - 1
+        fn = _build_fixed(window, int(n_iter), fit_b, sums)
         out = [fn(z[c0:c0 + chunk], c_pad[c0:c0 + chunk], p[c0:c0 + chunk], nb_off[c0:c0 + chunk],
                   nb_amp[c0:c0 + chunk], np.float32(sigma_px), np.float32(var_floor), (h, w))
                for c0 in range(0, nb, chunk)]  # dispatched before any is read: XLA runs them back to back
@@ -537,6 +559,9 @@ def refine_fixed_width(
         border = np.concatenate([np.asarray(o[1]) for o in out])
         pos_std = np.concatenate([np.asarray(o[2]) for o in out])
         amp_snr = np.concatenate([np.asarray(o[3]) for o in out])
+    if line_jitter:
+        row_b = np.concatenate([np.asarray(o[4]) for o in out])[:n]
+        row_a = np.concatenate([np.asarray(o[5]) for o in out])[:n]
     p = p.astype(np.float64)[:n]
     border = border[:n]
     pos_std = pos_std.astype(np.float64)[:n]
@@ -546,4 +571,14 @@ def refine_fixed_width(
     out = np.where(ok[:, None], centers + np.stack([dy, dx], axis=1), pos)
     info = {"background": bg, "pos_std": np.where(ok, pos_std, np.inf),
             "amp_snr": np.where(ok, np.nan_to_num(amp_snr), 0.0), "ok": ok}
+    if line_jitter:
+        from .linejitter import line_shifts
+
+        use = ok & (amp_snr > 3.0)  # columns, not ghosts in vacancies
+        col_dx, line_dx, jitter = line_shifts(row_b, np.where(use[:, None], row_a, 0.0),
+                                              centers[:, 0].astype(np.intp) - r, h)
+        row = np.clip(np.rint(out[:, 0]).astype(np.intp), 0, h - 1)
+        out[:, 1] += np.where(use, col_dx + line_dx[row], 0.0)
+        info["line_shift_px"] = line_dx
+        info["line_jitter_px"] = jitter
     return out, np.where(ok, amp, np.nan), border, info

@@ -258,6 +258,7 @@ def locate_unet(
     saturation: float | str | None = "auto",
     refine_method: str = "fixed",
     min_amp_snr: float = 3.0,
+    line_jitter: bool = True,
 ) -> Columns:
     """Find atomic columns in one frame with the U-Net; same result type as
     ``locate_classical``.
@@ -286,6 +287,8 @@ def locate_unet(
         (intensity = band-passed frame at the final position).
     saturation : as in ``locate_classical``: peaks beside a saturated region (not a clipped
         column top) are dropped.
+    line_jitter : with the default refinement, the scan-line de-jitter of
+        ``locate_classical`` (``meta``: ``line_jitter_px``, ``line_shift_px``).
 
     Returns
     -------
@@ -348,10 +351,11 @@ def locate_unet(
         # subtracted, Poisson-weighted fit on the raw frame; a peak with no significant column
         # under it, or whose column is centred outside the frame (only its tail shows, as a
         # peak on the edge), is dropped, as in ``locate_classical``
-        pos, _, border, good, width, real, judge = _refine_fixed(
+        pos, _, border, good, width, real, judge, lines = _refine_fixed(
             img, start, conf, spacing_px, sigma_px, window_px, window_given, None, n_iter, max_fit_std,
-            0.5 * min_distance_frac * spacing_px, min_amp_snr)
+            0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter)
         meta["probe_sigma_px"] = width
+        meta.update(lines)
         keep = real & _inside_frame(judge, img.shape)
         conf = conf * np.where(good, 1.0, 0.5)
         pos, border, conf = pos[keep], border[keep], conf[keep]
