@@ -548,12 +548,19 @@ def cmd_locate(a: argparse.Namespace) -> int:
     stack = _load_images(a.file)
     params = None
     if a.locator == "unet":
-        from .locate.unet import load_default, load_params, locate_unet
+        from .locate.unet import THRESHOLD, calibrated_threshold, load_default, load_params, locate_unet
 
         try:
             params = load_params(a.weights) if a.weights else load_default()
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load U-Net weights: {exc}") from None
+        net_threshold = THRESHOLD
+        if a.weights:
+            net_threshold = calibrated_threshold(a.weights)
+            if net_threshold is None:
+                net_threshold = THRESHOLD
+                print(f"note: no metrics.json with a calibrated threshold beside {a.weights}: using the committed "
+                      f"weights' {THRESHOLD:g}", file=sys.stderr)
     out = a.out or a.file.with_name(a.file.stem + "_columns.csv")
     png = a.png or out.with_suffix(".png")
     prog = Progress()
@@ -564,7 +571,7 @@ def cmd_locate(a: argparse.Namespace) -> int:
         if not np.isfinite(img).all():
             raise UserError(f"{a.file}: frame {k} holds NaN or infinite pixels")
         if a.locator == "unet":
-            cols = locate_unet(img, spacing, params=params, n_classes=a.classes)
+            cols = locate_unet(img, spacing, params=params, n_classes=a.classes, threshold=net_threshold)
         else:
             cols = locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold)
         if out.suffix.lower() == ".npz" and len(stack) > 1:
@@ -581,8 +588,10 @@ def cmd_locate(a: argparse.Namespace) -> int:
 
 
 def cmd_train_locator(a: argparse.Namespace) -> int:
-    from .locate.train_unet import train
+    from .locate.train_unet import reevaluate, train
 
+    if a.eval_only:
+        return reevaluate(a.out)
     train(a.out, minutes=a.minutes, seed=a.seed, progress=print)
     return 0
 
@@ -728,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="weights to write (.msgpack); MODEL.md goes beside them")
     s.add_argument("--minutes", type=_positive(float), default=20.0, help="wall-clock training budget")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eval-only", action="store_true",
+                   help="no training: re-evaluate the weights at --out and rewrite their metrics.json and MODEL.md")
     s.set_defaults(func=cmd_train_locator)
 
     s = sub.add_parser("train-rvae", help="train an rVAE on a recording, image, patch stack or the simulator")

@@ -171,6 +171,48 @@ def test_locate_writes_positions_and_overlay(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_locate_with_own_weights_uses_their_calibrated_threshold(tmp_path):
+    """`stem-live locate --locator unet --weights W` detects at the threshold calibrated for W
+    (the metrics.json that train_unet writes beside them), not at the committed weights' one;
+    without a metrics.json it says so and uses the committed weights' threshold."""
+    from simulator import Microscope, MicroscopeConfig
+    from stem_live.locate.unet import WEIGHTS, calibrated_threshold
+
+    img, _, truth = Microscope(MicroscopeConfig(preset="graphene", size=128, seed=3)).acquire()
+    frame = tmp_path / "g.npy"
+    np.save(frame, img)
+    counts = {}
+    for name, best in (("plain", None), ("strict", 0.999)):
+        w = tmp_path / name / "unet.msgpack"
+        w.parent.mkdir()
+        w.write_bytes(WEIGHTS.read_bytes())
+        if best is not None:
+            (w.parent / "metrics.json").write_text(json.dumps({"eval": {"threshold_calibration": {"best": best}}}))
+        assert calibrated_threshold(w) == best
+        out = tmp_path / f"{name}.csv"
+        r = stem_live("locate", str(frame), "--locator", "unet", "--weights", str(w), "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        assert ("no metrics.json" in r.stderr) == (best is None)
+        counts[name] = len(out.read_text().splitlines()) - 1  # a header, then one row per column
+    assert counts["plain"] >= 0.95 * len(truth.columns_px)
+    assert counts["strict"] < 0.5 * counts["plain"]
+
+
+def test_train_locator_eval_only_needs_weights_and_their_record(tmp_path):
+    """--eval-only re-evaluates existing weights; without them (or without the metrics.json
+    written with them) it is one line that says what is missing, not a traceback."""
+    from stem_live.locate.unet import WEIGHTS
+
+    w = tmp_path / "unet.msgpack"
+    r = stem_live("train-locator", "--out", str(w), "--eval-only")
+    assert r.returncode == 2 and "no U-Net weights" in r.stderr and "Traceback" not in r.stderr
+    w.write_bytes(WEIGHTS.read_bytes())
+    (tmp_path / "metrics.json").write_text(json.dumps({"seed": 0}))
+    r = stem_live("train-locator", "--out", str(w), "--eval-only")
+    assert r.returncode == 2 and "lacks n_params" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_locate_bad_file_is_one_line(tmp_path):
     bad = tmp_path / "bad.tif"
     bad.write_bytes(b"II*\x00garbage")

@@ -200,8 +200,9 @@ def train(out_path, *, minutes: float = MINUTES, seed: int = 0, progress=print, 
           batch: int = BATCH, size: int = CROP, pool_size: int = 64, refresh: int = 1, crop: int = 96, evaluate_after: bool = True, max_steps: int | None = None,
           model_card: bool = True) -> dict:
     """Train for ``minutes`` of wall-clock time (or ``max_steps``), save the weights to
-    ``out_path`` (msgpack), evaluate and (``model_card``) write MODEL.md next to them.
-    Returns the metrics dict."""
+    ``out_path`` (msgpack), evaluate and (``model_card``) write MODEL.md and metrics.json next
+    to them (metrics.json holds the calibrated threshold that ``stem-live locate --weights``
+    uses). Returns the metrics dict."""
     import jax
     import optax
 
@@ -247,13 +248,12 @@ def train(out_path, *, minutes: float = MINUTES, seed: int = 0, progress=print, 
              f"{np.mean(losses[-100:]):.4f}; saved {size_b / 1024:.0f} KiB to {out_path}")
     metrics = {"steps": step, "train_minutes": round(train_s / 60, 2), "seed": seed, "batch": batch,
                "frame": size, "crop": crop, "pool": pool_size, "refresh": refresh, "final_loss": float(np.mean(losses[-100:])) if losses else None,
-               "n_params": n_params, "weights_bytes": size_b}
+               "n_params": n_params, "weights_bytes": size_b, "budget_minutes": minutes}
     if evaluate_after:
-        cal = calibrate_threshold(params, progress=progress)
-        metrics["eval"] = evaluate(params, threshold=cal["best"], progress=progress)
-        metrics["eval"]["threshold_calibration"] = cal
+        metrics["eval"] = calibrate_and_evaluate(params, progress=progress)
     if model_card:
         write_model_card(Path(out_path).with_name("MODEL.md"), metrics)
+        Path(out_path).with_name("metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
     return metrics
 
 
@@ -353,6 +353,15 @@ def sim_frame(preset: str, seed: int, size: int = 512, **kw):
 
     img, _, truth = Microscope(MicroscopeConfig(preset=preset, size=size, seed=seed, **kw)).acquire()
     return img, truth
+
+
+def calibrate_and_evaluate(params, *, progress=print) -> dict:
+    """The model card's "eval": the detection threshold calibrated for ``params``
+    (``calibrate_threshold``), then ``evaluate`` at it."""
+    cal = calibrate_threshold(params, progress=progress)
+    ev = evaluate(params, threshold=cal["best"], progress=progress)
+    ev["threshold_calibration"] = cal
+    return ev
 
 
 def evaluate(params=None, *, threshold: float | None = None, seeds=(0, 1), progress=print) -> dict:
@@ -463,7 +472,12 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=MINUTES, help="wall-clock training budget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-eval", action="store_true", help="skip the evaluation")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="no training: re-evaluate the weights at --out (after a change to the locator) and "
+                         "rewrite the evaluation in their metrics.json and MODEL.md")
     a = ap.parse_args(argv)
+    if a.eval_only:
+        return reevaluate(Path(a.out))
     if not a.minutes > 0:
         print("error: --minutes must be > 0", file=sys.stderr)
         return 2
@@ -473,12 +487,29 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"error: cannot write to {out.parent}: {e.strerror}", file=sys.stderr)
         return 2
-    m = train(out, minutes=a.minutes, seed=a.seed, evaluate_after=not a.no_eval,
-              progress=lambda s: print(s, flush=True))
-    m["budget_minutes"] = a.minutes
-    if not a.no_eval:
-        write_model_card(out.with_name("MODEL.md"), m)
-        (out.with_name("metrics.json")).write_text(json.dumps(m, indent=1, default=float))
+    train(out, minutes=a.minutes, seed=a.seed, evaluate_after=not a.no_eval, progress=lambda s: print(s, flush=True))
+    return 0
+
+
+def reevaluate(out: Path) -> int:
+    """``--eval-only``: the training record of ``out``'s metrics.json kept, its "eval" redone."""
+    from .unet import load_params
+
+    metrics_path = out.with_name("metrics.json")
+    try:
+        params = load_params(out)
+        m = json.loads(metrics_path.read_text())
+        missing = [k for k in ("n_params", "weights_bytes", "seed", "batch", "crop", "steps", "train_minutes",
+                                "final_loss") if k not in m]
+        if missing:
+            raise KeyError(f"{metrics_path} lacks {', '.join(missing)}")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: --eval-only needs weights and the metrics.json written with them beside {out}: {e}",
+              file=sys.stderr)
+        return 2
+    m["eval"] = calibrate_and_evaluate(params, progress=lambda s: print(s, flush=True))
+    write_model_card(out.with_name("MODEL.md"), m)
+    metrics_path.write_text(json.dumps(m, indent=1, default=float))
     return 0
 
 

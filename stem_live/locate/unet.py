@@ -109,6 +109,20 @@ def load_params(path):
     return d
 
 
+def calibrated_threshold(weights_path) -> float | None:
+    """The detection threshold calibrated for the weights at ``weights_path`` (the
+    ``eval.threshold_calibration.best`` of the metrics.json that ``train_unet`` writes beside
+    them), or None when there is none (use ``THRESHOLD`` then, calibrated for the committed
+    weights)."""
+    import json
+
+    try:
+        m = json.loads(Path(weights_path).with_name("metrics.json").read_text())
+        return float(m["eval"]["threshold_calibration"]["best"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def load_default():
     """The committed weights (``stem_live/locate/weights/unet.msgpack``), cached."""
