@@ -18,8 +18,8 @@ the columns of all frames together):
 - ``frame_drift_nm`` (F, 2): the rigid (registration) estimate at ``t_mid``.
 - ``col_offsets`` (F + 1,): frame ``k``'s columns are rows ``col_offsets[k]:col_offsets[k+1]``
   of ``columns_px`` (raw, as located), ``columns_undistorted_px`` (where the column would be
-  with the drift since the reference frame and the modelled scan distortion taken out:
-  the reference frame's pixels), ``columns_t_s`` (when its centre was scanned),
+  with the drift since the reference frame and the modelled scan distortion taken out, from
+  the line-averaged positions: the reference frame's pixels), ``columns_t_s`` (when its centre was scanned),
   ``columns_class``.
 - ``correction_nm`` (F, 2): the beam-shift target the armed engine would have sent after
   the frame (NaN where it sent none); ``correction_sent`` (F,) bool, ``correction_reason`` (F,).
@@ -85,7 +85,10 @@ def frame_record(frame, result, engine) -> FrameRecord:
     def drift_at(t: np.ndarray) -> np.ndarray:  # the model between line starts: linear (lines << 50 Hz period)
         return np.stack([np.interp(t, lines, mean[:, k]) for k in range(2)], axis=1)
 
-    und = undistort_positions(pos, t_col, drift_at, psz, beam, distortion_fn=lambda p: gp.distortion(p, t_line))
+    # from the line-averaged positions, as the drift model saw them (the random line jitter
+    # that the de-jitter adds back to ``pos`` would stay in a lattice meant to be fixed)
+    smooth = np.asarray(result.columns.line_averaged(), dtype=np.float64).reshape(-1, 2)
+    und = undistort_positions(smooth, t_col, drift_at, psz, beam, distortion_fn=lambda p: gp.distortion(p, t_line))
     c = result.correction
     return FrameRecord(
         seq=int(frame.seq), t_start=float(frame.t_start), t_mid=float(result.t_mid),

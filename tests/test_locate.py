@@ -356,6 +356,20 @@ def test_line_shifts_recover_per_line_offsets_and_leave_clean_frames_alone():
     assert rms == 0.0 and not col_dx.any() and not line_dx.any()
 
 
+def test_columns_carry_the_line_shift_through_subsets():
+    from stem_live.locate import Columns
+
+    c = Columns(np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), np.zeros(3, int), np.ones(3), np.ones(3),
+                np.zeros(3, bool), {}, np.array([0.1, -0.2, 0.3]))
+    np.testing.assert_allclose(c.line_averaged(), [[1.0, 1.9], [3.0, 4.2], [5.0, 5.7]])
+    s = c.subset(np.array([2, 0]))
+    np.testing.assert_allclose(s.line_dx, [0.3, 0.1])
+    np.testing.assert_allclose(s.line_averaged(), [[5.0, 5.7], [1.0, 1.9]])
+    assert not Columns(c.positions, c.klass, c.intensity, c.confidence, c.border).line_dx.any()
+    with pytest.raises(ValueError, match="line_dx"):
+        Columns(c.positions, c.klass, c.intensity, c.confidence, c.border, {}, np.zeros(2))
+
+
 # ----------------------------------------------------------------------------- classes
 def _si_in_graphene(seed, n_si=6):
     rng = np.random.default_rng(seed)

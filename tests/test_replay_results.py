@@ -139,7 +139,9 @@ def test_results_against_the_simulator_truth(recording, tmp_path, capsys, keep_s
     t_target = r["t_start"] + 1.5 * rows * r["line_time_s"]
     pred_err_pm = np.abs(r["correction_nm"] - offset - sim.drift_at(t_target))[SKIP:].max(axis=0) * 1e3
     print(f"correction target vs the true drift at its time: max error {pred_err_pm.round(1)} pm")
-    assert np.all(pred_err_pm < 12.0), pred_err_pm
+    # measured 3.8 / 4.1 pm; 6.2 pm (x) when the drift model took the de-jittered positions
+    # (Columns.positions) instead of the line-averaged ones (Columns.line_averaged())
+    assert np.all(pred_err_pm < 5.5), pred_err_pm
 
 
 def test_ctrl_c_keeps_what_was_processed(recording, tmp_path, monkeypatch, capsys, keep_signal_handlers):

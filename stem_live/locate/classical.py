@@ -281,7 +281,8 @@ def locate_classical(
         crossing it and place each column where it appears on the line through its centre
         (``linejitter.line_shifts``; RMSE 0.29 -> 0.22 px on the simulated graphene with its
         default scan jitter, unchanged without jitter). ``meta`` gets ``line_jitter_px``
-        (estimated rms line offset) and ``line_shift_px`` (H,) (each line's x shift).
+        (estimated rms line offset) and ``line_shift_px`` (H,) (each line's x shift);
+        ``Columns.line_dx`` the shift added to each column (``Columns.line_averaged()``).
 
     Returns
     -------
@@ -340,6 +341,7 @@ def locate_classical(
     if window_px is None:
         window_px = window_for_spacing(spacing_px)
     window_px = int(window_px) | 1
+    line_dx = np.zeros(len(start))
     if refine and refine_method == "free":
         pos, intensity, border, info = refine_positions(
             img, start, window_px, sigma_px=sigma_px, n_iter=n_iter, return_info=True
@@ -358,6 +360,7 @@ def locate_classical(
             img, start, prom, spacing_px, sigma_px, window_px, window_given, probe_sigma_px,
             n_iter, max_fit_std, 0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter)
         meta["probe_sigma_px"] = width
+        line_dx = lines.pop("line_dx", line_dx)
         meta.update(lines)
         if intensity_from == "filtered":
             intensity = _bilinear(filt, pos + 1.0)
@@ -375,7 +378,7 @@ def locate_classical(
             # the image shows the tail of a column centred just outside it as a peak on the
             # edge; the fit (on the pixels inside) puts it outside: not a column of this frame
             keep &= _inside_frame(judge, img.shape)
-        pos, intensity, border, conf = pos[keep], intensity[keep], border[keep], conf[keep]
+        pos, intensity, border, conf, line_dx = pos[keep], intensity[keep], border[keep], conf[keep], line_dx[keep]
     else:
         pos = start
         intensity = heights.astype(np.float64)
@@ -388,7 +391,7 @@ def locate_classical(
         klass = classifier(intensity)
     else:
         klass, _ = classify_intensity(intensity, thresholds=thresholds, n_classes=n_classes)
-    return Columns(pos, klass, intensity, np.clip(conf, 0.0, 1.0), border, meta)
+    return Columns(pos, klass, intensity, np.clip(conf, 0.0, 1.0), border, meta, line_dx)
 
 
 def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_given, probe_sigma_px,
@@ -421,7 +424,7 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     amp0 = np.maximum(peak - low, 0.0)
     pos, amp, border, info = refine_fixed_width(img, start, amp0, width, fwin, background=low,
                                                 line_jitter=line_jitter)
-    lines = {k: info[k] for k in ("line_jitter_px", "line_shift_px") if k in info}
+    lines = {k: info[k] for k in ("line_jitter_px", "line_shift_px", "line_dx") if k in info}
     moved = np.hypot(*(pos - start).T)
     good = info["ok"] & (moved <= max_move) & (info["pos_std"] <= max_fit_std)
     # inside or outside the frame: wherever the fit converged decides, even when it moved
@@ -430,6 +433,8 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     # edge pixel; its fit goes out by up to a spacing: SrTiO3 precision 0.9947 -> 0.9982)
     judge = np.where(info["ok"][:, None], pos, start)
     pos = np.where(good[:, None], pos, start)
+    if "line_dx" in lines:  # the band-passed position kept instead of the fit: no shift added
+        lines["line_dx"] = np.where(good, lines["line_dx"], 0.0)
     # a peak of the filtered image with no column under it in the raw frame (the lattice-
     # periodic denoiser fills in vacancies faintly): the fitted amplitude is insignificant.
     # Judged only where single columns are clearly measurable (median amplitude SNR well

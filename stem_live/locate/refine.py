@@ -479,8 +479,9 @@ def refine_fixed_width(
     frame edge) and a dict: ``background`` (N,), ``pos_std`` (position standard error, px,
     from the weighted normal matrix and the reduced chi^2), ``amp_snr`` (amplitude over its
     standard error: ~0 where nothing is there), ``ok``, and with ``line_jitter``
-    ``line_shift_px`` (H,) (the x shift of the image content on every line, px) and
-    ``line_jitter_px`` (its estimated rms). A fit that fails keeps its start position
+    ``line_shift_px`` (H,) (the x shift of the image content on every line, px),
+    ``line_jitter_px`` (its estimated rms) and ``line_dx`` (N,) (the x shift added to each
+    column). A fit that fails keeps its start position
     (amplitude NaN, pos_std inf, amp_snr 0).
     """
     from scipy.spatial import cKDTree
@@ -578,7 +579,8 @@ def refine_fixed_width(
         col_dx, line_dx, jitter = line_shifts(row_b, np.where(use[:, None], row_a, 0.0),
                                               centers[:, 0].astype(np.intp) - r, h)
         row = np.clip(np.rint(out[:, 0]).astype(np.intp), 0, h - 1)
-        out[:, 1] += np.where(use, col_dx + line_dx[row], 0.0)
+        info["line_dx"] = np.where(use, col_dx + line_dx[row], 0.0)
+        out[:, 1] += info["line_dx"]
         info["line_shift_px"] = line_dx
         info["line_jitter_px"] = jitter
     return out, np.where(ok, amp, np.nan), border, info

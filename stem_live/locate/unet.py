@@ -360,6 +360,7 @@ def locate_unet(
     if window_px is None:
         window_px = window_for_spacing(spacing_px)
     window_px = int(window_px) | 1
+    line_dx = np.zeros(len(start))  # the line de-jitter's shift (fixed-width refinement only)
     if refine and refine_on == "image" and refine_method == "fixed":
         # the classical locator's refinement of the network's peaks: fixed-width, neighbour-
         # subtracted, Poisson-weighted fit on the raw frame; a peak with no significant column
@@ -369,10 +370,11 @@ def locate_unet(
             img, start, conf, spacing_px, sigma_px, window_px, window_given, None, n_iter, max_fit_std,
             0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter)
         meta["probe_sigma_px"] = width
+        line_dx = lines.pop("line_dx", line_dx)
         meta.update(lines)
         keep = real & _inside_frame(judge, img.shape)
         conf = conf * np.where(good, 1.0, 0.5)
-        pos, border, conf = pos[keep], border[keep], conf[keep]
+        pos, border, conf, line_dx = pos[keep], border[keep], conf[keep], line_dx[keep]
     elif refine:
         target = img if refine_on == "image" else prob
         pos, _, border, info = refine_positions(target, start, window_px, sigma_px=sigma_px,
@@ -389,9 +391,9 @@ def locate_unet(
     intensity = _bilinear(filt, pos + 1.0)
     if refine:
         pos, keep = _merge_duplicates(pos, conf, 0.25 * spacing_px)
-        pos, intensity, border, conf = pos[keep], intensity[keep], border[keep], conf[keep]
+        pos, intensity, border, conf, line_dx = pos[keep], intensity[keep], border[keep], conf[keep], line_dx[keep]
     if classifier is not None:
         klass = classifier(intensity)
     else:
         klass, _ = classify_intensity(intensity, thresholds=thresholds, n_classes=n_classes)
-    return Columns(pos, klass, intensity, np.clip(conf, 0.0, 1.0), border, meta)
+    return Columns(pos, klass, intensity, np.clip(conf, 0.0, 1.0), border, meta, line_dx)
