@@ -368,7 +368,7 @@ class ColumnModel:
         t1 = time.perf_counter()
         # the tracker and the drift model take the line-averaged positions: the random part of
         # each scan line's offset, which the de-jitter puts back, is noise to a drift model
-        # (with it the correction error of the replay test grew from 4.0 to 6.2 pm)
+        # (with them the replay test's correction error grew from 4.1 to 6.2 pm)
         smooth = dc_replace(cols, positions=cols.line_averaged())
         ids = self.tracker.update(self._deskewed(frame, smooth), shift_hint=tuple(hint_px))
         ref_ids = self.tracker.reference_ids
