@@ -162,7 +162,10 @@ def test_locate_writes_positions_and_overlay(tmp_path):
     img.write_bytes(src.read_bytes())
     r = stem_live("locate", str(img), "--spacing-px", "12.1")
     assert r.returncode == 0, r.stderr
-    table = np.loadtxt(tmp_path / "g_columns.csv", delimiter=",", skiprows=1)
+    csv = tmp_path / "g_columns.csv"
+    assert csv.read_text().splitlines()[0] == "frame,row_px,col_px,class,intensity,confidence,border,line_dx_px"
+    table = np.loadtxt(csv, delimiter=",", skiprows=1)
+    assert table.shape[1] == 8 and np.abs(table[:, 7]).max() < 1.0  # the line de-jitter's shifts, px
     ref = np.load(Path(__file__).parent / "data" / "graphene_gb_6nm_reference_columns.npy")
     ti, fi = match_columns(ref, table[:, 1:3], 3.0)
     f1 = 2 * len(ti) / (len(ref) + len(table))

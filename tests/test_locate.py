@@ -370,6 +370,18 @@ def test_columns_carry_the_line_shift_through_subsets():
         Columns(c.positions, c.klass, c.intensity, c.confidence, c.border, {}, np.zeros(2))
 
 
+def test_npz_export_keeps_the_line_shifts(tmp_path):
+    from stem_live.locate.export import write_columns
+
+    img = render((96, 96), hex_lattice((96, 96), 9.0), sigma=1.6, dose=200.0, seed=1)
+    cols = locate_classical(img, 9.0)
+    write_columns(tmp_path / "c.npz", cols, frame=3)
+    d = np.load(tmp_path / "c.npz")
+    np.testing.assert_array_equal(d["positions"], cols.positions)
+    np.testing.assert_array_equal(d["line_dx"], cols.line_dx)
+    assert d["line_shift_px"].shape == (96,) and (d["frame"] == 3).all()
+
+
 # ----------------------------------------------------------------------------- classes
 def _si_in_graphene(seed, n_si=6):
     rng = np.random.default_rng(seed)

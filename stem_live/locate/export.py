@@ -15,21 +15,27 @@ CLASS_COLOURS = np.array([[255, 80, 60], [60, 200, 255], [255, 210, 0], [120, 25
 
 
 def write_columns(path: Path, columns: Columns, *, frame: int | None = None) -> None:
-    """``.csv`` (frame,row,col,class,intensity,confidence,border) or ``.npz`` (one array per field)."""
+    """``.csv`` (frame,row,col,class,intensity,confidence,border,line_dx) or ``.npz`` (one array
+    per field, and ``line_shift_px``, the x shift of every scan line, where it was measured).
+    ``line_dx`` is the x shift (px) the line de-jitter added: ``col_px - line_dx`` is the
+    line-averaged position."""
     path = Path(path)
     n = len(columns)
     fr = np.full(n, -1 if frame is None else frame)
     if path.suffix.lower() == ".npz":
+        extra = {}
+        if "line_shift_px" in columns.meta:
+            extra["line_shift_px"] = np.asarray(columns.meta["line_shift_px"])
         np.savez(path, frame=fr, positions=columns.positions, klass=columns.klass, intensity=columns.intensity,
-                 confidence=columns.confidence, border=columns.border)
+                 confidence=columns.confidence, border=columns.border, line_dx=columns.line_dx, **extra)
         return
     table = np.column_stack([fr, columns.positions, columns.klass, columns.intensity, columns.confidence,
-                             columns.border.astype(int)])
+                             columns.border.astype(int), columns.line_dx])
     mode = "a" if frame not in (None, 0) and path.exists() else "w"
     with open(path, mode) as fh:
         if mode == "w":
-            fh.write("frame,row_px,col_px,class,intensity,confidence,border\n")
-        np.savetxt(fh, table, delimiter=",", fmt=["%d", "%.4f", "%.4f", "%d", "%.6g", "%.4f", "%d"])
+            fh.write("frame,row_px,col_px,class,intensity,confidence,border,line_dx_px\n")
+        np.savetxt(fh, table, delimiter=",", fmt=["%d", "%.4f", "%.4f", "%d", "%.6g", "%.4f", "%d", "%.4f"])
 
 
 def overlay_rgb(image: np.ndarray, columns: Columns, *, radius: int = 2) -> np.ndarray:
