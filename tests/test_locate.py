@@ -351,6 +351,11 @@ def test_line_shifts_recover_per_line_offsets_and_leave_clean_frames_alone():
         after = np.sqrt(np.mean((fit_x + col_dx + line_dx[centre] - true_x) ** 2))
         assert rms <= 0.05 and np.max(np.abs(col_dx + line_dx[centre])) < 0.05
         assert after <= 1.03 * before
+    # a non-finite line sum (a degenerate fit) is left out, not spread over the frame
+    b2, a2 = b.copy(), a.copy()
+    b2[0, 3], a2[1, 2] = np.nan, np.inf
+    col_dx, line_dx, rms = line_shifts(b2, a2, first, n_rows)
+    assert np.isfinite(col_dx).all() and np.isfinite(line_dx).all() and np.isfinite(rms)
     # nothing usable (every column's information 0): no correction
     col_dx, line_dx, rms = line_shifts(b, np.zeros_like(a), first, n_rows)
     assert rms == 0.0 and not col_dx.any() and not line_dx.any()

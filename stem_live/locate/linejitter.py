@@ -47,7 +47,8 @@ def line_shifts(row_b: np.ndarray, row_a: np.ndarray, first_row: np.ndarray, n_r
     informs it); jitter_px: the estimated rms line shift (the prior std used).
     """
     rows = first_row[:, None].astype(np.intp) + np.arange(row_a.shape[1])[None, :]
-    a = np.where((rows >= 0) & (rows < n_rows) & (row_a > 0), row_a, np.float32(0.0)).astype(np.float32)
+    usable = (rows >= 0) & (rows < n_rows) & (row_a > 0) & np.isfinite(row_a) & np.isfinite(row_b)
+    a = np.where(usable, row_a, np.float32(0.0)).astype(np.float32)
     b = np.where(a > 0, row_b, np.float32(0.0)).astype(np.float32)
     idx = np.clip(rows, 0, n_rows - 1).ravel()
     den = np.bincount(idx, a.ravel(), n_rows)
