@@ -361,6 +361,17 @@ def test_line_shifts_recover_per_line_offsets_and_leave_clean_frames_alone():
     assert rms == 0.0 and not col_dx.any() and not line_dx.any()
 
 
+def test_line_at_weights_the_lines_the_centre_may_lie_on():
+    from stem_live.locate.refine import _line_at
+
+    line_dx = np.arange(20, dtype=float)  # line r shifted by r px
+    got = _line_at(line_dx, np.array([10.0, 10.5, 10.45, 0.0, 19.4]), np.array([0.05, 0.05, 0.05, 0.3, 0.3]))
+    assert got[0] == pytest.approx(10.0, abs=1e-6)  # centred on a line, well measured: that line
+    assert got[1] == pytest.approx(10.5, abs=1e-6)  # on the boundary: half each
+    assert 10.1 < got[2] < 10.25  # 0.05 px from the boundary at 0.05 px std: 16 % on line 11
+    assert 0.0 < got[3] < 0.1 and 18.99 < got[4] < 19.0  # beyond the first / last line: those lines
+
+
 def test_columns_carry_the_line_shift_through_subsets():
     from stem_live.locate import Columns
 

@@ -279,7 +279,7 @@ def locate_classical(
         median column is clearly measurable (>= 3 x this); off in very noisy frames.
     line_jitter : with "fixed": measure every scan line's x offset from the columns
         crossing it and place each column where it appears on the line through its centre
-        (``linejitter.line_shifts``; RMSE 0.29 -> 0.22 px on the simulated graphene with its
+        (``linejitter.line_shifts``; RMSE 0.29 -> 0.21 px on the simulated graphene with its
         default scan jitter, unchanged without jitter). ``meta`` gets ``line_jitter_px``
         (estimated rms line offset) and ``line_shift_px`` (H,) (each line's x shift);
         ``Columns.line_dx`` the shift added to each column (``Columns.line_averaged()``).

@@ -472,7 +472,7 @@ def refine_fixed_width(
 
     With ``line_jitter`` the last pass also measures every scan line's x offset from the
     columns crossing it (``linejitter.line_shifts``) and puts each column where it appears on
-    the line through its centre (x + column offset + that line's shift): 0.29 -> 0.22 px RMSE
+    the line through its centre (x + column offset + that line's shift): 0.29 -> 0.21 px RMSE
     on the simulated graphene with its default jitter; a frame without jitter is unchanged.
 
     Returns positions (N, 2), amplitudes (N,), border (N,) bool (the window crosses the
@@ -577,9 +577,25 @@ def refine_fixed_width(
         use = ok & (amp_snr > 3.0)  # columns, not ghosts in vacancies
         col_dx, line_dx, jitter = line_shifts(row_b, np.where(use[:, None], row_a, 0.0),
                                               centers[:, 0].astype(np.intp) - r, h)
-        row = np.clip(np.rint(out[:, 0]).astype(np.intp), 0, h - 1)
-        info["line_dx"] = np.where(use, col_dx + line_dx[row], 0.0)
+        info["line_dx"] = np.where(use, col_dx + _line_at(line_dx, out[:, 0], pos_std), 0.0)
         out[:, 1] += info["line_dx"]
         info["line_shift_px"] = line_dx
         info["line_jitter_px"] = jitter
     return out, np.where(ok, amp, np.nan), border, info
+
+
+def _line_at(line_dx: np.ndarray, y: np.ndarray, y_std: np.ndarray) -> np.ndarray:
+    """The shift of the scan line through each column's centre, ``line_dx[rint(y_true)]``,
+    averaged over where the true centre may lie (y known to ``y_std`` px): near a half-pixel
+    row boundary the two lines share the weight instead of the nearer one taking it all
+    (the mean-square-error estimate; graphene RMSE -0.007 px against plain rounding)."""
+    from scipy.special import ndtr
+
+    s = np.clip(np.nan_to_num(np.asarray(y_std, dtype=np.float64), nan=0.5, posinf=0.5), 0.02, 0.5)
+    base = np.floor(y).astype(np.intp)
+    out = np.zeros(len(y))
+    for k in (-1, 0, 1, 2):  # the lines within 1.5 px of y: all the weight for s <= 0.5
+        row = base + k
+        p = ndtr((row + 0.5 - y) / s) - ndtr((row - 0.5 - y) / s)
+        out += p * line_dx[np.clip(row, 0, len(line_dx) - 1)]
+    return out
