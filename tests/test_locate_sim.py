@@ -218,7 +218,7 @@ def test_evaluate_column_metrics_meet_the_done_when(preset):
     m = column_metrics([scope.acquire() for _ in range(10)])
     print(preset, m)
     assert m["recall"] >= 0.995 and m["precision"] >= 0.995
-    assert m["rmse_px"] <= 0.30
+    assert m["rmse_px"] <= 0.24  # measured 0.203 / 0.201 px (0.28 / 0.25 before the line de-jitter)
 
 
 @pytest.mark.parametrize("locator", LOCATORS)
