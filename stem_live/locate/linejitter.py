@@ -16,7 +16,8 @@ over per-column offsets X_c and per-line shifts d_r (px, the image content's x s
 r), by alternating weighted means. The prior variance s**2 is estimated from the frame
 (empirical Bayes: the spread of the shifts less their noise), so a frame without jitter keeps
 its positions (d ~ 0) and a sparse frame, where lines cannot be told apart from columns, is
-shrunk towards no correction. A column centred on row y then sits at x + X_c + d_rint(y).
+shrunk towards no correction. A column centred on row y then sits at x + X_c + d_rint(y)
+(``refine._line_at``: averaged over the lines y may round to, by its uncertainty).
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ def line_shifts(row_b: np.ndarray, row_a: np.ndarray, first_row: np.ndarray, n_r
         Columns that are not to be used have ``row_a`` = 0.
     first_row : (N,) int, the frame row of each window's first line.
     n_rows : lines in the frame.
-    n_iter : alternating iterations (after a first pass with the loose prior ``start_px``
-        that estimates the prior from the frame).
+    n_iter : alternating iterations (>= 1), after a first pass with the loose prior
+        ``start_px`` (px) that estimates the prior from the frame.
     floor_px : smallest prior std (a frame without jitter is shrunk to ~0 correction).
 
     Returns
     -------
-    col_dx (N,) px: add to each column's fitted x, with ``line_dx[rint(y)]``;
+    col_dx (N,) px: add to each column's fitted x, with the shift of its centre's line;
     line_dx (n_rows,) px: x shift of the image content on every line (0 where no column
     informs it); jitter_px: the estimated rms line shift (the prior std used).
     """
@@ -72,5 +73,5 @@ def line_shifts(row_b: np.ndarray, row_a: np.ndarray, first_row: np.ndarray, n_r
     d0 = bsum / (den + prec0)
     noise = np.mean(1.0 / (den[seen] + prec0))
     var = max(float(np.mean(d0[seen] ** 2) - noise), floor_px**2)
-    x, d = solve(1.0 / var, np.zeros(len(a)), int(n_iter))
+    x, d = solve(1.0 / var, np.zeros(len(a)), max(1, int(n_iter)))
     return x, d, float(np.sqrt(var))
