@@ -51,6 +51,11 @@ def _match(found, truth, tol):
     return r[ok], c[ok]
 
 
+def _spacing(t):
+    """Median nearest-neighbour distance of the true columns (px): the matching scale."""
+    return float(np.median(cKDTree(t).query(t, k=2)[0][:, 1]))
+
+
 def _crlb(preset, truth, pixel_nm, shape):
     """Cramer-Rao bound (2-D, px) of every column's position: Poisson + readout noise,
     neighbours and background known, amplitude and position unknown (an optimistic bound:
@@ -92,8 +97,7 @@ def _run(preset, n_frames, clean, seed=1, locator="classical"):
     for _ in range(n_frames):
         img, meta, truth = scope.acquire()
         t = truth.columns_px
-        d, _ = cKDTree(t).query(t, k=2)
-        spacing = float(np.median(d[:, 1]))
+        spacing = _spacing(t)
         cols = _locate(locator, img, spacing)
         r, c = _match(cols.positions, t, 0.3 * spacing)
         tp += len(r)
@@ -166,7 +170,7 @@ def test_scan_line_jitter_is_measured_and_taken_out(preset):
 
     img, meta, truth = Microscope(MicroscopeConfig(preset=preset, size=SIZE, seed=2)).acquire()
     t = truth.columns_px
-    spacing = float(np.median(cKDTree(t).query(t, k=2)[0][:, 1]))
+    spacing = _spacing(t)
     cols = locate_classical(img, spacing)
     plain = locate_classical(img, spacing, line_jitter=False)
     true = -(truth.line_jitter_nm + truth.beam_shift_nm[:, 1] - truth.drift_nm[:, 1]) / meta.pixel_size_nm[1]
@@ -230,7 +234,7 @@ def test_clipped_column_tops_are_still_located(preset, locator):
     every peak had a saturated pixel within a spacing and was dropped as contamination)."""
     img, _, truth = Microscope(MicroscopeConfig(preset=preset, size=SIZE, seed=3)).acquire()
     t = truth.columns_px
-    spacing = float(np.median(cKDTree(t).query(t, k=2)[0][:, 1]))
+    spacing = _spacing(t)
     clipped = np.minimum(img, np.percentile(img, 99.0))
     assert np.mean(clipped == clipped.max()) >= 0.009
     for frame in (img, clipped):
