@@ -356,12 +356,11 @@ def locate_classical(
             intensity = np.where(good, intensity, heights)
         conf = conf * np.where(good, 0.5 + 0.5 * info["r2"], 0.25)
     elif refine:
-        pos, intensity, border, good, width, real, judge, lines = _refine_fixed(
+        pos, intensity, border, good, width, real, judge, line_dx, line_meta = _refine_fixed(
             img, start, prom, spacing_px, sigma_px, window_px, window_given, probe_sigma_px,
             n_iter, max_fit_std, 0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter)
         meta["probe_sigma_px"] = width
-        line_dx = lines.pop("line_dx", line_dx)
-        meta.update(lines)
+        meta.update(line_meta)
         if intensity_from == "filtered":
             intensity = _bilinear(filt, pos + 1.0)
         else:
@@ -401,7 +400,8 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     fit of every column (``refine_fixed_width``, with the line de-jitter if ``line_jitter``).
     Returns positions, amplitudes, border, good (the fit is trusted; otherwise the
     band-passed peak is kept), the width used, real (a significant amplitude), judge (the
-    position that decides inside / outside the frame) and the line-jitter meta entries."""
+    position that decides inside / outside the frame), the line de-jitter's shift of every
+    column (0 where the band-passed peak is kept) and its meta entries."""
     from .refine import refine_fixed_width, refine_positions
 
     n = len(start)
@@ -424,7 +424,7 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     amp0 = np.maximum(peak - low, 0.0)
     pos, amp, border, info = refine_fixed_width(img, start, amp0, width, fwin, background=low,
                                                 line_jitter=line_jitter)
-    lines = {k: info[k] for k in ("line_jitter_px", "line_shift_px", "line_dx") if k in info}
+    line_meta = {k: info[k] for k in ("line_jitter_px", "line_shift_px") if k in info}
     moved = np.hypot(*(pos - start).T)
     good = info["ok"] & (moved <= max_move) & (info["pos_std"] <= max_fit_std)
     # inside or outside the frame: wherever the fit converged decides, even when it moved
@@ -433,8 +433,7 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     # edge pixel; its fit goes out by up to a spacing: SrTiO3 precision 0.9947 -> 0.9982)
     judge = np.where(info["ok"][:, None], pos, start)
     pos = np.where(good[:, None], pos, start)
-    if "line_dx" in lines:  # the band-passed position kept instead of the fit: no shift added
-        lines["line_dx"] = np.where(good, lines["line_dx"], 0.0)
+    line_dx = np.where(good, info.get("line_dx", 0.0), 0.0)  # band-passed position kept: no shift
     # a peak of the filtered image with no column under it in the raw frame (the lattice-
     # periodic denoiser fills in vacancies faintly): the fitted amplitude is insignificant.
     # Judged only where single columns are clearly measurable (median amplitude SNR well
@@ -443,7 +442,7 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     real = snr_fit >= min_amp_snr
     if np.median(snr_fit) < 3.0 * min_amp_snr:
         real[:] = True
-    return pos, np.nan_to_num(amp), border, good, width, real, judge, lines
+    return pos, np.nan_to_num(amp), border, good, width, real, judge, line_dx, line_meta
 
 
 def _inside_frame(pos: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

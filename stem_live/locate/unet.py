@@ -366,12 +366,11 @@ def locate_unet(
         # subtracted, Poisson-weighted fit on the raw frame; a peak with no significant column
         # under it, or whose column is centred outside the frame (only its tail shows, as a
         # peak on the edge), is dropped, as in ``locate_classical``
-        pos, _, border, good, width, real, judge, lines = _refine_fixed(
+        pos, _, border, good, width, real, judge, line_dx, line_meta = _refine_fixed(
             img, start, conf, spacing_px, sigma_px, window_px, window_given, None, n_iter, max_fit_std,
             0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter)
         meta["probe_sigma_px"] = width
-        line_dx = lines.pop("line_dx", line_dx)
-        meta.update(lines)
+        meta.update(line_meta)
         keep = real & _inside_frame(judge, img.shape)
         conf = conf * np.where(good, 1.0, 0.5)
         pos, border, conf, line_dx = pos[keep], border[keep], conf[keep], line_dx[keep]
