@@ -6,7 +6,8 @@
 
 Modules: specimen (crystals / particles), drift (d(t)), scan (scan geometry and
 distortion), actuator (beam shift), render (HAADF image formation + detector),
-microscope (ties them together), bench (``python -m simulator`` timing).
+microscope (ties them together), crlb (Cramer-Rao bound of column positions), bench
+(``python -m simulator`` timing).
 """
 from .actuator import ActuatorConfig
 from .drift import DriftConfig

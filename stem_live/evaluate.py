@@ -16,7 +16,9 @@ Report keys (a contract: later work adds keys, never changes these):
   floor of any corrector that acts once a frame, set by the unpredictable OU wander;
 - ``columns.recall``, ``columns.precision``, ``columns.rmse_px``, ``columns.rmse_pm``,
   ``columns.locate_ms``: the classical locator on the first 10 open-loop frames against the true
-  column positions (:func:`column_metrics`).
+  column positions (:func:`column_metrics`); also ``columns.crlb_px`` (the Cramer-Rao bound of
+  those positions at the session's dose), ``columns.rmse_inner_px`` / ``columns.rmse_border_px``
+  and ``columns.border_fraction`` (columns whose fit window crosses the frame edge).
 """
 
 from __future__ import annotations
@@ -47,18 +49,22 @@ def match_columns(truth_px: np.ndarray, found_px: np.ndarray, radius_px: float) 
     return ti[order][keep], fi[order][keep]
 
 
-def column_metrics(frames: list[tuple[np.ndarray, object, object]]) -> dict:
+def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None) -> dict:
     """Classical locator against the simulator's true column positions.
 
     Matching radius 0.3 x the median nearest-neighbour spacing of the true columns; recall =
-    matched / true, precision = matched / found, RMSE over matched pairs (px, and pm)."""
+    matched / true, precision = matched / found, RMSE over matched pairs (px, and pm);
+    ``rmse_inner_px`` / ``rmse_border_px`` split it by whether the found column's fit window
+    crosses the frame edge (``Columns.border``, ``border_fraction`` of the matched). With the
+    session's ``config`` (a ``MicroscopeConfig``) also ``crlb_px``: the rms Cramer-Rao bound
+    of the matched true columns (``simulator.crlb``), the floor of any locator at that dose."""
     from scipy.spatial import cKDTree
 
     from .locate import estimate_spacing, locate_classical
 
     spacing = estimate_spacing(np.asarray(frames[0][0], dtype=np.float32))
     n_true = n_found = n_match = 0
-    sq, ms = [], []
+    sq, edge, bound2, ms = [], [], [], []
     for image, meta, truth in frames:
         t0 = time.perf_counter()
         cols = locate_classical(np.asarray(image, dtype=np.float32), spacing)
@@ -68,12 +74,26 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]]) -> dict:
         ti, fi = match_columns(tp, cols.positions, 0.3 * nn)
         n_true, n_found, n_match = n_true + len(tp), n_found + len(cols), n_match + len(ti)
         sq.append(np.sum((tp[ti] - cols.positions[fi]) ** 2, axis=1))
-    rmse_px = float(np.sqrt(np.mean(np.concatenate(sq)))) if n_match else float("nan")
+        edge.append(cols.border[fi])
+        if config is not None:
+            from simulator.crlb import position_crlb_px
+
+            bound2.append(position_crlb_px(config, truth)[ti] ** 2)
+    sq, edge = np.concatenate(sq), np.concatenate(edge)
+
+    def rms(v: np.ndarray) -> float:
+        return round(float(np.sqrt(np.mean(v))), 4) if len(v) else float("nan")
+
     px_pm = float(np.mean(frames[0][1].pixel_size_nm)) * 1e3
-    return {"recall": round(n_match / max(n_true, 1), 5), "precision": round(n_match / max(n_found, 1), 5),
-            "rmse_px": round(rmse_px, 4), "rmse_pm": round(rmse_px * px_pm, 3),
-            "locate_ms": round(float(np.median(ms[1:] if len(ms) > 1 else ms)), 2), "frames": len(frames),
-            "locator": "classical", "spacing_px": round(float(spacing), 3)}
+    out = {"recall": round(n_match / max(n_true, 1), 5), "precision": round(n_match / max(n_found, 1), 5),
+           "rmse_px": rms(sq), "rmse_pm": round(float(np.sqrt(np.mean(sq))) * px_pm, 3) if len(sq) else float("nan"),
+           "locate_ms": round(float(np.median(ms[1:] if len(ms) > 1 else ms)), 2), "frames": len(frames),
+           "locator": "classical", "spacing_px": round(float(spacing), 3),
+           "rmse_inner_px": rms(sq[~edge]), "rmse_border_px": rms(sq[edge]),
+           "border_fraction": round(float(edge.mean()), 4) if len(edge) else float("nan")}
+    if bound2:
+        out["crlb_px"] = rms(np.concatenate(bound2))
+    return out
 
 
 @dataclass(frozen=True)
@@ -245,7 +265,7 @@ def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, dr
                         "corrections": closed.corrections, "clamped": closed.clamped,
                         "ratio_to_open_loop": round(closed.residual_rms_nm / max(open_loop.residual_rms_nm, 1e-12), 4),
                         "oracle_floor_nm": round(oracle_residual_rms_nm(cfg, frames), 5)},
-        "columns": column_metrics(open_loop.kept) if preset != "particles" else {},
+        "columns": column_metrics(open_loop.kept, cfg) if preset != "particles" else {},
         **extra,
         "model": model,
         "wall_s": round(time.perf_counter() - t0, 2),

@@ -532,3 +532,25 @@ def test_specimen_is_stable_across_windows():
     np.testing.assert_array_equal(a.species[ia], b.species[ib])
     np.testing.assert_allclose(a.positions_nm[ia], b.positions_nm[ib])
     assert isinstance(spec, Specimen) and spec.symmetry_order == 1
+
+
+def test_position_crlb_matches_the_isolated_gaussian_and_rises_with_neighbours():
+    """``simulator.crlb``: one column alone on a noise-free background has the textbook bound
+    sigma * sqrt(2 / N) (N its counts, Poisson only); a neighbour's counts, a background and
+    readout noise raise it, a 4x dose halves it."""
+    from types import SimpleNamespace
+
+    from simulator.crlb import position_crlb_px
+    from simulator.render import fwhm_to_sigma
+
+    cfg = MicroscopeConfig(preset="graphene", size=64, background_counts=0.0, readout_noise=0.0)
+    alone = SimpleNamespace(columns_px=np.array([[31.3, 30.6]]), weight=np.array([6.0**1.7]))
+    s = fwhm_to_sigma(cfg.probe_fwhm) / cfg.pixel_size[0]
+    n = cfg.dose * cfg.haadf_cross_section_A2 * alone.weight[0]
+    assert position_crlb_px(cfg, alone)[0] == pytest.approx(s * np.sqrt(2.0 / n), rel=0.01)
+    pair = SimpleNamespace(columns_px=np.array([[31.3, 30.6], [31.3, 30.6 + 1.2 * s]]), weight=np.full(2, 6.0**1.7))
+    assert position_crlb_px(cfg, pair)[0] > 1.1 * position_crlb_px(cfg, alone)[0]
+    noisy = replace(cfg, background_counts=2.0, readout_noise=1.0)
+    assert position_crlb_px(noisy, alone)[0] > 1.05 * position_crlb_px(cfg, alone)[0]
+    bright = replace(cfg, dose_e_per_A2=4 * cfg.dose)
+    assert position_crlb_px(bright, alone)[0] == pytest.approx(0.5 * position_crlb_px(cfg, alone)[0], rel=1e-6)
