@@ -343,6 +343,21 @@ def test_line_shifts_recover_per_line_offsets_and_leave_clean_frames_alone():
     assert 0.2 < rms < 0.5  # the true rms is 0.41 px; the estimate 0.30 (slow parts go to the columns)
     inner = slice(10, n_rows - 10)
     assert np.corrcoef(line_dx[inner], jitter[inner])[0, 1] > 0.9
+    # it is the minimiser of the objective in linejitter's docstring (prior std = rms), here
+    # solved densely for every column offset and line shift together (measured within 0.002
+    # px; 3 alternating passes, the previous solver, were up to 0.27 px off on this frame)
+    usable = a > 0
+    rows = np.clip(first[:, None] + np.arange(a.shape[1])[None, :], 0, n_rows - 1)
+    n_cols = len(a)
+    jac = np.zeros((usable.sum(), n_cols + n_rows))
+    ci, li = np.nonzero(usable)
+    jac[np.arange(len(ci)), ci] = 1.0
+    jac[np.arange(len(ci)), n_cols + rows[ci, li]] = 1.0
+    sw = np.sqrt(a[ci, li])
+    normal = (jac * sw[:, None] ** 2).T @ jac + np.diag(np.r_[np.zeros(n_cols), np.full(n_rows, 1.0 / rms**2)])
+    exact = np.linalg.solve(normal, (jac * sw[:, None] ** 2).T @ (b[ci, li] / a[ci, li]))
+    assert np.max(np.abs(line_dx - exact[n_cols:])) < 0.01
+    assert np.max(np.abs(col_dx - exact[:n_cols])) < 0.01
     # no jitter: the prior shrinks the correction to nothing, dense or sparse
     for n_cols in (600, 5):
         b, a, first, fit_x, true_x, centre = _line_sums(n_cols, n_rows, np.zeros(n_rows), seed=2)
