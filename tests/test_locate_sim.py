@@ -109,12 +109,12 @@ def test_sim_default_recall_precision(preset, locator):
     assert m["precision"] >= 0.995
 
 
-@pytest.mark.parametrize("preset,locator,rmse_max", [("graphene", "classical", 0.24), ("srtio3", "classical", 0.23),
-                                                    ("graphene", "unet", 0.24), ("srtio3", "unet", 0.23)])
+@pytest.mark.parametrize("preset,locator,rmse_max", [("graphene", "classical", 0.24), ("srtio3", "classical", 0.22),
+                                                    ("graphene", "unet", 0.24), ("srtio3", "unet", 0.22)])
 def test_sim_default_rmse_measured(preset, locator, rmse_max):
     """Default drift and scan: the Cramer-Rao bound plus what is left of the scan jitter
     after the per-line de-jitter (see the module docstring); fails if the locator gets worse
-    than measured (10 frames: classical 0.208 / 0.205 px, U-Net 0.201 / 0.199 px; without
+    than measured (10 frames: classical 0.206 / 0.196 px, U-Net 0.201 / 0.192 px; without
     the de-jitter 0.286 / 0.254 and 0.279 / 0.251 px)."""
     m = run(preset, 10, clean=False, locator=locator)
     assert m["rmse"] <= rmse_max
@@ -239,13 +239,14 @@ def test_evaluate_column_metrics_meet_the_done_when(preset):
     m = column_metrics([scope.acquire() for _ in range(10)], cfg)
     print(preset, m)
     assert m["recall"] >= 0.995 and m["precision"] >= 0.995
-    assert m["rmse_px"] <= 0.24  # measured 0.199 / 0.201 px (0.28 / 0.25 before the line de-jitter)
+    assert m["rmse_px"] <= 0.24  # measured 0.197 / 0.192 px (0.28 / 0.25 before the line de-jitter)
     # the report says why 0.10 px is out of reach: its own Cramer-Rao bound (0.147 / 0.173 px)
     assert 0.10 < m["crlb_px"] < m["rmse_px"]
     # away from the edges within 40 % of the bound (measured 0.190 / 0.185 px); columns whose
-    # window crosses the edge (5 / 6 %) are worse (0.33 / 0.36 px)
+    # window crosses the edge (5 / 6 %) are worse (0.30 / 0.28 px; 0.33 / 0.36 while an
+    # uncertain fit at the edge kept its band-passed peak)
     assert m["rmse_inner_px"] <= 1.4 * m["crlb_px"]
-    assert m["rmse_inner_px"] < m["rmse_px"] < m["rmse_border_px"] <= 0.45
+    assert m["rmse_inner_px"] < m["rmse_px"] < m["rmse_border_px"] <= 0.35
     assert 0.02 <= m["border_fraction"] <= 0.10
 
 
