@@ -38,7 +38,9 @@ def _free_endpoints(n: int) -> list[str]:
 
 def test_demo_headless_runs_n_frames_and_summarises():
     maps, commands = _free_endpoints(2)
-    r = stem_live("demo", "--frames", "12", "--size", "128", "--speed", "8", "--maps-endpoint", maps,
+    # 2x the scan rate: the engine keeps up with every 128 px frame on 2 quiet cores; at 8x it
+    # skipped 2-5 of 12 (latest-frame-only live mode), 7 under a parallel load
+    r = stem_live("demo", "--frames", "12", "--size", "128", "--speed", "2", "--maps-endpoint", maps,
                   "--commands-endpoint", commands)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("frame ")]

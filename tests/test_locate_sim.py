@@ -194,6 +194,9 @@ def test_mains_jitter_is_taken_out_on_a_noise_free_frame():
     print(f"x rms line-averaged {np.sqrt(np.mean(avg_x**2)):.3f} -> de-jittered {rms:.3f} px")
     assert np.sqrt(np.mean(avg_x**2)) > 0.1
     assert rms <= 0.055
+    # the lines are measured only by columns of at least min_amp_snr: above all of them, none
+    none = locate_classical(img.astype(np.float32), spacing, min_amp_snr=1e9)
+    assert len(none) >= len(cols) and not none.line_dx.any()
 
 
 @pytest.mark.parametrize("preset", ["graphene", "srtio3"])

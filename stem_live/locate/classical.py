@@ -278,7 +278,8 @@ def locate_classical(
     keep_outside : keep columns whose refined centre is outside the frame.
     min_amp_snr : with "fixed": drop a column whose fitted amplitude is below this many
         standard errors (a lattice-denoiser ghost in a vacancy), in frames where the
-        median column is clearly measurable (>= 3 x this); off in very noisy frames.
+        median column is clearly measurable (>= 3 x this); off in very noisy frames. Also
+        the least amplitude SNR of the columns that measure the line jitter.
     line_jitter : with "fixed": measure every scan line's x offset from the columns
         crossing it and place each column where it appears on the line through its centre
         (``linejitter.line_shifts``; RMSE 0.29 -> 0.21 px on the simulated graphene with its
@@ -425,7 +426,7 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     low = float(np.percentile(img[:: max(1, h // 128), :: max(1, w // 128)], 5))
     amp0 = np.maximum(peak - low, 0.0)
     pos, amp, border, info = refine_fixed_width(img, start, amp0, width, fwin, background=low,
-                                                line_jitter=line_jitter)
+                                                line_jitter=line_jitter, line_min_amp_snr=min_amp_snr)
     line_meta = {k: info[k] for k in ("line_jitter_px", "line_shift_px") if k in info}
     moved = np.hypot(*(pos - start).T)
     # an uncertain fit keeps the band-passed peak, but not at the frame edge: the reflect
