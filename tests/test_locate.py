@@ -463,3 +463,19 @@ def test_classify_intensity_api():
     fixed = IntensityClassifier(2, thresholds=[1.5])
     assert fixed(x).tolist() == k[:520].tolist()
     assert not fixed.learning
+
+
+def test_fit_trust_rule_keeps_uncertain_fits_only_at_the_frame_edge():
+    """The rule every refinement path (classical fixed / free, U-Net fixed / free) applies: a fit
+    replaces the start position when it converged, moved at most ``max_move`` and is certain
+    enough; at the frame edge an uncertain fit is kept too (the start is biased there)."""
+    from stem_live.locate.classical import _fit_trusted
+
+    start = np.zeros((5, 2))
+    pos = np.array([[0.3, 0.0], [0.3, 0.0], [0.3, 0.0], [2.0, 0.0], [0.3, 0.0]])
+    info = {"ok": np.array([True, True, True, True, False]),
+            "pos_std": np.array([0.1, 0.5, 0.5, 0.1, 0.1])}
+    border = np.array([False, False, True, True, True])
+    good = _fit_trusted(info, pos, start, border, max_move=1.0, max_fit_std=0.25)
+    # certain; uncertain inside; uncertain at the edge; moved too far; failed
+    assert good.tolist() == [True, False, True, False, False]

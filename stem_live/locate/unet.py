@@ -292,8 +292,8 @@ def locate_unet(
         neighbour-subtracted Poisson-weighted fit), starting from the probability peaks; a
         peak whose fitted amplitude is below ``min_amp_snr`` standard errors, or whose fitted
         centre is outside the frame, is dropped; a fit that is not trusted (position std >
-        ``max_fit_std`` px, moved by more than half the suppression radius, failed) keeps the
-        probability-map position. ``refine_method="free"``: a free-width Gaussian fit
+        ``max_fit_std`` px away from the frame edge, moved by more than half the suppression
+        radius, failed) keeps the probability-map position. ``refine_method="free"``: a free-width Gaussian fit
         (``refine_positions``) instead, nothing dropped, untrusted beyond ``max_fit_shift`` px
         of movement; ``refine_on="map"``: that fit on the probability map.
         refine=False: quadratic interpolation of the map peak.
@@ -310,7 +310,7 @@ def locate_unet(
     the spacing and the threshold used.
     """
     from .classes import classify_intensity
-    from .classical import (_bilinear, _inside_frame, _merge_duplicates, _refine_fixed, _subpixel, bandpass,
+    from .classical import (_bilinear, _fit_trusted, _inside_frame, _merge_duplicates, _refine_fixed, _subpixel, bandpass,
                             find_peaks, near_saturation)
     from .refine import refine_positions, window_for_spacing
 
@@ -378,8 +378,7 @@ def locate_unet(
         target = img if refine_on == "image" else prob
         pos, _, border, info = refine_positions(target, start, window_px, sigma_px=sigma_px,
                                                 n_iter=n_iter, return_info=True)
-        moved = np.hypot(*(pos - start).T)
-        good = info["ok"] & (moved <= max_fit_shift) & (info["pos_std"] <= max_fit_std)
+        good = _fit_trusted(info, pos, start, border, max_fit_shift, max_fit_std)
         pos = np.where(good[:, None], pos, start)
     else:
         pos = start
