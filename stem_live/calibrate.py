@@ -363,6 +363,18 @@ class Calibration:
         return cls.from_dict(d, f"calibration file {p}")
 
     # ------------------------------------------------------------------ for the engine
+    def flyback_px(self, pixel_size_x_nm: float, dwell_us: float) -> tuple[float, float] | None:
+        """The flyback as the locator takes it (``locate_classical(flyback_px=)``): (amplitude,
+        decay) in fast-scan pixels of a frame with this pixel size (nm) and dwell (us). None
+        where it is below 0.01 px, the timing is unknown or the numbers make no monotone scan."""
+        px, dwell = float(pixel_size_x_nm), float(dwell_us)
+        if not (px > 0 and dwell > 0):
+            return None
+        amp, decay = self.flyback_amp_nm / px, self.flyback_tau_us / dwell
+        if not (abs(amp) >= 0.01 and abs(amp) < decay):
+            return None
+        return (float(amp), float(decay))
+
     def correct_observations(self, obs, beam_shift_nm) -> object:
         """Drift samples measured against a *measured* reference, with the known scan scale and
         shear taken out: the apparent column displacement ``disp - b`` (nominal nm) is turned

@@ -546,6 +546,14 @@ def cmd_locate(a: argparse.Namespace) -> int:
     from .locate.export import overlay_rgb, write_columns, write_png
 
     stack = _load_images(a.file)
+    flyback = None
+    if a.flyback_px is not None:
+        amp, decay = a.flyback_px
+        if not (decay > 0 and abs(amp) < decay):
+            raise UserError(f"--flyback-px {amp:g} {decay:g}: the decay must be > 0 and larger than |amplitude| "
+                            f"(amplitude = flyback_amp_nm / pixel size, decay = flyback_tau_us / dwell, from "
+                            f"`stem-live calibrate`)")
+        flyback = (float(amp), float(decay))
     params = None
     if a.locator == "unet":
         from .locate.unet import THRESHOLD, calibrated_threshold, load_default, load_params, locate_unet
@@ -571,9 +579,10 @@ def cmd_locate(a: argparse.Namespace) -> int:
         if not np.isfinite(img).all():
             raise UserError(f"{a.file}: frame {k} holds NaN or infinite pixels")
         if a.locator == "unet":
-            cols = locate_unet(img, spacing, params=params, n_classes=a.classes, threshold=net_threshold)
+            cols = locate_unet(img, spacing, params=params, n_classes=a.classes, threshold=net_threshold,
+                               flyback_px=flyback)
         else:
-            cols = locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold)
+            cols = locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold, flyback_px=flyback)
         if out.suffix.lower() == ".npz" and len(stack) > 1:
             write_columns(out.with_name(f"{out.stem}_{k:05d}.npz"), cols, frame=k)
         else:
@@ -731,6 +740,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--locator", choices=("classical", "unet"), default="classical",
                    help="classical (band-pass + fit) or the U-Net (committed weights)")
     s.add_argument("--weights", type=Path, default=None, help="U-Net weights (default: the committed ones)")
+    s.add_argument("--flyback-px", type=float, nargs=2, default=None, metavar=("AMP", "DECAY"),
+                   help="the scan's flyback in fast-scan pixels: x displacement AMP * exp(-j / DECAY) at pixel j "
+                        "(from `stem-live calibrate`: flyback_amp_nm / pixel size, flyback_tau_us / dwell); the "
+                        "columns cut by the left edge are then fitted on the distorted scan")
     s.set_defaults(func=cmd_locate)
 
     s = sub.add_parser("train-locator", help="train the U-Net column locator on simulated frames (seeded)")

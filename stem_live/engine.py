@@ -362,7 +362,10 @@ class ColumnModel:
             self.spacing_px = float(estimate_spacing(img))
             self.tracker.spacing_px = self.spacing_px
         known = self._probe_sigma_px if self._located % self.probe_refresh_frames else None
-        cols = locate_classical(img, self.spacing_px, probe_sigma_px=known)
+        # a calibration's flyback: the columns cut by the left edge are fitted on the distorted scan
+        flyback = (None if self.calibration is None
+                   else self.calibration.flyback_px(frame.pixel_size_nm[1], frame.dwell_us))
+        cols = locate_classical(img, self.spacing_px, probe_sigma_px=known, flyback_px=flyback)
         self._located += 1
         self._probe_sigma_px = cols.meta.get("probe_sigma_px", known)
         t1 = time.perf_counter()

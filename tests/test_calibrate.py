@@ -288,3 +288,34 @@ def test_calibrate_a_recorded_stack(tmp_path):
         from stem_live.record import read_frames
 
         calibrate_frames(read_frames(tif), lattice_by_name("graphene"), max_frames=3, **FAST)
+
+
+def test_engine_fits_the_left_edge_with_the_calibrated_flyback(run, cal_path, monkeypatch):
+    """A calibration's flyback reaches the locator in fast-scan pixels of each frame (amplitude /
+    pixel size, tau / dwell); without a calibration the locator assumes a regular scan."""
+    import stem_live.locate as locate_pkg
+    from stem_live.engine import EngineConfig
+    from stem_live.evaluate import run_session
+
+    c = run.calibration
+    amp, decay = c.flyback_px(0.012, 2.0)
+    assert amp == pytest.approx(c.flyback_amp_nm / 0.012) and decay == pytest.approx(c.flyback_tau_us / 2.0)
+    assert amp == pytest.approx(SCAN.flyback_amp_nm / 0.012, rel=0.3)  # 0.83 px on this scan
+    assert c.flyback_px(0.012, 0.0) is None  # timing unknown
+    assert replace(c, flyback_amp_nm=1e-5).flyback_px(0.012, 2.0) is None  # negligible
+    seen = []
+    real = locate_pkg.locate_classical
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("flyback_px"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(locate_pkg, "locate_classical", spy)
+    for cal in (str(cal_path), ""):
+        seen.clear()
+        run_session(replace(CFG, seed=2), 1, armed=False, engine_config=EngineConfig(model="gp", calibration=cal))
+        assert seen, "the engine did not locate"
+        if cal:
+            assert all(s == pytest.approx((amp, decay)) for s in seen)  # 0.012 nm pixels, 2 us dwell
+        else:
+            assert all(s is None for s in seen)

@@ -233,3 +233,33 @@ def test_match_columns_is_one_to_one():
     found = np.array([[0.1, 0.0], [0.0, 0.5], [0.0, 10.2], [5.0, 5.0]])  # two candidates near the first
     ti, fi = match_columns(truth, found, 3.0)
     assert sorted(zip(ti, fi)) == [(0, 0), (1, 2)]
+
+
+def test_locate_takes_a_known_flyback(tmp_path):
+    """`--flyback-px AMP DECAY` reaches the fit: the columns at the left edge of a frame scanned
+    with a 1 px / 10 px flyback move left (towards where they appear) or, centred outside the
+    frame, go; the rest stay; nonsense is one line."""
+    from scipy.spatial import cKDTree
+
+    from simulator import Microscope, MicroscopeConfig
+
+    img, _, truth = Microscope(MicroscopeConfig(preset="graphene", size=128, seed=3)).acquire()
+    frame = tmp_path / "g.npy"
+    np.save(frame, img)
+    tables = {}
+    for name, extra in (("plain", ()), ("flyback", ("--flyback-px", "1", "10"))):
+        out = tmp_path / f"{name}.csv"
+        r = stem_live("locate", str(frame), "--out", str(out), *extra)
+        assert r.returncode == 0, r.stderr
+        tables[name] = np.loadtxt(out, delimiter=",", skiprows=1)[:, 1:3]
+    left = tables["plain"][:, 1] < 3.0
+    d, i = cKDTree(tables["flyback"]).query(tables["plain"][left])
+    kept = d < 1.0  # the others were centred outside the frame: dropped now
+    assert left.sum() >= 2 and kept.any()
+    assert np.all(tables["flyback"][i[kept], 1] - tables["plain"][left][kept, 1] < -0.1)
+    far = tables["plain"][:, 1] > 60
+    d, _ = cKDTree(tables["flyback"]).query(tables["plain"][far])
+    assert np.all(d < 0.05)
+    r = stem_live("locate", str(frame), "--flyback-px", "12", "10")
+    assert r.returncode == 2 and "decay must be" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -223,6 +223,7 @@ def locate_classical(
     keep_outside: bool = False,
     min_amp_snr: float = 3.0,
     line_jitter: bool = True,
+    flyback_px: tuple[float, float] | None = None,
 ) -> Columns:
     """Find atomic columns in one frame.
 
@@ -286,6 +287,13 @@ def locate_classical(
         default scan jitter, unchanged without jitter). ``meta`` gets ``line_jitter_px``
         (estimated rms line offset) and ``line_shift_px`` (H,) (each line's x shift);
         ``Columns.line_dx`` the shift added to each column (``Columns.line_averaged()``).
+    flyback_px : with "fixed": the scan's known flyback, (amplitude, decay) px: x displacement
+        ``amplitude * exp(-j / decay)`` at fast-scan pixel j (from ``stem-live calibrate``:
+        ``flyback_amp_nm`` / pixel size, ``flyback_tau_us`` / dwell). The columns near the left
+        edge are fitted on the distorted grid (``refine.refine_fixed_width``): without it the
+        simulator's default flyback (1 px, 10 px decay) puts the columns cut by the left edge
+        ~0.4-0.5 px right of where they appear, and takes some centred outside for columns
+        inside. None: a regular scan.
 
     Returns
     -------
@@ -359,7 +367,7 @@ def locate_classical(
     elif refine:
         pos, intensity, border, good, width, real, judge, line_dx, line_meta = _refine_fixed(
             img, start, prom, spacing_px, sigma_px, window_px, window_given, probe_sigma_px,
-            n_iter, max_fit_std, 0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter)
+            n_iter, max_fit_std, 0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter, flyback_px)
         meta["probe_sigma_px"] = width
         meta.update(line_meta)
         if intensity_from == "filtered":
@@ -395,7 +403,7 @@ def locate_classical(
 
 
 def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_given, probe_sigma_px,
-                  n_iter, max_fit_std, max_move, min_amp_snr, line_jitter=True):
+                  n_iter, max_fit_std, max_move, min_amp_snr, line_jitter=True, flyback_px=None):
     """The default refinement: the probe width from a free Gaussian fit of the most
     prominent columns (median), then the fixed-width, neighbour-subtracted, Poisson-weighted
     fit of every column (``refine_fixed_width``, with the line de-jitter if ``line_jitter``).
@@ -424,7 +432,8 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     low = float(np.percentile(img[:: max(1, h // 128), :: max(1, w // 128)], 5))
     amp0 = np.maximum(peak - low, 0.0)
     pos, amp, border, info = refine_fixed_width(img, start, amp0, width, fwin, background=low,
-                                                line_jitter=line_jitter, line_min_amp_snr=min_amp_snr)
+                                                line_jitter=line_jitter, line_min_amp_snr=min_amp_snr,
+                                                flyback_px=flyback_px)
     line_meta = {k: info[k] for k in ("line_jitter_px", "line_shift_px") if k in info}
     good = _fit_trusted(info, pos, start, border, max_move, max_fit_std)
     # inside or outside the frame: wherever the fit converged decides, even when it moved

@@ -305,14 +305,17 @@ def refine_positions(
 
 # ----------------------------------------------------------------------------- fixed width
 @functools.lru_cache(maxsize=None)
-def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False):
+def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False, warped: bool = False):
     """Jit'd pass of the fixed-width Gaussian fit with the neighbours' model subtracted (see
     ``refine_fixed_width``); windows are the discs inscribed in (window x window). Every
     column is independent given its neighbours' (pre-gathered) start parameters, so the
     columns can go in chunks. The normal equations are assembled from moments (one matmul
     per iteration) rather than one reduction per entry: 2.5 -> 1.6 ms per 1024 columns on
     2 CPU cores, the same fit to 1e-5 px. With ``line_sums`` it also returns, per window
-    line, the sums ``linejitter.line_shifts`` needs to measure the line jitter."""
+    line, the sums ``linejitter.line_shifts`` needs to measure the line jitter. With
+    ``warped`` it takes each window pixel's x coordinate per column (the flyback-distorted
+    scan: ``xs`` (C, K), px) instead of the regular grid; slower (moments per column), so
+    used only for the columns near the left edge."""
     import jax
     import jax.numpy as jnp
 
@@ -328,12 +331,20 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False)
     mono = jnp.asarray(np.stack([np.ones_like(oy), oy, ox, oy * oy, ox * ox, oy * ox], axis=1), jnp.float32)
     line_of = jnp.asarray(oy[:, None] + r == np.arange(window)[None, :], jnp.float32)  # (K, window) one-hot
 
-    def run(z, centers, p0, nb_off, nb_amp, sigma, var_c, shape):
+    def run(z, centers, p0, nb_off, nb_amp, sigma, var_c, shape, xs=None):
         """z (C, K) window pixels; centers (C, 2) int; p0 (C, 4) start (amp, dy, dx, bg);
         nb_off (C, k, 2) neighbour centres relative to the column's integer centre (px);
-        nb_amp (C, k) their amplitudes."""
+        nb_amp (C, k) their amplitudes; with ``warped``, xs (C, K) the x coordinate of every
+        window pixel relative to the centre's (px; dx, nb_off and p0 in the same coordinates)."""
         global _TRACE_COUNT
         _TRACE_COUNT += 1
+        if warped:
+            xx_ = xs
+            ones = jnp.ones_like(xs)
+            yy_ = yy * ones
+            mono_ = jnp.stack([ones, yy_, xs, yy_ * yy_, xs * xs, yy_ * xs], axis=-1)  # (C, K, 6)
+        else:
+            xx_, mono_ = xx, mono
         rr = centers[:, 0:1] + oy[None, :]
         cc = centers[:, 1:2] + ox[None, :]
         in_frame = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
@@ -343,7 +354,7 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False)
         q = 1.0 / (sigma * sigma)
         # model of the k neighbours at every window pixel: (C, K)
         ndy = yy[:, None, :] - nb_off[:, :, 0:1]
-        ndx = xx[:, None, :] - nb_off[:, :, 1:2]
+        ndx = xx_[:, None, :] - nb_off[:, :, 1:2]
         oth = jnp.sum(nb_amp[:, :, None] * jnp.exp(-0.5 * q * (ndy * ndy + ndx * ndx)), axis=1)
 
         n_w = jnp.sum(w0, axis=1)
@@ -352,7 +363,7 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False)
         def gn(p, lines: bool = False):
             a, y0, x0, b = p
             dy = yy - y0[:, None]
-            dx = xx - x0[:, None]
+            dx = xx_ - x0[:, None]
             g = jnp.exp(-0.5 * q * (dy * dy + dx * dx))
             m = b[:, None] + a[:, None] * g
             # Poisson-like weights: variance ~ expected signal + a floor
@@ -360,7 +371,7 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False)
             res = z - oth - m
             wg = w * g
             f = jnp.stack([wg * g, wg, wg * res, w, w * res, w * res * res], axis=1)  # (C, 6, K)
-            mom = jnp.einsum("cfk,km->cfm", f, mono)
+            mom = jnp.einsum("cfk,ckm->cfm" if warped else "cfk,km->cfm", f, mono_)
             s, t, u = mom[:, 0], mom[:, 1], mom[:, 2]  # moments of w g^2, w g, w g res
             # centred on the column: sum f dy = sum f y - y0 sum f, and so on
             sy, sx = s[:, 1] - y0 * s[:, 0], s[:, 2] - x0 * s[:, 0]
@@ -458,6 +469,7 @@ def refine_fixed_width(
     var_floor: float | None = None,
     line_jitter: bool = True,
     line_min_amp_snr: float = 3.0,
+    flyback_px: tuple[float, float] | None = None,
 ):
     """Sub-pixel positions from a Gaussian of fixed, known width ``sigma_px`` fitted to each
     column with its neighbours' model subtracted, Poisson-weighted: the (near) maximum-
@@ -477,6 +489,14 @@ def refine_fixed_width(
     on the simulated graphene with its default jitter; a frame without jitter is unchanged.
     Only columns whose fitted amplitude is at least ``line_min_amp_snr`` standard errors
     measure the lines (not the ghosts a lattice denoiser leaves in vacancies).
+
+    ``flyback_px`` = (amplitude, decay), px: the scan's x displacement at the start of every
+    line, ``amplitude * exp(-j / decay)`` at fast-scan pixel j (``stem-live calibrate``
+    measures it: ``flyback_amp_nm`` / pixel size, ``flyback_tau_us`` / dwell). Columns near
+    the left edge are then fitted on the distorted pixel grid, and their positions are where
+    they appear on it; without it, a column cut by the left edge is fitted ~0.5 px to the right
+    of where it appears (simulator default flyback, 1 px), and one centred just outside is
+    taken for one inside.
 
     Returns positions (N, 2), amplitudes (N,), border (N,) bool (the window crosses the
     frame edge) and a dict: ``background`` (N,), ``pos_std`` (position standard error, px,
@@ -542,6 +562,7 @@ def refine_fixed_width(
     disc = (oy**2 + ox**2) <= (r + 0.5) ** 2
     off = ((oy[disc] + r) * wp + (ox[disc] + r)).astype(np.intp)
     z = np.take(imgp.ravel(), (cc[:, 0] * wp + cc[:, 1]).astype(np.intp)[:, None] + off[None, :])
+    warp = _flyback_columns(centers, ox[disc], r, flyback_px)
     kk = max(k, 1)
     for ps in range(int(n_pass)):
         fit_b = ps == 0
@@ -558,13 +579,13 @@ def refine_fixed_width(
         out = [fn(z[c0:c0 + chunk], c_pad[c0:c0 + chunk], p[c0:c0 + chunk], nb_off[c0:c0 + chunk],
                   nb_amp[c0:c0 + chunk], np.float32(sigma_px), np.float32(var_floor), (h, w))
                for c0 in range(0, nb, chunk)]  # dispatched before any is read: XLA runs them back to back
-        p = np.concatenate([np.asarray(o[0]) for o in out])
-        border = np.concatenate([np.asarray(o[1]) for o in out])
-        pos_std = np.concatenate([np.asarray(o[2]) for o in out])
-        amp_snr = np.concatenate([np.asarray(o[3]) for o in out])
+        res = [np.concatenate([np.asarray(o[i]) for o in out]) for i in range(len(out[0]))]
+        if warp is not None:  # the columns near the left edge again, on the flyback-distorted grid
+            _fit_warped(res, warp, flyback_px, z, c_pad, p, nb_off, nb_amp, centers, window, int(n_iter), fit_b,
+                        sums, np.float32(sigma_px), np.float32(var_floor), (h, w))
+        p, border, pos_std, amp_snr = res[:4]
     if line_jitter:
-        row_b = np.concatenate([np.asarray(o[4]) for o in out])[:n]
-        row_a = np.concatenate([np.asarray(o[5]) for o in out])[:n]
+        row_b, row_a = res[4][:n], res[5][:n]
     p = p.astype(np.float64)[:n]
     border = border[:n]
     pos_std = pos_std.astype(np.float64)[:n]
@@ -581,10 +602,88 @@ def refine_fixed_width(
         col_dx, line_dx, jitter = line_shifts(row_b, np.where(use[:, None], row_a, 0.0),
                                               centers[:, 0].astype(np.intp) - r, h)
         info["line_dx"] = np.where(use, col_dx + _line_at(line_dx, out[:, 0], pos_std), 0.0)
+        if warp is not None:  # a shift of the scanned x is smaller in pixels where the scan is faster
+            info["line_dx"][warp[0]] /= 1.0 + _flyback_slope(out[warp[0], 1], flyback_px)
         out[:, 1] += info["line_dx"]
         info["line_shift_px"] = line_dx
         info["line_jitter_px"] = jitter
     return out, np.where(ok, amp, np.nan), border, info
+
+
+def _flyback_shift(j: np.ndarray, flyback_px: tuple[float, float]) -> np.ndarray:
+    """The scan's x displacement (px) at fast-scan pixel ``j``: amplitude exp(-j / decay)
+    (the line starts at j = 0)."""
+    amp, decay = flyback_px
+    return amp * np.exp(-np.maximum(np.asarray(j, dtype=np.float64), 0.0) / decay)
+
+
+def _flyback_slope(j: np.ndarray, flyback_px: tuple[float, float]) -> np.ndarray:
+    """d shift / d j at ``j`` (0 before the line starts)."""
+    j = np.asarray(j, dtype=np.float64)
+    return np.where(j > 0, -_flyback_shift(j, flyback_px) / flyback_px[1], 0.0)
+
+
+def _flyback_invert(u: np.ndarray, flyback_px: tuple[float, float], n_iter: int = 6) -> np.ndarray:
+    """The pixel j where the scan is at ``u``: j + shift(j) = u (Newton; the scan is
+    monotone for |amplitude| < decay)."""
+    j = np.asarray(u, dtype=np.float64) - _flyback_shift(u, flyback_px)
+    for _ in range(n_iter):
+        j = j - (j + _flyback_shift(j, flyback_px) - u) / (1.0 + _flyback_slope(j, flyback_px))
+    return j
+
+
+def _flyback_columns(centers: np.ndarray, ox: np.ndarray, r: int, flyback_px, tol_px: float = 0.01):
+    """(indices, xs) of the columns whose window reaches where the flyback displacement is
+    above ``tol_px``, with each window pixel's scanned x relative to the window centre's
+    ((M, K), px); None without flyback or where no window reaches it."""
+    if flyback_px is None:
+        return None
+    amp, decay = (float(v) for v in flyback_px)
+    if not (np.isfinite(amp) and np.isfinite(decay) and decay > 0 and abs(amp) < decay):
+        raise ValueError(f"flyback_px must be (amplitude, decay) px with decay > 0 and |amplitude| < decay "
+                         f"(a monotone scan), got {flyback_px}")
+    if abs(amp) <= tol_px:
+        return None
+    idx = np.flatnonzero(centers[:, 1] - r < decay * np.log(abs(amp) / tol_px))
+    if len(idx) == 0:
+        return None
+    cx = centers[idx, 1].astype(np.float64)
+    j = cx[:, None] + ox[None, :]
+    xs = ox[None, :] + _flyback_shift(j, (amp, decay)) - _flyback_shift(cx, (amp, decay))[:, None]
+    return idx, xs.astype(np.float32)
+
+
+def _fit_warped(res, warp, flyback_px, z, c_pad, p, nb_off, nb_amp, centers, window, n_iter, fit_b, sums,
+                sigma, var_floor, shape) -> None:
+    """Refit the columns ``warp[0]`` on the flyback-distorted grid ``warp[1]`` and write their
+    results (positions back on the pixel grid) into ``res`` (the pass's outputs) in place."""
+    idx, xs = warp
+    m = len(idx)
+    b = stream_bucket(m, (window, n_iter, shape[0], shape[1], "flyback"))
+    cx = centers[idx, 1].astype(np.float64)
+    u0 = cx + _flyback_shift(cx, flyback_px)  # the scanned x at each window centre
+
+    def pad(a, fill):
+        out = np.full((b,) + a.shape[1:], fill, np.asarray(a).dtype)
+        out[:m] = a
+        return out
+
+    pw = p[idx].copy()
+    xa = cx + pw[:, 2]
+    pw[:, 2] = xa + _flyback_shift(xa, flyback_px) - u0
+    nbo = nb_off[idx].copy()
+    nxa = cx[:, None] + nbo[:, :, 1]
+    nbo[:, :, 1] = nxa + _flyback_shift(nxa, flyback_px) - u0[:, None]
+    fn = _build_fixed(window, n_iter, fit_b, sums, warped=True)
+    far = np.full(2, -10 * window, np.int32)
+    out = fn(pad(z[idx], 0.0), pad(c_pad[idx], far), pad(pw, 0.0), pad(nbo, -1e4), pad(nb_amp[idx], 0.0),
+             sigma, var_floor, shape, pad(xs, 0.0))
+    out = [np.asarray(o)[:m] for o in out]
+    fit = out[0].copy()
+    fit[:, 2] = _flyback_invert(u0 + fit[:, 2], flyback_px) - cx  # back on the pixel grid
+    out[0] = fit
+    for r_, o in zip(res, out):
+        r_[idx] = o
 
 
 def _line_at(line_dx: np.ndarray, y: np.ndarray, y_std: np.ndarray) -> np.ndarray:

@@ -273,6 +273,7 @@ def locate_unet(
     refine_method: str = "fixed",
     min_amp_snr: float = 3.0,
     line_jitter: bool = True,
+    flyback_px: tuple[float, float] | None = None,
 ) -> Columns:
     """Find atomic columns in one frame with the U-Net; same result type as
     ``locate_classical``.
@@ -303,6 +304,8 @@ def locate_unet(
         column top) are dropped.
     line_jitter : with the default refinement, the scan-line de-jitter of
         ``locate_classical`` (``meta``: ``line_jitter_px``, ``line_shift_px``).
+    flyback_px : with the default refinement, the scan's known flyback (amplitude, decay) px,
+        as in ``locate_classical``.
 
     Returns
     -------
@@ -368,7 +371,7 @@ def locate_unet(
         # peak on the edge), is dropped, as in ``locate_classical``
         pos, _, border, good, width, real, judge, line_dx, line_meta = _refine_fixed(
             img, start, conf, spacing_px, sigma_px, window_px, window_given, None, n_iter, max_fit_std,
-            0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter)
+            0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter, flyback_px)
         meta["probe_sigma_px"] = width
         meta.update(line_meta)
         keep = real & _inside_frame(judge, img.shape)
