@@ -487,16 +487,17 @@ def test_fixed_width_fit_on_a_known_flyback_is_exact():
     appears, exactly (noise-free); without it the columns 3-20 px from the left edge are off by
     up to 0.02 px, one cut by the edge by 0.25 px, and one centred outside the frame is taken
     for one inside."""
-    from stem_live.locate.refine import _flyback_invert, _flyback_shift, refine_fixed_width
+    from stem_live.locate.flyback import shift, to_pixels
+    from stem_live.locate.refine import refine_fixed_width
 
     fb, sigma = (1.0, 10.0), 2.0
     x_app = np.array([-0.7, 0.0, 3.0, 6.0, 9.3, 12.0, 15.5, 20.0, 50.0])  # where each column appears, px
     pos = np.stack([20.0 + 20.0 * np.arange(len(x_app)), x_app], axis=1)
     j = np.arange(80.0)
-    u = j + _flyback_shift(j, fb)  # the scanned x of every pixel
+    u = j + shift(j, fb)  # the scanned x of every pixel
     img = np.full((200, 80), 10.0)
     rows = np.arange(200.0)[:, None]
-    for (y, x), ux in zip(pos, x_app + _flyback_shift(x_app, fb)):
+    for (y, x), ux in zip(pos, x_app + shift(x_app, fb)):
         img += 1000.0 * np.exp(-((rows - y) ** 2 + (u[None, :] - ux) ** 2) / (2 * sigma**2))
     start = pos + np.array([0.2, 0.2])
     fit, _, _, info = refine_fixed_width(img, start, np.full(len(pos), 1000.0), sigma, 9, background=10.0,
@@ -509,6 +510,6 @@ def test_fixed_width_fit_on_a_known_flyback_is_exact():
     assert plain[0, 1] > -0.5 > fit[0, 1]  # the first column is centred outside the frame
     assert plain[1, 1] - x_app[1] > 0.2  # the second is cut by the edge
     # the conversion between the pixel grid and the scanned x is its own inverse
-    assert np.abs(_flyback_invert(x_app + _flyback_shift(x_app, fb), fb) - x_app).max() < 1e-9
+    assert np.abs(to_pixels(x_app + shift(x_app, fb), fb) - x_app).max() < 1e-9
     with pytest.raises(ValueError, match="monotone"):
         refine_fixed_width(img, start, np.full(len(pos), 1000.0), sigma, 9, flyback_px=(12.0, 10.0))

@@ -25,6 +25,8 @@ import functools
 
 import numpy as np
 
+from . import flyback
+
 _TRACE_COUNT = 0
 MIN_BUCKET = 64
 
@@ -562,7 +564,7 @@ def refine_fixed_width(
     disc = (oy**2 + ox**2) <= (r + 0.5) ** 2
     off = ((oy[disc] + r) * wp + (ox[disc] + r)).astype(np.intp)
     z = np.take(imgp.ravel(), (cc[:, 0] * wp + cc[:, 1]).astype(np.intp)[:, None] + off[None, :])
-    warp = _flyback_columns(centers, ox[disc], r, flyback_px)
+    warp = flyback.reaching_columns(centers, ox[disc], r, flyback_px)
     kk = max(k, 1)
     for ps in range(int(n_pass)):
         fit_b = ps == 0
@@ -603,54 +605,11 @@ def refine_fixed_width(
                                               centers[:, 0].astype(np.intp) - r, h)
         info["line_dx"] = np.where(use, col_dx + _line_at(line_dx, out[:, 0], pos_std), 0.0)
         if warp is not None:  # a shift of the scanned x is smaller in pixels where the scan is faster
-            info["line_dx"][warp[0]] /= 1.0 + _flyback_slope(out[warp[0], 1], flyback_px)
+            info["line_dx"][warp[0]] /= 1.0 + flyback.slope(out[warp[0], 1], flyback_px)
         out[:, 1] += info["line_dx"]
         info["line_shift_px"] = line_dx
         info["line_jitter_px"] = jitter
     return out, np.where(ok, amp, np.nan), border, info
-
-
-def _flyback_shift(j: np.ndarray, flyback_px: tuple[float, float]) -> np.ndarray:
-    """The scan's x displacement (px) at fast-scan pixel ``j``: amplitude exp(-j / decay)
-    (the line starts at j = 0)."""
-    amp, decay = flyback_px
-    return amp * np.exp(-np.maximum(np.asarray(j, dtype=np.float64), 0.0) / decay)
-
-
-def _flyback_slope(j: np.ndarray, flyback_px: tuple[float, float]) -> np.ndarray:
-    """d shift / d j at ``j`` (0 before the line starts)."""
-    j = np.asarray(j, dtype=np.float64)
-    return np.where(j > 0, -_flyback_shift(j, flyback_px) / flyback_px[1], 0.0)
-
-
-def _flyback_invert(u: np.ndarray, flyback_px: tuple[float, float], n_iter: int = 6) -> np.ndarray:
-    """The pixel j where the scan is at ``u``: j + shift(j) = u (Newton; the scan is
-    monotone for |amplitude| < decay)."""
-    j = np.asarray(u, dtype=np.float64) - _flyback_shift(u, flyback_px)
-    for _ in range(n_iter):
-        j = j - (j + _flyback_shift(j, flyback_px) - u) / (1.0 + _flyback_slope(j, flyback_px))
-    return j
-
-
-def _flyback_columns(centers: np.ndarray, ox: np.ndarray, r: int, flyback_px, tol_px: float = 0.01):
-    """(indices, xs) of the columns whose window reaches where the flyback displacement is
-    above ``tol_px``, with each window pixel's scanned x relative to the window centre's
-    ((M, K), px); None without flyback or where no window reaches it."""
-    if flyback_px is None:
-        return None
-    amp, decay = (float(v) for v in flyback_px)
-    if not (np.isfinite(amp) and np.isfinite(decay) and decay > 0 and abs(amp) < decay):
-        raise ValueError(f"flyback_px must be (amplitude, decay) px with decay > 0 and |amplitude| < decay "
-                         f"(a monotone scan), got {flyback_px}")
-    if abs(amp) <= tol_px:
-        return None
-    idx = np.flatnonzero(centers[:, 1] - r < decay * np.log(abs(amp) / tol_px))
-    if len(idx) == 0:
-        return None
-    cx = centers[idx, 1].astype(np.float64)
-    j = cx[:, None] + ox[None, :]
-    xs = ox[None, :] + _flyback_shift(j, (amp, decay)) - _flyback_shift(cx, (amp, decay))[:, None]
-    return idx, xs.astype(np.float32)
 
 
 def _fit_warped(res, warp, flyback_px, z, c_pad, p, nb_off, nb_amp, centers, window, n_iter, fit_b, sums,
@@ -661,7 +620,7 @@ def _fit_warped(res, warp, flyback_px, z, c_pad, p, nb_off, nb_amp, centers, win
     m = len(idx)
     b = stream_bucket(m, (window, n_iter, shape[0], shape[1], "flyback"))
     cx = centers[idx, 1].astype(np.float64)
-    u0 = cx + _flyback_shift(cx, flyback_px)  # the scanned x at each window centre
+    u0 = cx + flyback.shift(cx, flyback_px)  # the scanned x at each window centre
 
     def pad(a, fill):
         out = np.full((b,) + a.shape[1:], fill, np.asarray(a).dtype)
@@ -670,17 +629,17 @@ def _fit_warped(res, warp, flyback_px, z, c_pad, p, nb_off, nb_amp, centers, win
 
     pw = p[idx].copy()
     xa = cx + pw[:, 2]
-    pw[:, 2] = xa + _flyback_shift(xa, flyback_px) - u0
+    pw[:, 2] = xa + flyback.shift(xa, flyback_px) - u0
     nbo = nb_off[idx].copy()
     nxa = cx[:, None] + nbo[:, :, 1]
-    nbo[:, :, 1] = nxa + _flyback_shift(nxa, flyback_px) - u0[:, None]
+    nbo[:, :, 1] = nxa + flyback.shift(nxa, flyback_px) - u0[:, None]
     fn = _build_fixed(window, n_iter, fit_b, sums, warped=True)
     far = np.full(2, -10 * window, np.int32)
     out = fn(pad(z[idx], 0.0), pad(c_pad[idx], far), pad(pw, 0.0), pad(nbo, -1e4), pad(nb_amp[idx], 0.0),
              sigma, var_floor, shape, pad(xs, 0.0))
     out = [np.asarray(o)[:m] for o in out]
     fit = out[0].copy()
-    fit[:, 2] = _flyback_invert(u0 + fit[:, 2], flyback_px) - cx  # back on the pixel grid
+    fit[:, 2] = flyback.to_pixels(u0 + fit[:, 2], flyback_px) - cx  # back on the pixel grid
     out[0] = fit
     for r_, o in zip(res, out):
         r_[idx] = o
