@@ -549,8 +549,8 @@ def cmd_locate(a: argparse.Namespace) -> int:
     flyback = None
     if a.flyback_px is not None:
         amp, decay = a.flyback_px
-        if not (decay > 0 and abs(amp) < decay):
-            raise UserError(f"--flyback-px {amp:g} {decay:g}: the decay must be > 0 and larger than |amplitude| "
+        if not (np.isfinite(amp) and np.isfinite(decay) and decay > 0 and abs(amp) < decay):
+            raise UserError(f"--flyback-px {amp:g} {decay:g}: two finite numbers, and the decay must be > 0 and larger than |amplitude| "
                             f"(amplitude = flyback_amp_nm / pixel size, decay = flyback_tau_us / dwell, from "
                             f"`stem-live calibrate`)")
         flyback = (float(amp), float(decay))

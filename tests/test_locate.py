@@ -513,3 +513,49 @@ def test_fixed_width_fit_on_a_known_flyback_is_exact():
     assert np.abs(to_pixels(x_app + shift(x_app, fb), fb) - x_app).max() < 1e-9
     with pytest.raises(ValueError, match="monotone"):
         refine_fixed_width(img, start, np.full(len(pos), 1000.0), sigma, 9, flyback_px=(12.0, 10.0))
+
+
+def test_flyback_fit_reports_its_error_in_pixels_and_refits_only_where_needed():
+    """Where the scan runs slow (the line start), one scanned px is more than one pixel: the
+    x error of a warped fit is given in pixels (as every other column's), so the reported
+    position error agrees with the scatter over noise draws. A long decay shifts the whole
+    frame nearly uniformly: only the columns the left edge cuts are refitted then."""
+    from stem_live.locate import flyback as fly
+    from stem_live.locate.refine import refine_fixed_width
+
+    fb, sigma = (2.0, 4.0), 1.5  # a strong, fast flyback: the scan runs at half speed at j = 0
+    y = 10.0 + 12.0 * np.arange(30)
+    x_app = np.full(30, 1.5)
+    j = np.arange(40.0)
+    u = j + fly.shift(j, fb)
+    rows = np.arange(370.0)[:, None]
+    clean = np.full((370, 40), 5.0)
+    ux = x_app[0] + fly.shift(x_app[0], fb)
+    for yy in y:
+        clean += 400.0 * np.exp(-((rows - yy) ** 2 + (u[None, :] - ux) ** 2) / (2 * sigma**2))
+    rng = np.random.default_rng(0)
+    pos = np.stack([y, x_app], axis=1)
+    fits, stds = [], []
+    for _ in range(12):
+        img = rng.poisson(clean).astype(np.float32)
+        fit, _, _, info = refine_fixed_width(img, pos + 0.1, np.full(30, 400.0), sigma, 7, background=5.0,
+                                             flyback_px=fb, line_jitter=False)
+        fits.append(fit - pos)
+        stds.append(info["pos_std"])
+    err = np.concatenate(fits)
+    empirical = np.sqrt(0.5 * np.mean(np.sum(err**2, axis=1)))
+    reported = float(np.median(np.concatenate(stds)))
+    assert abs(np.mean(err[:, 1])) < 0.05
+    assert 0.8 < reported / empirical < 1.25, (reported, empirical)  # in scanned px it read 0.62x
+    # a 200 px decay: only the windows the edge cuts (centre < r = 3) are refitted
+    centers = np.stack([np.zeros(6), [0, 2, 3, 10, 80, 400]], axis=1).astype(int)
+    idx, _ = fly.reaching_columns(centers, np.arange(-3, 4), 3, (1.0, 200.0))
+    assert idx.tolist() == [0, 1]
+    idx, _ = fly.reaching_columns(centers, np.arange(-3, 4), 3, (1.0, 10.0))
+    assert idx.tolist() == [0, 1, 2, 3]  # a 10 px decay curves across the windows up to ~40 px
+    # the inverse holds up to the monotone limit; nonsense is refused with what is expected
+    xq = np.linspace(-1.0, 30.0, 200)
+    assert np.abs(fly.to_pixels(xq + fly.shift(xq, (1.999, 2.0)), (1.999, 2.0)) - xq).max() < 1e-8
+    for bad, text in (((2.0, 1.0), "monotone"), ((1.0, float("inf")), "monotone"), ((1.0, 2.0, 3.0), "two numbers")):
+        with pytest.raises(ValueError, match=text):
+            locate_classical(clean, 12.0, refine=False, flyback_px=bad)

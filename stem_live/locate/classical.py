@@ -307,6 +307,10 @@ def locate_classical(
         raise ValueError(f"locate_classical needs a 2-D image, got shape {img.shape}")
     if min(img.shape) < 8:
         raise ValueError(f"image too small for column finding: {img.shape}")
+    if flyback_px is not None:
+        from .flyback import check
+
+        flyback_px = check(flyback_px)
     img = img.astype(np.float32, copy=False)
     if not np.isfinite(img).all():
         img = np.where(np.isfinite(img), img, np.nanmedian(img)).astype(np.float32)

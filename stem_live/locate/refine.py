@@ -510,6 +510,8 @@ def refine_fixed_width(
     """
     from scipy.spatial import cKDTree
 
+    if flyback_px is not None:
+        flyback_px = flyback.check(flyback_px)
     if int(n_pass) < 1:
         raise ValueError(f"n_pass must be >= 1, got {n_pass}")
     image = np.asarray(image)
@@ -604,8 +606,10 @@ def refine_fixed_width(
         col_dx, line_dx, jitter = line_shifts(row_b, np.where(use[:, None], row_a, 0.0),
                                               centers[:, 0].astype(np.intp) - r, h)
         info["line_dx"] = np.where(use, col_dx + _line_at(line_dx, out[:, 0], pos_std), 0.0)
-        if warp is not None:  # a shift of the scanned x is smaller in pixels where the scan is faster
-            info["line_dx"][warp[0]] /= 1.0 + flyback.slope(out[warp[0], 1], flyback_px)
+        if warp is not None:  # the line shifts are of the scanned x: in pixels where the scan is distorted
+            x = out[warp[0], 1]
+            info["line_dx"][warp[0]] = (flyback.to_pixels(x + flyback.shift(x, flyback_px) + info["line_dx"][warp[0]],
+                                                          flyback_px) - x)
         out[:, 1] += info["line_dx"]
         info["line_shift_px"] = line_dx
         info["line_jitter_px"] = jitter
@@ -641,6 +645,10 @@ def _fit_warped(res, warp, flyback_px, z, c_pad, p, nb_off, nb_amp, centers, win
     fit = out[0].copy()
     fit[:, 2] = flyback.to_pixels(u0 + fit[:, 2], flyback_px) - cx  # back on the pixel grid
     out[0] = fit
+    # the x error too: one scanned px is 1 / (1 + slope) pixels there (the y error is unchanged;
+    # pos_std mixes them as sqrt((var_y + var_x) / 2), and a column's two are about equal)
+    stretch = 1.0 / (1.0 + flyback.slope(cx + fit[:, 2], flyback_px))
+    out[2] = (out[2] * np.sqrt(0.5 * (1.0 + stretch**2))).astype(out[2].dtype)
     for r_, o in zip(res, out):
         r_[idx] = o
 

@@ -326,6 +326,10 @@ def locate_unet(
         raise ValueError(f"refine_on must be 'image' or 'map', got {refine_on!r}")
     if refine_method not in ("fixed", "free"):
         raise ValueError(f"refine_method must be 'fixed' or 'free', got {refine_method!r}")
+    if flyback_px is not None:
+        from .flyback import check
+
+        flyback_px = check(flyback_px)
     img = img.astype(np.float32, copy=False)
     if not np.isfinite(img).all():
         img = np.where(np.isfinite(img), img, np.nanmedian(img)).astype(np.float32)
