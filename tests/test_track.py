@@ -108,9 +108,12 @@ def test_tracker_memory_is_bounded(tmp_path):
     assert traj["positions"].shape[0] == 8
     assert traj["frames"].tolist() == list(range(22, 30))
     assert len(tr._frames) == 8
-    # sites unseen for `history` frames are dropped from the reference
-    n_visible = max(len(c) for c, _ in seq)
-    assert len(tr.reference) < 4 * n_visible
+    # sites unseen for `history` frames are dropped from the reference: it holds exactly the
+    # sites seen in the last 8 frames (257 here; 301 if nothing were dropped)
+    seen = set(np.concatenate([site for _, site in seq[-8:]]).tolist())
+    every = set(np.concatenate([site for _, site in seq]).tolist())
+    assert len(every) > len(seen) + 20
+    assert len(tr.reference) == len(seen)
     path = tmp_path / "tracks.npz"
     tr.export(path)
     with np.load(path) as z:
