@@ -49,8 +49,10 @@ def match_columns(truth_px: np.ndarray, found_px: np.ndarray, radius_px: float) 
     return ti[order][keep], fi[order][keep]
 
 
-def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None) -> dict:
-    """Classical locator against the simulator's true column positions.
+def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None, *,
+                   calibration: str = "") -> dict:
+    """Classical locator against the simulator's true column positions (with a ``calibration``
+    JSON, on its flyback, as the engine locates then; ``flyback_px`` in the result).
 
     Matching radius 0.3 x the median nearest-neighbour spacing of the true columns; recall =
     matched / true, precision = matched / found, RMSE over matched pairs (px, and pm);
@@ -63,11 +65,17 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None)
     from .locate import estimate_spacing, locate_classical
 
     spacing = estimate_spacing(np.asarray(frames[0][0], dtype=np.float32))
+    flyback = None
+    if calibration:
+        from .calibrate import load_cached
+
+        meta0 = frames[0][1]
+        flyback = load_cached(calibration).flyback_px(meta0.pixel_size_nm[1], meta0.dwell_us)
     n_true = n_found = n_match = 0
     sq, edge, bound2, ms = [], [], [], []
     for image, meta, truth in frames:
         t0 = time.perf_counter()
-        cols = locate_classical(np.asarray(image, dtype=np.float32), spacing)
+        cols = locate_classical(np.asarray(image, dtype=np.float32), spacing, flyback_px=flyback)
         ms.append((time.perf_counter() - t0) * 1e3)
         tp = np.asarray(truth.columns_px)
         nn = float(np.median(cKDTree(tp).query(tp, 2)[0][:, 1]))
@@ -91,6 +99,8 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None)
            "locator": "classical", "spacing_px": round(float(spacing), 3),
            "rmse_inner_px": rms(sq[~edge]), "rmse_border_px": rms(sq[edge]),
            "border_fraction": round(float(edge.mean()), 4) if len(edge) else float("nan")}
+    if calibration:
+        out["flyback_px"] = None if flyback is None else [round(float(v), 4) for v in flyback]
     if bound2:
         out["crlb_px"] = rms(np.concatenate(bound2))
     return out
@@ -265,7 +275,7 @@ def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, dr
                         "corrections": closed.corrections, "clamped": closed.clamped,
                         "ratio_to_open_loop": round(closed.residual_rms_nm / max(open_loop.residual_rms_nm, 1e-12), 4),
                         "oracle_floor_nm": round(oracle_residual_rms_nm(cfg, frames), 5)},
-        "columns": column_metrics(open_loop.kept, cfg) if preset != "particles" else {},
+        "columns": column_metrics(open_loop.kept, cfg, calibration=calibration) if preset != "particles" else {},
         **extra,
         "model": model,
         "wall_s": round(time.perf_counter() - t0, 2),
