@@ -341,6 +341,17 @@ def test_short_session_velocity_is_the_drift_traces_slope():
     err = np.subtract(c.velocity_nm_per_s, true_slope)
     assert np.hypot(*err) < 0.1 * np.hypot(*true_slope), (c.velocity_nm_per_s, true_slope)  # measured 0.5 %
     assert np.hypot(*err) < 3 * c.velocity_sd_nm_per_s[0]
+    assert 15.0 < c.flyback_tau_us < 26.0  # the planted 20 us; measured 20.6
+
+
+def test_fitted_flyback_decay_against_truth():
+    """The fitted hyperparameters include the flyback's decay: a planted 40 us is told from the
+    20 us default (measured 46 us and 20.6 us; with refit_steps=0, as in the other tests here,
+    it stays at the default by construction)."""
+    slow = MicroscopeConfig(preset="srtio3", size=256, seed=0,  # calibrate_simulator's session, tau doubled
+                            scan=ScanConfig(scale_error=(0.01, -0.015), shear=0.02, flyback_tau_us=40.0))
+    tau = calibrate_simulator(config=slow, frames=16).calibration.flyback_tau_us
+    assert 30.0 < tau < 52.0, tau
 
 
 def test_line_jitter_reads_as_the_columns_see_it(run):
