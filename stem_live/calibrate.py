@@ -263,7 +263,8 @@ class Calibration:
 
     Units nm, s (us where named), rad; pairs (y, x). ``velocity_nm_per_s``: the drift velocity
     over the session (the least-squares slope of the GP's drift trace), ``velocity_sd_nm_per_s``
-    the 1-sigma of the GP's linear term (the slow wander marginalised). ``scale_error``: fractional scan-step errors (y, x) (0.01 = 1 % too large);
+    the 1-sigma of the GP's linear term (the slow wander marginalised). ``scale_error``:
+    fractional scan-step errors (y, x) (0.01 = 1 % too large);
     ``shear``: x offset per unit y; ``shear_yx``: y per unit x (~0 by the rotation convention);
     ``rotation_rad``: the crystal against the given lattice vectors. ``flyback_amp_nm``: x
     displacement at the start of a line, decaying with ``flyback_tau_us``.

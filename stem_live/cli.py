@@ -550,9 +550,9 @@ def cmd_locate(a: argparse.Namespace) -> int:
     if a.flyback_px is not None:
         amp, decay = a.flyback_px
         if not (np.isfinite(amp) and np.isfinite(decay) and decay > 0 and abs(amp) < decay):
-            raise UserError(f"--flyback-px {amp:g} {decay:g}: two finite numbers, and the decay must be > 0 and larger than |amplitude| "
-                            f"(amplitude = flyback_amp_nm / pixel size, decay = flyback_tau_us / dwell, from "
-                            f"`stem-live calibrate`)")
+            raise UserError(f"--flyback-px {amp:g} {decay:g}: two finite numbers, and the decay must be > 0 "
+                            f"and larger than |amplitude| (amplitude = flyback_amp_nm / pixel size, decay = "
+                            f"flyback_tau_us / dwell, from `stem-live calibrate`)")
         flyback = (float(amp), float(decay))
     params = None
     if a.locator == "unet":
