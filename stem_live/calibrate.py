@@ -368,13 +368,15 @@ class Calibration:
         """The flyback as the locator takes it (``locate_classical(flyback_px=)``): (amplitude,
         decay) in fast-scan pixels of a frame with this pixel size (nm) and dwell (us). None
         where it is below 0.01 px, the timing is unknown or the numbers make no monotone scan."""
+        from .locate.flyback import check
+
         px, dwell = float(pixel_size_x_nm), float(dwell_us)
-        if not (px > 0 and dwell > 0):
+        if not (px > 0 and dwell > 0) or abs(self.flyback_amp_nm / px) < 0.01:
             return None
-        amp, decay = self.flyback_amp_nm / px, self.flyback_tau_us / dwell
-        if not (abs(amp) >= 0.01 and abs(amp) < decay):
+        try:
+            return check((self.flyback_amp_nm / px, self.flyback_tau_us / dwell))
+        except ValueError:
             return None
-        return (float(amp), float(decay))
 
     def correct_observations(self, obs, beam_shift_nm) -> object:
         """Drift samples measured against a *measured* reference, with the known scan scale and

@@ -548,12 +548,15 @@ def cmd_locate(a: argparse.Namespace) -> int:
     stack = _load_images(a.file)
     flyback = None
     if a.flyback_px is not None:
-        amp, decay = a.flyback_px
-        if not (np.isfinite(amp) and np.isfinite(decay) and decay > 0 and abs(amp) < decay):
+        from .locate.flyback import check
+
+        try:
+            flyback = check(a.flyback_px)
+        except ValueError:
+            amp, decay = a.flyback_px
             raise UserError(f"--flyback-px {amp:g} {decay:g}: two finite numbers, and the decay must be > 0 "
                             f"and larger than |amplitude| (amplitude = flyback_amp_nm / pixel size, decay = "
-                            f"flyback_tau_us / dwell, from `stem-live calibrate`)")
-        flyback = (float(amp), float(decay))
+                            f"flyback_tau_us / dwell, from `stem-live calibrate`)") from None
     params = None
     if a.locator == "unet":
         from .locate.unet import THRESHOLD, calibrated_threshold, load_default, load_params, locate_unet

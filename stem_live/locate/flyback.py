@@ -55,7 +55,8 @@ def check(flyback_px) -> FlybackPx:
     try:
         amp, decay = (float(v) for v in flyback_px)
     except (TypeError, ValueError):
-        raise ValueError(f"flyback_px must be two numbers (amplitude, decay) in fast-scan pixels, got {flyback_px!r}") from None
+        raise ValueError(f"flyback_px must be two numbers (amplitude, decay) in fast-scan pixels, "
+                         f"got {flyback_px!r}") from None
     if not (np.isfinite(amp) and np.isfinite(decay) and decay > 0 and abs(amp) < decay):
         raise ValueError(f"flyback_px must be (amplitude, decay) px with decay > 0 and |amplitude| < decay "
                          f"(a monotone scan), got {tuple(flyback_px)}")
@@ -64,7 +65,8 @@ def check(flyback_px) -> FlybackPx:
 
 def reaching_columns(centers: np.ndarray, ox: np.ndarray, r: int, flyback_px: FlybackPx | None,
                      tol_px: float = 0.01) -> tuple[np.ndarray, np.ndarray] | None:
-    """The columns to fit on the distorted grid: those whose window (integer ``centers`` (N, 2),
+    """The columns to fit on the distorted grid (``flyback_px`` as ``check`` returns it): those
+    whose window (integer ``centers`` (N, 2),
     window pixel x offsets ``ox`` (K,), radius ``r``) the left edge cuts, and those across whose
     window the displacement departs from a straight line by more than ``tol_px`` (its curvature
     amplitude / decay**2 exp(-j / decay) times r**2 / 2). Returns (indices (M,), each window
@@ -72,7 +74,7 @@ def reaching_columns(centers: np.ndarray, ox: np.ndarray, r: int, flyback_px: Fl
     flyback above ``tol_px`` or where no window qualifies."""
     if flyback_px is None:
         return None
-    amp, decay = check(flyback_px)
+    amp, decay = flyback_px
     if abs(amp) <= tol_px:
         return None
     left = np.maximum(centers[:, 1] - r, 0.0)

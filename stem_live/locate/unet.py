@@ -294,9 +294,10 @@ def locate_unet(
         peak whose fitted amplitude is below ``min_amp_snr`` standard errors, or whose fitted
         centre is outside the frame, is dropped; a fit that is not trusted (position std >
         ``max_fit_std`` px away from the frame edge, moved by more than half the suppression
-        radius, failed) keeps the probability-map position. ``refine_method="free"``: a free-width Gaussian fit
-        (``refine_positions``) instead, nothing dropped, untrusted beyond ``max_fit_shift`` px
-        of movement; ``refine_on="map"``: that fit on the probability map.
+        radius, failed) keeps the probability-map position. ``refine_method="free"``: a
+        free-width Gaussian fit (``refine_positions``) instead, nothing dropped, untrusted
+        beyond ``max_fit_shift`` px of movement; ``refine_on="map"``: that fit on the
+        probability map.
         refine=False: quadratic interpolation of the map peak.
     n_classes, thresholds, classifier : intensity classes, as in ``locate_classical``
         (intensity = band-passed frame at the final position).
@@ -313,8 +314,8 @@ def locate_unet(
     the spacing and the threshold used.
     """
     from .classes import classify_intensity
-    from .classical import (_bilinear, _fit_trusted, _inside_frame, _merge_duplicates, _refine_fixed, _subpixel, bandpass,
-                            find_peaks, near_saturation)
+    from .classical import (_bilinear, _fit_trusted, _inside_frame, _merge_duplicates, _refine_fixed, _subpixel,
+                            bandpass, find_peaks, near_saturation)
     from .refine import refine_positions, window_for_spacing
 
     img = np.asarray(image)
