@@ -52,6 +52,10 @@ class EngineConfig:
     # the shift from the columns; registration only hints it and checks the lock): 4x less
     # work at 1024 px. 0: the whole frame (the rigid model always registers the whole frame)
     register_crop_px: int = 512
+    # gp model: locate every frame with the lattice of the frames before as the prior
+    # (``lattice_prior.LatticePrior``): the columns sent on (monitor, exports, rVAE patches) are
+    # the combined positions; the drift model keeps the fits' own x
+    lattice_prior: bool = False
 
 
 @dataclass(frozen=True)
@@ -350,6 +354,7 @@ class ColumnModel:
         self.probe_refresh_frames = 32
         self._probe_sigma_px: float | None = None
         self._located = 0
+        self.lattice = None  # LatticePrior, made once the spacing is known (config.lattice_prior)
 
     def process(self, frame: Frame, image: np.ndarray, hint_px: np.ndarray, timings: dict) -> ColumnResult:
         from dataclasses import replace as dc_replace
@@ -361,11 +366,17 @@ class ColumnModel:
         if self.spacing_px is None:
             self.spacing_px = float(estimate_spacing(img))
             self.tracker.spacing_px = self.spacing_px
+        if self.config.lattice_prior and self.lattice is None:
+            from .lattice_prior import LatticePrior
+
+            self.lattice = LatticePrior(self.spacing_px)
         known = self._probe_sigma_px if self._located % self.probe_refresh_frames else None
         # a calibration's flyback: the columns cut by the left edge are fitted on the distorted scan
         flyback = (None if self.calibration is None
                    else self.calibration.flyback_px(frame.pixel_size_nm[1], frame.dwell_us))
-        cols = locate_classical(img, self.spacing_px, probe_sigma_px=known, flyback_px=flyback)
+        cols = locate_classical(img, self.spacing_px, probe_sigma_px=known, flyback_px=flyback, prior=self.lattice)
+        if self.lattice is not None:
+            self.lattice.update(cols)
         self._located += 1
         self._probe_sigma_px = cols.meta.get("probe_sigma_px", known)
         t1 = time.perf_counter()

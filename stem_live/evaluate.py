@@ -18,7 +18,10 @@ Report keys (a contract: later work adds keys, never changes these):
   ``columns.locate_ms``: the classical locator on the first 10 open-loop frames against the true
   column positions (:func:`column_metrics`); also ``columns.crlb_px`` (the Cramer-Rao bound of
   those positions at the session's dose), ``columns.rmse_inner_px`` / ``columns.rmse_border_px``
-  and ``columns.border_fraction`` (columns whose fit window crosses the frame edge).
+  and ``columns.border_fraction`` (columns whose fit window crosses the frame edge);
+  ``columns.tracked_*`` (``recall``, ``precision``, ``rmse_px``, ``rmse_inner_px``,
+  ``rmse_second_half_px``): the same frames located with the lattice of the frames before each
+  as the prior (``lattice_prior.LatticePrior``, causal: frame k knows frames 0..k-1 only).
 """
 
 from __future__ import annotations
@@ -59,7 +62,10 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
     ``rmse_inner_px`` / ``rmse_border_px`` split it by whether the found column's fit window
     crosses the frame edge (``Columns.border``, ``border_fraction`` of the matched). With the
     session's ``config`` (a ``MicroscopeConfig``) also ``crlb_px``: the rms Cramer-Rao bound
-    of the matched true columns (``simulator.crlb``), the floor of any locator at that dose."""
+    of the matched true columns (``simulator.crlb``), the floor of any single-frame locator at
+    that dose. ``tracked_*``: the frames again, in order, each located with the lattice of the
+    frames before it as the prior (``LatticePrior``), as a live session can; the second half's
+    RMSE is the steady state (frame 0 has no prior)."""
     from scipy.spatial import cKDTree
 
     from .locate import estimate_spacing, locate_classical
@@ -71,11 +77,16 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
 
         meta0 = frames[0][1]
         flyback = load_cached(calibration).flyback_px(meta0.pixel_size_nm[1], meta0.dwell_us)
+    from .lattice_prior import LatticePrior
+
+    lattice = LatticePrior(spacing)
     n_true = n_found = n_match = 0
     sq, edge, bound2, ms = [], [], [], []
+    tracked = {"n_found": 0, "n_match": 0, "sq": [], "edge": []}
     for image, meta, truth in frames:
+        img = np.asarray(image, dtype=np.float32)
         t0 = time.perf_counter()
-        cols = locate_classical(np.asarray(image, dtype=np.float32), spacing, flyback_px=flyback)
+        cols = locate_classical(img, spacing, flyback_px=flyback)
         ms.append((time.perf_counter() - t0) * 1e3)
         tp = np.asarray(truth.columns_px)
         nn = float(np.median(cKDTree(tp).query(tp, 2)[0][:, 1]))
@@ -87,6 +98,14 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
             from simulator.crlb import position_crlb_px
 
             bound2.append(position_crlb_px(config, truth)[ti] ** 2)
+        # the same frame with the lattice of the frames before it as the prior (causal)
+        tc = locate_classical(img, spacing, flyback_px=flyback, prior=lattice)
+        lattice.update(tc)
+        ti, fi = match_columns(tp, tc.positions, 0.3 * nn)
+        tracked["n_found"] += len(tc)
+        tracked["n_match"] += len(ti)
+        tracked["sq"].append(np.sum((tp[ti] - tc.positions[fi]) ** 2, axis=1))
+        tracked["edge"].append(tc.border[fi])
     sq, edge = np.concatenate(sq), np.concatenate(edge)
 
     def rms(v: np.ndarray) -> float:
@@ -99,6 +118,12 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
            "locator": "classical", "spacing_px": round(float(spacing), 3),
            "rmse_inner_px": rms(sq[~edge]), "rmse_border_px": rms(sq[edge]),
            "border_fraction": round(float(edge.mean()), 4) if len(edge) else float("nan")}
+    tsq, tedge = np.concatenate(tracked["sq"]), np.concatenate(tracked["edge"])
+    half = len(frames) // 2
+    out.update({"tracked_recall": round(tracked["n_match"] / max(n_true, 1), 5),
+                "tracked_precision": round(tracked["n_match"] / max(tracked["n_found"], 1), 5),
+                "tracked_rmse_px": rms(tsq), "tracked_rmse_inner_px": rms(tsq[~tedge]),
+                "tracked_rmse_second_half_px": rms(np.concatenate(tracked["sq"][half:]))})
     if calibration:
         out["flyback_px"] = None if flyback is None else [round(float(v), 4) for v in flyback]
     if bound2:

@@ -49,12 +49,27 @@ def score(found: np.ndarray, truth: np.ndarray, radius_px: float) -> tuple[float
     return len(err) / len(truth), len(err) / len(found), float(np.sqrt(np.mean(err**2))) if len(err) else float("nan")
 
 
+def _tracked(spacing_px: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The classical locator with a ``LatticePrior`` that learns from every frame it locates."""
+    from ..lattice_prior import LatticePrior
+    from .classical import locate_classical
+
+    lattice = LatticePrior(spacing_px)
+
+    def fn(img: np.ndarray) -> np.ndarray:
+        cols = locate_classical(img, spacing_px, prior=lattice)
+        lattice.update(cols)
+        return cols.positions
+
+    return fn
+
+
 def _time_locator(fn: Callable[[np.ndarray], np.ndarray], frames: list[np.ndarray], truth: np.ndarray,
-                  radius: float, repeats: int, label: str, progress: bool) -> dict:
+                  radius: float, repeats: int, label: str, progress: bool, cycle: bool = True) -> dict:
     fn(frames[0])  # warm-up: JIT compilation, FFT plans (excluded)
     times, scores, n_found = [], [], 0
     for k in range(repeats):
-        img = frames[1 + k % (len(frames) - 1)]
+        img = frames[1 + k % (len(frames) - 1)] if cycle else frames[1 + k]
         t0 = time.perf_counter()
         pos = fn(img)
         times.append(time.perf_counter() - t0)
@@ -117,7 +132,9 @@ def bench_locate(sizes=(512, 1024), repeats: int = 20, *, spacing_px: float = 12
 
     Every size gets one warm-up call per locator (excluded) and then ``repeats``
     (``unet_repeats`` for the network: its forward pass is ~0.3 s at 512 px on 2 cores) timed
-    calls on fresh noisy frames. Returns ``{locator: {size: {"median_ms", "p99_ms", "min_ms",
+    calls on fresh noisy frames. ``classical_tracked``: the classical locator with the lattice
+    of the frames before as the prior (``lattice_prior.LatticePrior``, linking, offsets and
+    update included), on ``repeats`` + 1 frames of the same lattice, each with its own noise. Returns ``{locator: {size: {"median_ms", "p99_ms", "min_ms",
     "n_columns", "n_truth", "recall", "precision", "rmse_px", "repeats"}}}`` with "atomap" rows
     ``{"median_ms", "rmse_px", ...}`` or ``{"error"}``.
     """
@@ -125,11 +142,16 @@ def bench_locate(sizes=(512, 1024), repeats: int = 20, *, spacing_px: float = 12
     from .unet import locate_unet
 
     radius = MATCH_FRAC * spacing_px
-    out: dict = {"classical": {}, "unet": {}, "atomap": {}}
+    out: dict = {"classical": {}, "classical_tracked": {}, "unet": {}, "atomap": {}}
     for size in sizes:
         truth, frames = _frames(int(size), spacing_px, dose, seed, min(repeats, 4) + 1)
         out["classical"][str(size)] = _time_locator(lambda im: locate_classical(im, spacing_px).positions, frames,
                                                     truth, radius, repeats, f"classical {size} px", progress)
+        # with the lattice of the frames before as the prior (``LatticePrior``): every call a
+        # fresh noisy frame (a prior that saw the same noise before would score too well)
+        truth_t, frames_t = _frames(int(size), spacing_px, dose, seed + 1, repeats + 1)
+        out["classical_tracked"][str(size)] = _time_locator(_tracked(spacing_px), frames_t, truth_t, radius, repeats,
+                                                            f"classical tracked {size} px", progress, cycle=False)
         out["unet"][str(size)] = _time_locator(lambda im: locate_unet(im, spacing_px).positions, frames, truth,
                                                radius, max(1, unet_repeats), f"unet {size} px", progress)
         if atomap:

@@ -31,7 +31,8 @@ import numpy as np
 
 
 def line_shifts(row_b: np.ndarray, row_a: np.ndarray, first_row: np.ndarray, n_rows: int, *,
-                n_iter: int = 10, start_px: float = 0.5, floor_px: float = 0.01):
+                n_iter: int = 10, start_px: float = 0.5, floor_px: float = 0.01,
+                prior_dx: np.ndarray | None = None, prior_prec: np.ndarray | None = None):
     """Per-column offsets and per-line x shifts (px) from the fit's per-line sums.
 
     Parameters
@@ -46,6 +47,10 @@ def line_shifts(row_b: np.ndarray, row_a: np.ndarray, first_row: np.ndarray, n_r
         a 1024 px frame), after a first pass with the loose prior ``start_px`` (px) that
         estimates the prior from the frame.
     floor_px : smallest prior std (a frame without jitter is shrunk to ~0 correction).
+    prior_dx, prior_prec : (N,) optional Gaussian prior on each column's offset X_c: its mean
+        (px, relative to the fitted centre) and precision (1 / px**2; 0 = none), e.g. where
+        the tracked lattice predicts the column (``lattice_prior``). A column known a priori
+        no longer trades off against the lines it spans, so they are measured absolutely.
 
     Returns
     -------
@@ -68,6 +73,11 @@ def line_shifts(row_b: np.ndarray, row_a: np.ndarray, first_row: np.ndarray, n_r
     bsum = np.bincount(idx.ravel(), b.ravel(), n_rows)
     a_col = a.sum(axis=1)
     b_col = b.sum(axis=1)
+    if prior_prec is not None:  # the prior adds pi (X - mu)**2: pi to X's information, pi mu to its sum
+        pi = np.where(a_col > 0, np.nan_to_num(np.asarray(prior_prec, np.float64), posinf=0.0), 0.0)
+        pi = np.maximum(pi, 0.0)
+        b_col = b_col + pi * np.where(pi > 0, np.nan_to_num(np.asarray(prior_dx, np.float64)), 0.0)
+        a_col = a_col + pi
     inv = np.where(a_col > 0, 1.0 / np.maximum(a_col, 1e-300), 0.0)
     seen = den > 0
     if not seen.any():
@@ -79,6 +89,7 @@ def line_shifts(row_b: np.ndarray, row_a: np.ndarray, first_row: np.ndarray, n_r
     noise = np.mean(1.0 / (den[seen] + prec0))
     var = max(float(np.mean(d0[seen] ** 2) - noise), floor_px**2)
     # X eliminated: (diag(den + 1/var) - A^T diag(1/a_col) A) d = bsum - A^T (b_col / a_col)
+    # (a_col, b_col with the prior's pi and pi mu added)
     diag = den + 1.0 / var
     rhs = bsum - At @ (b_col * inv)
     d = np.zeros(n_rows)

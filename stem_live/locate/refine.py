@@ -472,6 +472,7 @@ def refine_fixed_width(
     line_jitter: bool = True,
     line_min_amp_snr: float = 3.0,
     flyback_px: tuple[float, float] | None = None,
+    prior=None,
 ):
     """Sub-pixel positions from a Gaussian of fixed, known width ``sigma_px`` fitted to each
     column with its neighbours' model subtracted, Poisson-weighted: the (near) maximum-
@@ -499,6 +500,13 @@ def refine_fixed_width(
     they appear on it; without it, a column cut by the left edge is fitted ~0.5 px to the right
     of where it appears (simulator default flyback, 1 px), and one centred just outside is
     taken for one inside.
+
+    ``prior``: a callable ``(positions (N, 2), pos_std (N,)) -> (prior_pos (N, 2), prior_std (N,))``
+    (px; inf where it knows nothing), e.g. a ``lattice_prior.LatticePrior``: where each column
+    is expected from the earlier frames, with the scan jitter left out. It is given the fit's
+    line-averaged positions; each column then gets the precision-weighted mean of its fit and
+    the prior in y, and in x the prior enters the line de-jitter (``line_shifts``' column
+    prior), which then measures the lines absolutely. Not for columns on the flyback grid.
 
     Returns positions (N, 2), amplitudes (N,), border (N,) bool (the window crosses the
     frame edge) and a dict: ``background`` (N,), ``pos_std`` (position standard error, px,
@@ -599,13 +607,17 @@ def refine_fixed_width(
     out = np.where(ok[:, None], centers + np.stack([dy, dx], axis=1), pos)
     info = {"background": bg, "pos_std": np.where(ok, pos_std, np.inf),
             "amp_snr": np.where(ok, np.nan_to_num(amp_snr), 0.0), "ok": ok}
+    prior_dx = prior_prec = None
+    if prior is not None:
+        prior_dx, prior_prec = _apply_prior(prior, out, info, warp)
     if line_jitter:
         from .linejitter import line_shifts
 
         use = ok & (amp_snr >= line_min_amp_snr)
         col_dx, line_dx, jitter = line_shifts(row_b, np.where(use[:, None], row_a, 0.0),
-                                              centers[:, 0].astype(np.intp) - r, h)
-        info["line_dx"] = np.where(use, col_dx + _line_at(line_dx, out[:, 0], pos_std), 0.0)
+                                              centers[:, 0].astype(np.intp) - r, h,
+                                              prior_dx=prior_dx, prior_prec=prior_prec)
+        info["line_dx"] = np.where(use, col_dx + _line_at(line_dx, out[:, 0], info.get("y_std", pos_std)), 0.0)
         if warp is not None:  # the line shifts are of the scanned x: in pixels where the scan is distorted
             x = out[warp[0], 1]
             info["line_dx"][warp[0]] = (flyback.to_pixels(x + flyback.shift(x, flyback_px) + info["line_dx"][warp[0]],
@@ -613,7 +625,31 @@ def refine_fixed_width(
         out[:, 1] += info["line_dx"]
         info["line_shift_px"] = line_dx
         info["line_jitter_px"] = jitter
+    elif prior_prec is not None:  # no line model: the prior is a second measurement of x
+        pi, s2 = prior_prec, 1.0 / np.maximum(info["pos_std"], 1e-6) ** 2
+        out[:, 1] += np.where(pi > 0, pi * prior_dx / (pi + s2), 0.0)
     return out, np.where(ok, amp, np.nan), border, info
+
+
+def _apply_prior(prior, out: np.ndarray, info: dict, warp) -> tuple[np.ndarray, np.ndarray]:
+    """Ask ``prior`` where the fitted columns ``out`` (line-averaged, px) are expected; move
+    each y to the precision-weighted mean of fit and prior (in place) and return the x prior
+    as ``line_shifts`` takes it: (offset from the fitted x (px), precision (1 / px**2)).
+    Columns that failed, or sit on the flyback grid (their x is in scanned coordinates
+    there), get none. ``info`` gains ``prior_used`` (N,) bool."""
+    ppos, pstd = prior(out.copy(), info["pos_std"].copy())
+    ppos = np.asarray(ppos, np.float64).reshape(out.shape)
+    pstd = np.asarray(pstd, np.float64).reshape(len(out))
+    use = info["ok"] & np.isfinite(pstd) & (pstd > 0) & np.isfinite(ppos).all(axis=1) & np.isfinite(info["pos_std"])
+    if warp is not None:
+        use[warp[0]] = False
+    pi = np.where(use, 1.0 / np.where(use, pstd, 1.0) ** 2, 0.0)
+    s2 = 1.0 / np.maximum(info["pos_std"], 1e-6) ** 2  # the fit's y information (pos_std: its rms of y, x)
+    tot = np.where(use, s2 + pi, 1.0)
+    out[:, 0] = np.where(use, (s2 * out[:, 0] + pi * np.nan_to_num(ppos[:, 0])) / tot, out[:, 0])
+    info["prior_used"] = use
+    info["y_std"] = np.where(use, 1.0 / np.sqrt(tot), info["pos_std"])  # the combined y's error
+    return np.where(use, np.nan_to_num(ppos[:, 1]) - out[:, 1], 0.0), pi
 
 
 def _fit_warped(res, warp, flyback_px, z, c_pad, p, nb_off, nb_amp, centers, window, n_iter, fit_b, sums,

@@ -274,6 +274,7 @@ def locate_unet(
     min_amp_snr: float = 3.0,
     line_jitter: bool = True,
     flyback_px: tuple[float, float] | None = None,
+    prior=None,
 ) -> Columns:
     """Find atomic columns in one frame with the U-Net; same result type as
     ``locate_classical``.
@@ -307,6 +308,8 @@ def locate_unet(
         ``locate_classical`` (``meta``: ``line_jitter_px``, ``line_shift_px``).
     flyback_px : with the default refinement, the scan's known flyback (amplitude, decay) px,
         as in ``locate_classical``.
+    prior : with the default refinement, where the columns are expected from the earlier
+        frames (a ``lattice_prior.LatticePrior``), as in ``locate_classical``.
 
     Returns
     -------
@@ -376,7 +379,7 @@ def locate_unet(
         # peak on the edge), is dropped, as in ``locate_classical``
         pos, _, border, good, width, real, judge, line_dx, line_meta = _refine_fixed(
             img, start, conf, spacing_px, sigma_px, window_px, window_given, None, n_iter, max_fit_std,
-            0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter, flyback_px)
+            0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter, flyback_px, prior)
         meta["probe_sigma_px"] = width
         meta.update(line_meta)
         keep = real & _inside_frame(judge, img.shape)
