@@ -227,7 +227,8 @@ def _engine_config(a: argparse.Namespace):
     if a.calibration is not None and a.model != "gp":
         raise UserError("--calibration is used by the column model: add --model gp")
     return EngineConfig(model=a.model, rvae_checkpoint="" if a.rvae is None else str(a.rvae),
-                        calibration="" if a.calibration is None else str(a.calibration))
+                        calibration="" if a.calibration is None else str(a.calibration),
+                        lattice_prior=not getattr(a, "independent_frames", False))
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -239,6 +240,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", type=Path, default=None, metavar="JSON",
                    help="a `stem-live calibrate` result (DIR/calibration.json; with --model gp): the known drift "
                         "velocity and scan distortion, used from the first frame")
+    p.add_argument("--independent-frames", action="store_true",
+                   help="(with --model gp) locate every frame on its own, not with the lattice of the frames "
+                        "before it as the prior (the positions sent on are then each frame's own measurement)")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -576,6 +580,11 @@ def cmd_locate(a: argparse.Namespace) -> int:
     png = a.png or out.with_suffix(".png")
     prog = Progress()
     spacing = a.spacing_px or estimate_spacing(np.asarray(stack[0], dtype=np.float32))
+    lattice = None
+    if a.tracked:
+        from .lattice_prior import LatticePrior
+
+        lattice = LatticePrior(spacing)
     total = 0
     for k, img in enumerate(stack):
         img = np.asarray(img, dtype=np.float32)
@@ -583,9 +592,12 @@ def cmd_locate(a: argparse.Namespace) -> int:
             raise UserError(f"{a.file}: frame {k} holds NaN or infinite pixels")
         if a.locator == "unet":
             cols = locate_unet(img, spacing, params=params, n_classes=a.classes, threshold=net_threshold,
-                               flyback_px=flyback)
+                               flyback_px=flyback, prior=lattice)
         else:
-            cols = locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold, flyback_px=flyback)
+            cols = locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold, flyback_px=flyback,
+                                    prior=lattice)
+        if lattice is not None:
+            lattice.update(cols)
         if out.suffix.lower() == ".npz" and len(stack) > 1:
             write_columns(out.with_name(f"{out.stem}_{k:05d}.npz"), cols, frame=k)
         else:
@@ -747,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the scan's flyback in fast-scan pixels: x displacement AMP * exp(-j / DECAY) at pixel j "
                         "(from `stem-live calibrate`: flyback_amp_nm / pixel size, flyback_tau_us / dwell); the "
                         "columns cut by the left edge are then fitted on the distorted scan")
+    s.add_argument("--tracked", action="store_true",
+                   help="a stack of one area: locate every frame with the lattice of the frames before it as the "
+                        "prior (more precise positions; a column that moved gets none and restarts)")
     s.set_defaults(func=cmd_locate)
 
     s = sub.add_parser("train-locator", help="train the U-Net column locator on simulated frames (seeded)")
