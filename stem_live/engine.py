@@ -18,6 +18,7 @@ beam-shift target ``b_ref + D_pred`` that keeps the image still.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -28,6 +29,8 @@ import numpy as np
 
 from .protocol import Correction, Frame
 from .register import Reference, make_reference, register
+
+log = logging.getLogger("stem_live.engine")
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,7 @@ class ColumnModel:
         self._probe_sigma_px: float | None = None
         self._located = 0
         self.lattice = None  # LatticePrior, made once the spacing is known (config.lattice_prior)
+        self._flyback_warned: set[tuple[float, float]] = set()
 
     def process(self, frame: Frame, image: np.ndarray, hint_px: np.ndarray, timings: dict) -> ColumnResult:
         from dataclasses import replace as dc_replace
@@ -373,8 +377,7 @@ class ColumnModel:
             self.lattice = LatticePrior(self.spacing_px)
         known = self._probe_sigma_px if self._located % self.probe_refresh_frames else None
         # a calibration's flyback: the columns cut by the left edge are fitted on the distorted scan
-        flyback = (None if self.calibration is None
-                   else self.calibration.flyback_px(frame.pixel_size_nm[1], frame.dwell_us))
+        flyback = None if self.calibration is None else self._flyback(frame)
         cols = locate_classical(img, self.spacing_px, probe_sigma_px=known, flyback_px=flyback, prior=self.lattice)
         if self.lattice is not None:
             self.lattice.update(cols)
@@ -396,6 +399,23 @@ class ColumnModel:
         t3 = time.perf_counter()
         timings.update(locate=(t1 - t0) * 1e3, track=(t2 - t1) * 1e3, gp=(t3 - t2) * 1e3)
         return ColumnResult(cols, line_mean, line_sd, decision, jump)
+
+    def _flyback(self, frame: Frame) -> tuple[float, float] | None:
+        """The calibration's flyback in this frame's pixels; where a flyback was measured but
+        cannot be used here (the frame carries no dwell time, or the pixel size and dwell make
+        it non-monotone), one warning per (pixel size, dwell): the left edge is then fitted as
+        a regular scan."""
+        cal = self.calibration
+        px, dwell = float(frame.pixel_size_nm[1]), float(frame.dwell_us)
+        fb = cal.flyback_px(px, dwell)
+        measured = px > 0 and abs(cal.flyback_amp_nm / px) >= 0.01
+        key = (px, dwell)
+        if fb is None and measured and key not in self._flyback_warned:
+            self._flyback_warned.add(key)
+            log.warning("calibration flyback (%.4g nm, %.4g us) not usable with %.4g nm pixels and %.4g us dwell: "
+                        "the left-edge columns are fitted as a regular scan; check the frames' dwell time or "
+                        "recalibrate at this scan setting", cal.flyback_amp_nm, cal.flyback_tau_us, px, dwell)
+        return fb
 
     def gp_stage(self, frame: Frame, ref_px: np.ndarray, positions_px: np.ndarray, matched: np.ndarray) -> tuple:
         """Drift samples in, correction decision out (the ``gp`` stage of the timings):

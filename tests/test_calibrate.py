@@ -328,6 +328,30 @@ def test_engine_fits_the_left_edge_with_the_calibrated_flyback(run, cal_path, mo
             assert all(s is None for s in seen)
 
 
+def test_engine_warns_once_when_the_calibrated_flyback_cannot_be_used(run, cal_path, caplog):
+    """A calibration with a measured flyback, frames whose dwell makes it unusable (no dwell
+    time, or so long that the flyback's decay is shorter than its amplitude in pixels): the
+    locator falls back to a regular scan and the engine says so, once per scan setting."""
+    import logging
+    from types import SimpleNamespace
+
+    from stem_live.engine import Engine, EngineConfig
+
+    c = run.calibration
+    model = Engine(EngineConfig(model="gp", calibration=str(cal_path)))._columns
+    good = SimpleNamespace(pixel_size_nm=(0.012, 0.012), dwell_us=2.0)
+    slow = SimpleNamespace(pixel_size_nm=(0.012, 0.012), dwell_us=4.0 * c.flyback_tau_us / (c.flyback_amp_nm / 0.012))
+    untimed = SimpleNamespace(pixel_size_nm=(0.012, 0.012), dwell_us=0.0)
+    with caplog.at_level(logging.WARNING, logger="stem_live.engine"):
+        assert model._flyback(good) == pytest.approx(c.flyback_px(0.012, 2.0))
+        assert not caplog.records
+        for frame in (slow, slow, untimed, untimed):
+            assert model._flyback(frame) is None
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2 and all("regular scan" in m for m in msgs)
+    assert all(len(m.splitlines()) == 1 for m in msgs)
+
+
 def test_short_session_velocity_is_the_drift_traces_slope():
     """A 16-frame session with the hyperparameters fitted (the CLI's default): the GP's
     long-scale kernel, as long as the session, trades off against its own linear term (0.91
