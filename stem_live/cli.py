@@ -580,24 +580,27 @@ def cmd_locate(a: argparse.Namespace) -> int:
     png = a.png or out.with_suffix(".png")
     prog = Progress()
     spacing = a.spacing_px or estimate_spacing(np.asarray(stack[0], dtype=np.float32))
-    lattice = None
-    if a.tracked:
-        from .lattice_prior import LatticePrior
+    for k, img in enumerate(stack):
+        if not np.isfinite(np.asarray(img, dtype=np.float32)).all():
+            raise UserError(f"{a.file}: frame {k} holds NaN or infinite pixels")
 
-        lattice = LatticePrior(spacing)
+    def locate_one(img, prior=None):
+        if a.locator == "unet":
+            return locate_unet(img, spacing, params=params, n_classes=a.classes, threshold=net_threshold,
+                               flyback_px=flyback, prior=prior)
+        return locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold, flyback_px=flyback,
+                                prior=prior)
+
+    tracked = None
+    if a.tracked and len(stack) > 1:  # every frame with all the others as its prior (two passes)
+        from .lattice_prior import locate_stack
+
+        tracked = locate_stack([np.asarray(img, dtype=np.float32) for img in stack], spacing, locate_one,
+                               progress=lambda k, n: prog.line(f"tracked: locate {k}/{n}"))
     total = 0
     for k, img in enumerate(stack):
         img = np.asarray(img, dtype=np.float32)
-        if not np.isfinite(img).all():
-            raise UserError(f"{a.file}: frame {k} holds NaN or infinite pixels")
-        if a.locator == "unet":
-            cols = locate_unet(img, spacing, params=params, n_classes=a.classes, threshold=net_threshold,
-                               flyback_px=flyback, prior=lattice)
-        else:
-            cols = locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold, flyback_px=flyback,
-                                    prior=lattice)
-        if lattice is not None:
-            lattice.update(cols)
+        cols = tracked[k] if tracked is not None else locate_one(img)
         if out.suffix.lower() == ".npz" and len(stack) > 1:
             write_columns(out.with_name(f"{out.stem}_{k:05d}.npz"), cols, frame=k)
         else:
@@ -760,8 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(from `stem-live calibrate`: flyback_amp_nm / pixel size, flyback_tau_us / dwell); the "
                         "columns cut by the left edge are then fitted on the distorted scan")
     s.add_argument("--tracked", action="store_true",
-                   help="a stack of one area: locate every frame with the lattice of the frames before it as the "
-                        "prior (more precise positions; a column that moved gets none and restarts)")
+                   help="a stack of one area: locate every frame with the lattice of all the other frames as its "
+                        "prior (two passes; more precise positions; a column that moved gets none)")
     s.set_defaults(func=cmd_locate)
 
     s = sub.add_parser("train-locator", help="train the U-Net column locator on simulated frames (seeded)")

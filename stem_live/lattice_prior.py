@@ -5,8 +5,10 @@ frames is known to ~sigma / sqrt(K) in the specimen's coordinates, far better th
 frame can measure it. ``LatticePrior`` keeps that reference (one site per column) and, for
 every new frame (called by the locator with the frame's fitted columns):
 
-1. links the fitted columns to the sites (global shift first, ``track.estimate_shift``,
-   then one-to-one nearest neighbours within ``link_frac`` x the spacing);
+1. links the fitted columns to the sites: where the last frame's offsets, carried on by its
+   motion, put them, then the median nearest-neighbour offset (a whole-lattice registration,
+   ``track.estimate_shift``, when fewer than half link: a jump, a stage move), then one-to-one
+   nearest neighbours within ``link_frac`` x the spacing;
 2. fits the frame's offset from the sites as a function of the scan row, per axis (the
    drift during the frame: piecewise linear in the row, a knot every ``knot_rows`` rows;
    the drift's random walk kinks on that scale: 16 knots over 512 rows left 0.064 px in y
@@ -15,10 +17,13 @@ every new frame (called by the locator with the frame's fitted columns):
 
 ``update(columns)`` then learns from the frame's *fitted* positions (not the combined ones,
 so no frame is counted twice). A column far from its prediction (it hopped, a vacancy
-filled, the beam moved an atom) gets no prior and restarts its site; columns that enter
+filled, the beam moved an atom) gets no prior and starts a new site; columns that enter
 the field become new sites; sites not seen for ``memory_frames`` frames are dropped, and
 older frames are down-weighted by exp(-1 / ``memory_frames``) per frame, so a slowly
 changing specimen is followed and memory stays bounded.
+
+``locate_stack`` does the same for a recorded stack with all the other frames as each frame's
+prior (two passes, leave-one-out).
 
 Positions px (row, col). The offsets are smooth in the row, so the prediction is where the
 column would be without the frame's scan-line jitter; the locator measures that jitter
@@ -36,7 +41,7 @@ def _hat_weights(rows: np.ndarray, lo: float, hi: float, n_knots: int) -> tuple[
     """The piecewise-linear ("hat") basis in the row, knots evenly over [lo, hi], in sparse
     form: every row is between knots k and k + 1 with weights (1 - f, f). Returns (k (N,), f (N,))."""
     step = (hi - lo) / max(n_knots - 1, 1)
-    t = (np.clip(np.asarray(rows, np.float64), lo, hi) - lo) / max(step, 1e-9)
+    t = (np.clip(np.nan_to_num(np.asarray(rows, np.float64), nan=lo), lo, hi) - lo) / max(step, 1e-9)
     k = np.minimum(np.floor(t).astype(np.intp), n_knots - 2)
     return k, t - k
 
@@ -86,14 +91,16 @@ class LatticePrior:
     floor_px : added in quadrature to every prior's standard error (the frame offset's own
         error and what the smooth model leaves out).
     outlier_sigma : a fitted column further than this many combined standard errors from
-        its prediction (in either axis) gets no prior, and restarts its site.
+        its prediction (in either axis) gets no prior, and starts a new site.
     min_links : fewer linked columns than this: no prior for the frame (too few to fit the
         offsets), and the reference restarts from it.
+    record : keep every frame's observations in ``history`` (site ids, reference-coordinate
+        positions, weights), for ``locate_stack``; unbounded, so not for a live stream.
     """
 
     def __init__(self, spacing_px: float, *, knot_rows: float = 8.0, link_frac: float = 0.3,
                  memory_frames: float = 50.0, floor_px: float = 0.02, outlier_sigma: float = 4.0,
-                 min_links: int = 32) -> None:
+                 min_links: int = 32, record: bool = False) -> None:
         if not np.isfinite(spacing_px) or spacing_px <= 0:
             raise ValueError(f"LatticePrior needs a positive column spacing, got {spacing_px}")
         if not knot_rows >= 1:
@@ -105,6 +112,7 @@ class LatticePrior:
         self.floor_px = float(floor_px)
         self.outlier_sigma = float(outlier_sigma)
         self.min_links = int(min_links)
+        self.record = bool(record)
         self.reset()
 
     def reset(self) -> None:
@@ -112,7 +120,10 @@ class LatticePrior:
         self._ref = np.zeros((0, 2))  # site positions, reference coordinates (px)
         self._info = np.zeros(0)  # their information (sum of down-weighted 1 / std**2)
         self._seen = np.zeros(0, np.int64)  # frame each was last seen in
+        self._ids = np.zeros(0, np.int64)  # persistent site ids (a hop starts a new one)
+        self._next_id = 0
         self._frame = 0
+        self.history: list[dict] = []  # with ``record``: every frame's observations (``locate_stack``)
         self._last: dict | None = None  # the last frame's offsets (the linking guess)
         self._step = np.zeros(2)  # the mean offset's change between the last two frames (px)
         self._pending: dict | None = None
@@ -174,28 +185,34 @@ class LatticePrior:
             return prior_pos, prior_std
         s = j[order[first]]
         site[linked] = s
+        use, pred, pstd = self._predict(pending, pos, std, linked, self._ref[s], self._info[s])
+        moved[linked[~use]] = True
+        prior_pos[linked[use]] = pred[use]
+        prior_std[linked[use]] = pstd[use]
+        return prior_pos, prior_std
+
+    def _predict(self, pending: dict, pos: np.ndarray, std: np.ndarray, linked: np.ndarray, ref: np.ndarray,
+                 info: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The frame's offsets from its ``linked`` columns' sites (``ref``, ``info``), fitted
+        twice, the second time without the outliers; sets ``pending["coef"]``. Returns, per
+        linked column, (not an outlier (M,), prediction (M, 2), its standard error (M,))."""
         n_knots = max(2, int(np.ceil((pending["hi"] - pending["lo"]) / self.knot_rows)) + 1)
-        # the frame's smooth offset from the sites, twice: the second time without outliers
-        ref_std2 = 1.0 / np.maximum(self._info[s], 1e-12) + self.floor_px**2
+        ref_std2 = 1.0 / np.maximum(info, 1e-12) + self.floor_px**2
         w = 1.0 / (std[linked] ** 2 + ref_std2)
-        resid = pos[linked] - self._ref[s]
+        resid = pos[linked] - ref
         keep = np.ones(len(linked), bool)
         for _ in range(2):
             pending["coef"] = fit_row_offsets(pos[linked[keep], 0], resid[keep], w[keep], pending["lo"],
                                               pending["hi"], n_knots=n_knots)
-            pred = self._ref[s] + self._offsets(pending, pos[linked, 0])
+            pred = ref + self._offsets(pending, pos[linked, 0])
             z = np.abs(pos[linked] - pred) / np.sqrt(std[linked] ** 2 + ref_std2)[:, None]
             keep = (z <= self.outlier_sigma).all(axis=1)
-        moved[linked[~keep]] = True
-        use = linked[keep]
-        prior_pos[use] = pred[keep]
-        prior_std[use] = np.sqrt(ref_std2[keep])
-        return prior_pos, prior_std
+        return keep, pred, np.sqrt(ref_std2)
 
     def update(self, columns: Columns) -> None:
         """Learn from the frame last passed to ``__call__``: its fitted columns that ``columns``
         (the frame's final result) kept. Sites are moved to the information-weighted mean of
-        their observations in reference coordinates; a moved column restarts its site."""
+        their observations in reference coordinates; a moved column starts a new site (the old one is forgotten in time)."""
         from scipy.spatial import cKDTree
 
         pend, self._pending = self._pending, None
@@ -209,7 +226,8 @@ class LatticePrior:
             kept[i[np.isfinite(d)]] = True
             kept &= np.isfinite(std) & (std > 0) & np.isfinite(pos).all(axis=1)
             if pend["coef"] is None and self.n_sites:  # not linked: this frame starts a new reference
-                self._ref, self._info, self._seen = np.zeros((0, 2)), np.zeros(0), np.zeros(0, np.int64)
+                self._ref, self._info = np.zeros((0, 2)), np.zeros(0)
+                self._seen, self._ids = np.zeros(0, np.int64), np.zeros(0, np.int64)
             r = pos - self._offsets(pend, pos[:, 0])  # in reference coordinates
             w = 1.0 / std**2
             site = pend["site"]
@@ -219,21 +237,113 @@ class LatticePrior:
             self._ref[s] = (self._info[s, None] * self._ref[s] + w[old, None] * r[old]) / tot[:, None]
             self._info[s] = tot
             self._seen[s] = self._frame
-            hop = kept & (site >= 0) & pend["moved"]
-            self._ref[site[hop]] = r[hop]
-            self._info[site[hop]] = w[hop]
-            self._seen[site[hop]] = self._frame
-            new = kept & (site < 0)
+            ids = np.full(len(pos), -1, np.int64)
+            ids[old] = self._ids[s]
+            # new sites: columns that link to none, and columns that moved (their old site is
+            # left to be forgotten: the frames before the move keep their own site)
+            new = kept & ((site < 0) | pend["moved"])
+            n_new = int(new.sum())
+            ids[new] = self._next_id + np.arange(n_new)
+            self._next_id += n_new
             self._ref = np.concatenate([self._ref, r[new]])
             self._info = np.concatenate([self._info, w[new]])
-            self._seen = np.concatenate([self._seen, np.full(int(new.sum()), self._frame, np.int64)])
+            self._seen = np.concatenate([self._seen, np.full(n_new, self._frame, np.int64)])
+            self._ids = np.concatenate([self._ids, ids[new]])
+            if self.record:
+                self.history.append({"pos": pos, "ids": ids, "r": r, "w": np.where(ids >= 0, w, 0.0)})
             if pend["coef"] is not None and kept.any():
                 pend["mean"] = np.mean(self._offsets(pend, pos[kept, 0]), axis=0)
                 self._step = pend["mean"] - self._last["mean"] if self._last is not None else np.zeros(2)
                 self._last = pend
             elif pend["coef"] is None:
                 self._last, self._step = None, np.zeros(2)
+        elif self.record:
+            self.history.append({"pos": np.zeros((0, 2)), "ids": np.zeros(0, np.int64), "r": np.zeros((0, 2)),
+                                 "w": np.zeros(0)})
         # bounded memory: forget sites not seen for memory_frames frames
         alive = self._frame - self._seen <= self.memory_frames
-        self._ref, self._info, self._seen = self._ref[alive], self._info[alive], self._seen[alive]
+        self._ref, self._info = self._ref[alive], self._info[alive]
+        self._seen, self._ids = self._seen[alive], self._ids[alive]
         self._frame += 1
+
+
+class _LeaveOneOut:
+    """The prior for frame ``k`` of a recorded stack from every *other* frame: the sites'
+    information-weighted means over the whole stack, less frame k's own observation."""
+
+    def __init__(self, lattice: LatticePrior, k: int, totals: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        self.lattice, self.k = lattice, k
+        self.ids, self.sum_wr, self.sum_w = totals
+
+    def __call__(self, positions: np.ndarray, pos_std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from scipy.spatial import cKDTree
+
+        pos = np.asarray(positions, np.float64).reshape(-1, 2)
+        std = np.asarray(pos_std, np.float64).reshape(-1)
+        prior_pos, prior_std = np.full((len(pos), 2), np.nan), np.full(len(pos), np.inf)
+        rec = self.lattice.history[self.k]
+        if not len(rec["pos"]) or not len(pos):
+            return prior_pos, prior_std
+        # the same fit as in the first pass: each column is the one recorded there
+        d, j = cKDTree(np.nan_to_num(rec["pos"], nan=-1e9)).query(np.nan_to_num(pos, nan=1e9),
+                                                                    distance_upper_bound=0.05)
+        ok = np.isfinite(d) & np.isfinite(std) & (std > 0)
+        ids = np.where(ok, rec["ids"][np.minimum(j, len(rec["ids"]) - 1)], -1)
+        slot = np.searchsorted(self.ids, ids)
+        slot = np.clip(slot, 0, max(len(self.ids) - 1, 0))
+        ok &= (ids >= 0) & (len(self.ids) > 0)
+        ok[ok] &= self.ids[slot[ok]] == ids[ok]
+        jj = np.minimum(j, len(rec["ids"]) - 1)
+        own_w = np.where(ok, rec["w"][jj], 0.0)
+        w_rest = np.where(ok, self.sum_w[slot], 0.0) - own_w
+        ok &= w_rest > 1e-12 * np.maximum(own_w, 1e-300)
+        linked = np.flatnonzero(ok)
+        if len(linked) < self.lattice.min_links:
+            return prior_pos, prior_std
+        sl = slot[linked]
+        ref = (self.sum_wr[sl] - own_w[linked, None] * rec["r"][jj[linked]]) / w_rest[linked, None]
+        good = np.isfinite(pos).all(axis=1) & np.isfinite(std)
+        lo, hi = float(pos[good, 0].min()), float(pos[good, 0].max())
+        pending = {"coef": None, "lo": lo, "hi": max(hi, lo + 1.0)}
+        use, pred, pstd = self.lattice._predict(pending, pos, std, linked, ref, w_rest[linked])
+        prior_pos[linked[use]] = pred[use]
+        prior_std[linked[use]] = pstd[use]
+        return prior_pos, prior_std
+
+
+def locate_stack(images, spacing_px: float, locate, *, knot_rows: float = 8.0, link_frac: float = 0.3,
+                 floor_px: float = 0.02, outlier_sigma: float = 4.0, min_links: int = 32,
+                 progress=None) -> list[Columns]:
+    """Every frame of a recorded stack of one area, located with all the *other* frames as its
+    prior (the smoother a recording allows; a live session has only the frames before).
+
+    ``locate(image, prior=...)`` -> ``Columns`` is the locator (``locate_classical`` or
+    ``locate_unet`` with their options bound). Pass 1 locates the frames in order with a
+    recording ``LatticePrior`` (no forgetting within the stack); pass 2 locates each frame
+    again with its sites' means over the stack less its own observation. A column that
+    moved is two sites, each with the frames on its side of the move. ``progress(k, n)``
+    is called after each of the 2 x n locate calls. Returns one ``Columns`` per frame.
+    """
+    images = list(images)
+    n = len(images)
+    lattice = LatticePrior(spacing_px, knot_rows=knot_rows, link_frac=link_frac, memory_frames=max(50.0, 2.0 * n),
+                           floor_px=floor_px, outlier_sigma=outlier_sigma, min_links=min_links, record=True)
+    for k, img in enumerate(images):
+        lattice.update(locate(img, prior=lattice))
+        if progress is not None:
+            progress(k + 1, 2 * n)
+    # every site's sums over the whole stack (each frame's observations in its reference
+    # coordinates; a reference restart gives new ids, so sums never mix two references)
+    all_ids = np.concatenate([h["ids"] for h in lattice.history]) if n else np.zeros(0, np.int64)
+    all_w = np.concatenate([h["w"] for h in lattice.history]) if n else np.zeros(0)
+    all_r = np.concatenate([h["r"] for h in lattice.history]) if n else np.zeros((0, 2))
+    keep = all_ids >= 0
+    ids, inverse = np.unique(all_ids[keep], return_inverse=True)
+    sum_w = np.bincount(inverse, all_w[keep], len(ids))
+    sum_wr = np.stack([np.bincount(inverse, all_w[keep] * all_r[keep, i], len(ids)) for i in range(2)], axis=1)
+    out = []
+    for k, img in enumerate(images):
+        out.append(locate(img, prior=_LeaveOneOut(lattice, k, (ids, sum_wr, sum_w))))
+        if progress is not None:
+            progress(n + k + 1, 2 * n)
+    return out

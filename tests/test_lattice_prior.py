@@ -76,10 +76,12 @@ def test_prior_converges_on_the_sites_and_says_how_well():
             assert rms < 1.3 * expect
             assert 0.75 < np.median(pstd[have]) / rms < 1.25
         lp.update(_columns(obs))
-    assert lp.n_sites == len(sites)
+    # one site per column, and a few retired ones: a 4-sigma outlier of the noise (here ~1 in
+    # 24,000 column-frames) is taken for a moved column and starts a new site
+    assert len(sites) <= lp.n_sites <= len(sites) + 5
 
 
-def test_a_hopping_column_gets_no_prior_and_restarts_its_site():
+def test_a_hopping_column_gets_no_prior_and_starts_a_new_site():
     rng = np.random.default_rng(2)
     sites = _lattice()
     lp = LatticePrior(SPACING)
@@ -221,8 +223,8 @@ def test_engine_locates_with_the_lattice_prior_unless_told_not_to(monkeypatch):
 
 
 def test_cli_locate_tracked_stack(tmp_path):
-    """`stem-live locate STACK --tracked`: the frames after the first move towards the truth
-    (the lattice of the frames before as the prior); the first frame is unchanged."""
+    """`stem-live locate STACK --tracked`: every frame, the first too, moves towards the truth
+    (the lattice of all the other frames as its prior, ``locate_stack``)."""
     from simulator import DriftConfig, Microscope, MicroscopeConfig
     from stem_live.evaluate import match_columns
     from tests.test_cli import stem_live
@@ -247,8 +249,8 @@ def test_cli_locate_tracked_stack(tmp_path):
             sq.append(np.sum((truth.columns_px[ti] - pos[fi]) ** 2, axis=1))
         err[name] = [float(np.sqrt(np.mean(s))) for s in sq]
     print(err)
-    assert err["tracked"][0] == pytest.approx(err["plain"][0], abs=1e-6)
-    assert np.mean(err["tracked"][2:]) < 0.8 * np.mean(err["plain"][2:])
+    assert all(t < 0.85 * p for t, p in zip(err["tracked"], err["plain"]))
+    assert np.mean(err["tracked"]) < 0.75 * np.mean(err["plain"])
 
 
 def test_unet_locator_takes_the_lattice_prior_too():
@@ -278,4 +280,84 @@ def test_unet_locator_takes_the_lattice_prior_too():
     print(late, float(np.sqrt(np.mean(np.concatenate(sq)))), n_match / n_true, n_match / n_found)
     assert late <= 0.10
     assert float(np.sqrt(np.mean(np.concatenate(sq)))) <= 0.13
+    assert n_match / n_true >= 0.995 and n_match / n_found >= 0.995
+
+
+def _fake_locate(sd: float, seen: list | None = None):
+    """A stand-in locator for ``locate_stack``: the 'image' is the frame's noisy column
+    positions; it asks the prior and returns the precision-weighted combination (``seen``
+    gets each call's mask of the columns that had a prior)."""
+
+    def locate(obs, prior=None):
+        pos = np.array(obs, dtype=np.float64)
+        if prior is not None:
+            ppos, pstd = prior(pos.copy(), np.full(len(pos), sd))
+            have = np.isfinite(pstd)
+            if seen is not None:
+                seen.append(have)
+            wf, wp = 1.0 / sd**2, 1.0 / np.where(have, pstd, 1.0) ** 2
+            pos[have] = (wf * pos[have] + wp[have, None] * ppos[have]) / (wf + wp[have, None])
+        return _columns(pos)
+
+    return locate
+
+
+def test_locate_stack_uses_all_the_other_frames_and_keeps_a_hop_apart():
+    """Synthetic stack, 8 frames, 0.15 px noise, one column that hops by 1.8 px at frame 4: each
+    frame's combined positions are ~0.15 / sqrt(8) px off (every frame, the first too: the
+    others are its prior, not itself); the hopping column stays where it is in each frame."""
+    from stem_live.lattice_prior import locate_stack
+
+    rng = np.random.default_rng(6)
+    sites = _lattice()
+    hop, sd, n = 700, 0.15, 8
+    truths, frames = [], []
+    for k in range(n):
+        t = sites + _drift(sites[:, 0], k)
+        if k >= 4:
+            t[hop] += (1.5, -1.0)
+        truths.append(t)
+        frames.append(t + rng.normal(0, sd, t.shape))
+    seen: list = []
+    out = locate_stack(frames, SPACING, _fake_locate(sd, seen))
+    # pass 2: the hopping column has a prior in every frame: from its frames on the same side
+    # of the hop (one site for all 8 would sit 0.9 px from both, and be refused as an outlier)
+    assert all(have[hop] for have in seen[n:])
+    assert all(have[hop] for have in seen[1:4])  # pass 1, before the hop
+    assert not seen[4][hop]  # pass 1, the hop itself: 12 standard errors from its prediction
+    for k, (cols, t) in enumerate(zip(out, truths)):
+        rms = float(np.sqrt(np.mean(np.sum((cols.positions - t) ** 2, axis=1) / 2)))
+        print(k, rms, sd / np.sqrt(n))
+        assert rms < 1.3 * sd / np.sqrt(n)  # with only itself it would be 0.15 px
+        assert np.hypot(*(cols.positions[hop] - t[hop])) < 0.5  # not pulled towards its other site
+
+
+@pytest.mark.parametrize("preset,bound", [("graphene", 0.13), ("srtio3", 0.10)])
+def test_locate_stack_on_the_simulator(preset, bound):
+    """A recorded 10-frame stack (seed 0, 512 px, default dose, 3 nm/min), every frame with all
+    the others as its prior: RMSE over all 10 frames measured 0.119 / 0.0967 px (single frames
+    0.197 / 0.192, causal 0.141 / 0.124); recall and precision >= 0.995."""
+    from functools import partial
+
+    from scipy.spatial import cKDTree
+
+    from simulator import DriftConfig, Microscope, MicroscopeConfig
+    from stem_live.evaluate import match_columns
+    from stem_live.lattice_prior import locate_stack
+    from stem_live.locate import estimate_spacing, locate_classical
+
+    scope = Microscope(MicroscopeConfig(preset=preset, size=512, seed=0, drift=DriftConfig(drift_nm_per_min=3.0)))
+    frames = [scope.acquire() for _ in range(10)]
+    images = [f[0].astype(np.float32) for f in frames]
+    spacing = estimate_spacing(images[0])
+    out = locate_stack(images, spacing, partial(locate_classical, spacing_px=spacing))
+    sq, n_true, n_found, n_match = [], 0, 0, 0
+    for cols, (_, _, truth) in zip(out, frames):
+        tp = truth.columns_px
+        ti, fi = match_columns(tp, cols.positions, 0.3 * float(np.median(cKDTree(tp).query(tp, 2)[0][:, 1])))
+        sq.append(np.sum((tp[ti] - cols.positions[fi]) ** 2, axis=1))
+        n_true, n_found, n_match = n_true + len(tp), n_found + len(cols), n_match + len(ti)
+    rmse = float(np.sqrt(np.mean(np.concatenate(sq))))
+    print(preset, rmse, n_match / n_true, n_match / n_found)
+    assert rmse <= bound
     assert n_match / n_true >= 0.995 and n_match / n_found >= 0.995
