@@ -123,6 +123,7 @@ class LatticePrior:
         self._ids = np.zeros(0, np.int64)  # persistent site ids (a hop starts a new one)
         self._next_id = 0
         self._frame = 0
+        self._learned = 0  # the last frame whose observations were learnt
         self.history: list[dict] = []  # with ``record``: every frame's observations (``locate_stack``)
         self._last: dict | None = None  # the last frame's offsets (the linking guess)
         self._step = np.zeros(2)  # the mean offset's change between the last two frames (px)
@@ -156,7 +157,8 @@ class LatticePrior:
         lo, hi = (float(pos[good, 0].min()), float(pos[good, 0].max())) if good.any() else (0.0, 1.0)
         pending = {"pos": pos, "std": std, "site": site, "moved": moved, "coef": None, "lo": lo, "hi": max(hi, lo + 1.0)}
         self._pending = pending
-        recent = np.flatnonzero(self._frame - self._seen <= 1) if self.n_sites else np.zeros(0, np.intp)
+        # the sites seen in the last frame learnt from (frames skipped as bad in between)
+        recent = np.flatnonzero(self._seen >= self._learned) if self.n_sites else np.zeros(0, np.intp)
         if len(recent) < self.min_links or good.sum() < self.min_links:
             return prior_pos, prior_std
         # the sites where the last frame's offsets put them, then the global shift since
@@ -218,6 +220,7 @@ class LatticePrior:
         pend, self._pending = self._pending, None
         decay = np.exp(-1.0 / self.memory_frames)
         self._info = self._info * decay
+        kept = None
         if pend is not None and len(pend["pos"]) and len(columns):
             pos, std = pend["pos"], pend["std"]
             d, i = cKDTree(np.nan_to_num(pos, nan=-1e9)).query(columns.positions,
@@ -225,6 +228,10 @@ class LatticePrior:
             kept = np.zeros(len(pos), bool)
             kept[i[np.isfinite(d)]] = True
             kept &= np.isfinite(std) & (std > 0) & np.isfinite(pos).all(axis=1)
+            if pend["coef"] is None and self.n_sites and kept.sum() < self.min_links:
+                kept = None  # too little to link or to start a new reference from: a bad frame, skipped
+        if kept is not None:
+            self._learned = self._frame
             if pend["coef"] is None and self.n_sites:  # not linked: this frame starts a new reference
                 self._ref, self._info = np.zeros((0, 2)), np.zeros(0)
                 self._seen, self._ids = np.zeros(0, np.int64), np.zeros(0, np.int64)
