@@ -57,7 +57,9 @@ class EngineConfig:
     register_crop_px: int = 512
     # gp model: locate every frame with the lattice of the frames before as the prior
     # (``lattice_prior.LatticePrior``): the columns sent on (monitor, exports, rVAE patches) are
-    # the combined positions; the drift model keeps the fits' own x. 30 frames, evaluate --model gp:
+    # the combined positions; the tracker and the drift model take ``Columns.line_averaged()``:
+    # the fits' own line-averaged x, the combined y (its drift is this frame's: the prior's row
+    # offsets are fitted to this frame's columns). 30 frames, evaluate --model gp:
     # drift.rmse_pm 2.16 -> 2.08 (graphene), 2.39 -> 2.12 (SrTiO3)
     lattice_prior: bool = True
 
