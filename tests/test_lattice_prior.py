@@ -332,7 +332,14 @@ def test_locate_stack_uses_all_the_other_frames_and_keeps_a_hop_apart():
         assert np.hypot(*(cols.positions[hop] - t[hop])) < 0.5  # not pulled towards its other site
 
 
-@pytest.mark.parametrize("preset,bound", [("graphene", 0.13), ("srtio3", 0.10)])
+@pytest.mark.parametrize("preset,bound", [
+    ("graphene", 0.13),
+    pytest.param("graphene", 0.10, marks=pytest.mark.xfail(
+        strict=True, reason="graphene's x is held at ~0.11 px by the scan: each line's own random jitter "
+                            "(0.2 px) is measured to ~0.07 px from the columns crossing it, and the 50 Hz "
+                            "pick-up adds as much (0.082 px without either, README)")),
+    ("srtio3", 0.10),
+])
 def test_locate_stack_on_the_simulator(preset, bound):
     """A recorded 10-frame stack (seed 0, 512 px, default dose, 3 nm/min), every frame with all
     the others as its prior: RMSE over all 10 frames measured 0.119 / 0.0967 px (single frames
