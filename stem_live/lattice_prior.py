@@ -93,7 +93,8 @@ class LatticePrior:
     outlier_sigma : a fitted column further than this many combined standard errors from
         its prediction (in either axis) gets no prior, and starts a new site.
     min_links : fewer linked columns than this: no prior for the frame (too few to fit the
-        offsets), and the reference restarts from it.
+        offsets); the reference then restarts from the frame if it has at least this many
+        usable columns (another area), and the frame is skipped otherwise (a bad frame).
     record : keep every frame's observations in ``history`` (site ids, reference-coordinate
         positions, weights), for ``locate_stack``; unbounded, so not for a live stream.
     """
