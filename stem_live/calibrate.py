@@ -364,6 +364,11 @@ class Calibration:
         return cls.from_dict(d, f"calibration file {p}")
 
     # ------------------------------------------------------------------ for the engine
+    def flyback_measured(self, pixel_size_x_nm: float) -> bool:
+        """The flyback is at least 0.01 px in pixels of this size (nm): worth fitting."""
+        px = float(pixel_size_x_nm)
+        return px > 0 and abs(self.flyback_amp_nm / px) >= 0.01
+
     def flyback_px(self, pixel_size_x_nm: float, dwell_us: float) -> tuple[float, float] | None:
         """The flyback as the locator takes it (``locate_classical(flyback_px=)``): (amplitude,
         decay) in fast-scan pixels of a frame with this pixel size (nm) and dwell (us). None
@@ -371,7 +376,7 @@ class Calibration:
         from .locate.flyback import check
 
         px, dwell = float(pixel_size_x_nm), float(dwell_us)
-        if not (px > 0 and dwell > 0) or abs(self.flyback_amp_nm / px) < 0.01:
+        if not (px > 0 and dwell > 0) or not self.flyback_measured(px):
             return None
         try:
             return check((self.flyback_amp_nm / px, self.flyback_tau_us / dwell))

@@ -581,7 +581,7 @@ def cmd_locate(a: argparse.Namespace) -> int:
     prog = Progress()
     spacing = a.spacing_px or estimate_spacing(np.asarray(stack[0], dtype=np.float32))
     for k, img in enumerate(stack):
-        if not np.isfinite(np.asarray(img, dtype=np.float32)).all():
+        if not np.isfinite(np.asarray(img)).all():  # before any output: no half-written file
             raise UserError(f"{a.file}: frame {k} holds NaN or infinite pixels")
 
     def locate_one(img, prior=None):

@@ -410,9 +410,8 @@ class ColumnModel:
         cal = self.calibration
         px, dwell = float(frame.pixel_size_nm[1]), float(frame.dwell_us)
         fb = cal.flyback_px(px, dwell)
-        measured = px > 0 and abs(cal.flyback_amp_nm / px) >= 0.01
         key = (px, dwell)
-        if fb is None and measured and key not in self._flyback_warned:
+        if fb is None and cal.flyback_measured(px) and key not in self._flyback_warned:
             self._flyback_warned.add(key)
             log.warning("calibration flyback (%.4g nm, %.4g us) not usable with %.4g nm pixels and %.4g us dwell: "
                         "the left-edge columns are fitted as a regular scan; check the frames' dwell time or "

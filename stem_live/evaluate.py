@@ -80,33 +80,39 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
     from .lattice_prior import LatticePrior
 
     lattice = LatticePrior(spacing)
-    n_true = n_found = n_match = 0
-    sq, edge, bound2, ms = [], [], [], []
-    tracked = {"n_found": 0, "n_match": 0, "sq": [], "edge": []}
+    n_true = 0
+    bound2, ms = [], []
+    # per locate path: columns found, matched, and every matched pair's squared error and border flag
+    tally = {name: {"found": 0, "match": 0, "sq": [], "edge": []} for name in ("single", "tracked")}
+
+    def score(name: str, cols, tp: np.ndarray, radius: float) -> np.ndarray:
+        ti, fi = match_columns(tp, cols.positions, radius)
+        t = tally[name]
+        t["found"] += len(cols)
+        t["match"] += len(ti)
+        t["sq"].append(np.sum((tp[ti] - cols.positions[fi]) ** 2, axis=1))
+        t["edge"].append(cols.border[fi])
+        return ti
+
     for image, meta, truth in frames:
         img = np.asarray(image, dtype=np.float32)
         t0 = time.perf_counter()
         cols = locate_classical(img, spacing, flyback_px=flyback)
         ms.append((time.perf_counter() - t0) * 1e3)
         tp = np.asarray(truth.columns_px)
-        nn = float(np.median(cKDTree(tp).query(tp, 2)[0][:, 1]))
-        ti, fi = match_columns(tp, cols.positions, 0.3 * nn)
-        n_true, n_found, n_match = n_true + len(tp), n_found + len(cols), n_match + len(ti)
-        sq.append(np.sum((tp[ti] - cols.positions[fi]) ** 2, axis=1))
-        edge.append(cols.border[fi])
+        radius = 0.3 * float(np.median(cKDTree(tp).query(tp, 2)[0][:, 1]))
+        n_true += len(tp)
+        ti = score("single", cols, tp, radius)
         if config is not None:
             from simulator.crlb import position_crlb_px
 
             bound2.append(position_crlb_px(config, truth)[ti] ** 2)
         # the same frame with the lattice of the frames before it as the prior (causal)
-        tc = locate_classical(img, spacing, flyback_px=flyback, prior=lattice)
-        lattice.update(tc)
-        ti, fi = match_columns(tp, tc.positions, 0.3 * nn)
-        tracked["n_found"] += len(tc)
-        tracked["n_match"] += len(ti)
-        tracked["sq"].append(np.sum((tp[ti] - tc.positions[fi]) ** 2, axis=1))
-        tracked["edge"].append(tc.border[fi])
-    sq, edge = np.concatenate(sq), np.concatenate(edge)
+        tracked = locate_classical(img, spacing, flyback_px=flyback, prior=lattice)
+        lattice.update(tracked)
+        score("tracked", tracked, tp, radius)
+    sq, edge = np.concatenate(tally["single"]["sq"]), np.concatenate(tally["single"]["edge"])
+    n_found, n_match = tally["single"]["found"], tally["single"]["match"]
 
     def rms(v: np.ndarray) -> float:
         return round(float(np.sqrt(np.mean(v))), 4) if len(v) else float("nan")
@@ -118,12 +124,12 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
            "locator": "classical", "spacing_px": round(float(spacing), 3),
            "rmse_inner_px": rms(sq[~edge]), "rmse_border_px": rms(sq[edge]),
            "border_fraction": round(float(edge.mean()), 4) if len(edge) else float("nan")}
-    tsq, tedge = np.concatenate(tracked["sq"]), np.concatenate(tracked["edge"])
-    half = len(frames) // 2
-    out.update({"tracked_recall": round(tracked["n_match"] / max(n_true, 1), 5),
-                "tracked_precision": round(tracked["n_match"] / max(tracked["n_found"], 1), 5),
+    t = tally["tracked"]
+    tsq, tedge = np.concatenate(t["sq"]), np.concatenate(t["edge"])
+    out.update({"tracked_recall": round(t["match"] / max(n_true, 1), 5),
+                "tracked_precision": round(t["match"] / max(t["found"], 1), 5),
                 "tracked_rmse_px": rms(tsq), "tracked_rmse_inner_px": rms(tsq[~tedge]),
-                "tracked_rmse_second_half_px": rms(np.concatenate(tracked["sq"][half:]))})
+                "tracked_rmse_second_half_px": rms(np.concatenate(t["sq"][len(frames) // 2:]))})
     if calibration:
         out["flyback_px"] = None if flyback is None else [round(float(v), 4) for v in flyback]
     if bound2:

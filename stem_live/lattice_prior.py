@@ -296,12 +296,12 @@ class _LeaveOneOut:
         d, j = cKDTree(np.nan_to_num(rec["pos"], nan=-1e9)).query(np.nan_to_num(pos, nan=1e9),
                                                                     distance_upper_bound=0.05)
         ok = np.isfinite(d) & np.isfinite(std) & (std > 0)
-        ids = np.where(ok, rec["ids"][np.minimum(j, len(rec["ids"]) - 1)], -1)
+        jj = np.minimum(j, len(rec["ids"]) - 1)  # j = len where nothing matched
+        ids = np.where(ok, rec["ids"][jj], -1)
         slot = np.searchsorted(self.ids, ids)
         slot = np.clip(slot, 0, max(len(self.ids) - 1, 0))
         ok &= (ids >= 0) & (len(self.ids) > 0)
         ok[ok] &= self.ids[slot[ok]] == ids[ok]
-        jj = np.minimum(j, len(rec["ids"]) - 1)
         own_w = np.where(ok, rec["w"][jj], 0.0)
         w_rest = np.where(ok, self.sum_w[slot], 0.0) - own_w
         ok &= w_rest > 1e-12 * np.maximum(own_w, 1e-300)

@@ -336,7 +336,7 @@ def test_locate_stack_uses_all_the_other_frames_and_keeps_a_hop_apart():
     ("graphene", 0.13),
     pytest.param("graphene", 0.10, marks=pytest.mark.xfail(
         strict=True, reason="graphene's x is held at ~0.11 px by the scan: each line's own random jitter "
-                            "(0.2 px) is measured to ~0.07 px from the columns crossing it, and the 50 Hz "
+                            "(0.2 px) is known to ~0.07 px from the columns crossing it, and the 50 Hz "
                             "pick-up adds as much (0.082 px without either, README)")),
     ("srtio3", 0.10),
 ])

@@ -65,11 +65,11 @@ def _tracked(spacing_px: float) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _time_locator(fn: Callable[[np.ndarray], np.ndarray], frames: list[np.ndarray], truth: np.ndarray,
-                  radius: float, repeats: int, label: str, progress: bool, cycle: bool = True) -> dict:
+                  radius: float, repeats: int, label: str, progress: bool) -> dict:
     fn(frames[0])  # warm-up: JIT compilation, FFT plans (excluded)
     times, scores, n_found = [], [], 0
     for k in range(repeats):
-        img = frames[1 + k % (len(frames) - 1)] if cycle else frames[1 + k]
+        img = frames[1 + k % (len(frames) - 1)]
         t0 = time.perf_counter()
         pos = fn(img)
         times.append(time.perf_counter() - t0)
@@ -134,7 +134,8 @@ def bench_locate(sizes=(512, 1024), repeats: int = 20, *, spacing_px: float = 12
     (``unet_repeats`` for the network: its forward pass is ~0.3 s at 512 px on 2 cores) timed
     calls on fresh noisy frames. ``classical_tracked``: the classical locator with the lattice
     of the frames before as the prior (``lattice_prior.LatticePrior``, linking, offsets and
-    update included), on ``repeats`` + 1 frames of the same lattice, each with its own noise. Returns ``{locator: {size: {"median_ms", "p99_ms", "min_ms",
+    update included), on ``repeats`` + 1 frames of the same lattice, each with its own noise.
+    Returns ``{locator: {size: {"median_ms", "p99_ms", "min_ms",
     "n_columns", "n_truth", "recall", "precision", "rmse_px", "repeats"}}}`` with "atomap" rows
     ``{"median_ms", "rmse_px", ...}`` or ``{"error"}``.
     """
@@ -147,11 +148,12 @@ def bench_locate(sizes=(512, 1024), repeats: int = 20, *, spacing_px: float = 12
         truth, frames = _frames(int(size), spacing_px, dose, seed, min(repeats, 4) + 1)
         out["classical"][str(size)] = _time_locator(lambda im: locate_classical(im, spacing_px).positions, frames,
                                                     truth, radius, repeats, f"classical {size} px", progress)
-        # with the lattice of the frames before as the prior (``LatticePrior``): every call a
-        # fresh noisy frame (a prior that saw the same noise before would score too well)
+        # with the lattice of the frames before as the prior (``LatticePrior``): repeats + 1
+        # frames, so every call gets a fresh noise draw (a prior that saw the same noise before
+        # would score too well)
         truth_t, frames_t = _frames(int(size), spacing_px, dose, seed + 1, repeats + 1)
         out["classical_tracked"][str(size)] = _time_locator(_tracked(spacing_px), frames_t, truth_t, radius, repeats,
-                                                            f"classical tracked {size} px", progress, cycle=False)
+                                                            f"classical tracked {size} px", progress)
         out["unet"][str(size)] = _time_locator(lambda im: locate_unet(im, spacing_px).positions, frames, truth,
                                                radius, max(1, unet_repeats), f"unet {size} px", progress)
         if atomap:
