@@ -599,7 +599,8 @@ def cmd_locate(a: argparse.Namespace) -> int:
                                progress=lambda k, n: prog.line(f"tracked: locate {k}/{n}"))
     total = 0
     for k, img in enumerate(stack):
-        img = np.asarray(img, dtype=np.float32)
+        # with --tracked the frames are located already: only frame 0 is needed again (the overlay)
+        img = np.asarray(img, dtype=np.float32) if tracked is None or k == 0 else None
         cols = tracked[k] if tracked is not None else locate_one(img)
         if out.suffix.lower() == ".npz" and len(stack) > 1:
             write_columns(out.with_name(f"{out.stem}_{k:05d}.npz"), cols, frame=k)

@@ -49,6 +49,17 @@ def bandpass(image: np.ndarray, sigma_px: float, background_px: float, *,
     Returns the filtered image with a 1-px border kept around it (shape + 2) and the
     filtered noise std per unit input noise std (the filter's white-noise gain).
     """
+    filt, gain, _, _ = _filter(image, sigma_px, background_px, wiener, noise_std)
+    return filt, gain
+
+
+def _filter(image: np.ndarray, sigma_px: float, background_px: float, wiener: float | None,
+            noise_std: float | None, ring_radius: float | None = None, threshold_unit: float = 0.0):
+    """``bandpass`` as one jit'd JAX call (FFT, denoiser and crop fused: ~4 ms less than
+    numpy at 1024 px on 2 cores); with ``ring_radius`` it also returns the peak candidates
+    of the filtered image: a (H, W) bool mask of the local (3x3) maxima whose
+    ``ring_prominence`` exceeds ``threshold_unit`` x the filter's gain, and the (H, W)
+    prominence of every pixel. Otherwise those two are None."""
     from scipy import fft
 
     img = np.asarray(image, dtype=np.float32)
@@ -56,42 +67,67 @@ def bandpass(image: np.ndarray, sigma_px: float, background_px: float, *,
     pad = int(np.ceil(2.0 * background_px)) + 1
     pad = min(pad, h - 1, w - 1)
     shape = (fft.next_fast_len(h + 2 * pad, real=True), fft.next_fast_len(w + 2 * pad, real=True))
-    padded = np.pad(img, ((pad, shape[0] - h - pad), (pad, shape[1] - w - pad)), mode="reflect")
     tf, gain, colw, fr2 = _bandpass_transfer(shape, float(sigma_px), float(background_px))
-    spec = fft.rfft2(padded, workers=-1)
+    n_power = -1.0  # < 0: no denoiser
     if wiener:
-        power = spec.real * spec.real + spec.imag * spec.imag
         if noise_std is not None:
             n_power = float(noise_std) ** 2 * shape[0] * shape[1]
-        else:
-            n_power = float(np.median(power[fr2 > 0.35**2]))
-        smooth = _box3(power)
-        gw = 1.0 - np.float32(wiener * n_power) / np.maximum(smooth, np.float32(1e-30))
-        np.maximum(gw, 0.0, out=gw)
-        gw *= tf
-        spec *= gw
-        gain = float(np.sqrt(np.dot(np.einsum("ij,ij->j", gw, gw), colw[0]) / (shape[0] * shape[1])))
-    else:
-        spec *= tf
-    out = fft.irfft2(spec, s=shape, workers=-1)
-    return out[pad - 1 : pad + h + 1, pad - 1 : pad + w + 1], gain
+        else:  # the median power at the highest frequencies (rare: frames whose noise_sigma is 0)
+            padded = np.pad(img, ((pad, shape[0] - h - pad), (pad, shape[1] - w - pad)), mode="reflect")
+            spec = fft.rfft2(padded, workers=-1)
+            n_power = float(np.median((spec.real**2 + spec.imag**2)[fr2 > 0.35**2]))
+    offsets = None
+    if ring_radius is not None:
+        ang = np.arange(8) * (2.0 * np.pi / 8)
+        off = np.rint(ring_radius * np.stack([np.sin(ang), np.cos(ang)], axis=1)).astype(int)
+        offsets = tuple(map(tuple, off.tolist()))
+    fn = _filter_fn((h, w), pad, shape, offsets)
+    filt, g, mask, prom = fn(img, tf, colw, np.float32(wiener or 0.0), np.float32(n_power),
+                             np.float32(threshold_unit))
+    gain = float(g) if n_power >= 0 else gain
+    if offsets is None:
+        return np.asarray(filt), gain, None, None
+    return np.asarray(filt), gain, np.asarray(mask), np.asarray(prom)
 
 
-def _box3(a: np.ndarray) -> np.ndarray:
-    """3x3 box mean (rows wrapped, edge columns replicated): a cheap local average of the
-    power spectrum."""
-    out = a.copy()
-    out[1:] += a[:-1]
-    out[0] += a[-1]
-    out[:-1] += a[1:]
-    out[-1] += a[0]
-    tmp = out.copy()
-    out[:, 1:] += tmp[:, :-1]
-    out[:, 0] += tmp[:, 0]
-    out[:, :-1] += tmp[:, 1:]
-    out[:, -1] += tmp[:, -1]
-    out *= np.float32(1.0 / 9.0)
-    return out
+@functools.lru_cache(maxsize=16)
+def _filter_fn(size: tuple[int, int], pad: int, shape: tuple[int, int], ring: tuple | None):
+    """The jit'd ``_filter`` for one frame size, padding, FFT shape and ring of offsets (the
+    transfer function and the noise power are arguments: a new spacing does not recompile)."""
+    import jax
+    import jax.numpy as jnp
+
+    h, w = size
+
+    def run(img, tf, colw, wiener, n_power, threshold_unit):
+        padded = jnp.pad(img, ((pad, shape[0] - h - pad), (pad, shape[1] - w - pad)), mode="reflect")
+        spec = jnp.fft.rfft2(padded)
+        power = spec.real * spec.real + spec.imag * spec.imag
+        # 3x3 box mean of the power spectrum (rows wrapped, edge columns replicated)
+        rows = power + jnp.roll(power, 1, axis=0) + jnp.roll(power, -1, axis=0)
+        smooth = (rows + jnp.concatenate([rows[:, :1], rows[:, :-1]], axis=1)
+                  + jnp.concatenate([rows[:, 1:], rows[:, -1:]], axis=1)) * (1.0 / 9.0)
+        gw = jnp.maximum(1.0 - wiener * n_power / jnp.maximum(smooth, 1e-30), 0.0) * tf
+        gw = jnp.where(n_power >= 0, gw, tf)
+        gain = jnp.sqrt(jnp.sum(gw * gw * colw) / (shape[0] * shape[1]))
+        out = jnp.fft.irfft2(spec * gw, s=shape)
+        filt = out[pad - 1 : pad + h + 1, pad - 1 : pad + w + 1]
+        if ring is None:
+            return filt, gain, None, None
+        inner = filt[1:-1, 1:-1]
+        rowmax = jnp.maximum(jnp.maximum(filt[:, :-2], filt[:, 2:]), filt[:, 1:-1])
+        mx = jnp.maximum(jnp.maximum(rowmax[:-2], rowmax[2:]), rowmax[1:-1])
+        # the lowest of the ring samples (indices clipped to the frame, as ring_prominence does)
+        rad = max(1, max(max(abs(a), abs(b)) for a, b in ring))
+        edge = jnp.pad(filt, rad, mode="edge")
+        low = None
+        for dy, dx in ring:
+            sample = edge[rad + 1 + dy : rad + 1 + dy + h, rad + 1 + dx : rad + 1 + dx + w]
+            low = sample if low is None else jnp.minimum(low, sample)
+        prom = inner - low
+        return filt, gain, (inner >= mx) & (prom > threshold_unit * gain), prom
+
+    return jax.jit(run)
 
 
 def noise_sigma(image: np.ndarray, max_samples: int = 20_000) -> float:
@@ -124,8 +160,6 @@ def find_peaks(filtered: np.ndarray, threshold_abs: float, min_distance: float, 
     With ``ring_radius`` the threshold applies to the prominence (``ring_prominence``:
     height above the lowest point of a ring of that radius) instead of the height, and
     with ``return_prominence`` the prominences are returned as a third array."""
-    from scipy.spatial import cKDTree
-
     fp = np.asarray(filtered)
     # 3x3 maximum by two separable passes of np.maximum (much faster than ndimage here)
     rowmax = np.maximum(fp[:, :-2], fp[:, 2:])
@@ -147,9 +181,20 @@ def find_peaks(filtered: np.ndarray, threshold_abs: float, min_distance: float, 
         prom = ring_prominence(fp, pts, ring_radius)
         keep = prom > threshold_abs
         pts, v, prom = pts[keep], v[keep], prom[keep]
+    pts, v, prom = _suppress(pts, v, prom, min_distance)
+    if return_prominence:
+        return pts, v, prom
+    return pts, v
+
+
+def _suppress(pts: np.ndarray, v: np.ndarray, prom: np.ndarray, min_distance: float):
+    """Non-maximum suppression: of two peaks closer than ``min_distance`` the lower goes
+    (ties: the lower index stays). ``pts`` (K, 2) int, ``v`` their heights, ``prom`` any
+    per-peak values that go with them."""
+    from scipy.spatial import cKDTree
+
     if len(pts) == 0:
-        empty = (np.zeros((0, 2), int), np.zeros(0, np.float32))
-        return empty + (np.zeros(0, np.float32),) if return_prominence else empty
+        return np.zeros((0, 2), int), np.zeros(0, np.float32), np.zeros(0, np.float32)
     if len(pts) > 1 and min_distance > 1.0:
         tree = cKDTree(pts, balanced_tree=False, compact_nodes=False)  # faster to build, as fast to query
         pairs = tree.query_pairs(min_distance, output_type="ndarray")
@@ -161,9 +206,7 @@ def find_peaks(filtered: np.ndarray, threshold_abs: float, min_distance: float, 
             sup[i[higher_j]] = True
             sup[j[~higher_j]] = True
             pts, v, prom = pts[~sup], v[~sup], prom[~sup]
-    if return_prominence:
-        return pts, v, prom
-    return pts, v
+    return pts, v, prom
 
 
 def ring_prominence(filtered: np.ndarray, pts: np.ndarray, radius: float, n: int = 8) -> np.ndarray:
@@ -334,13 +377,17 @@ def locate_classical(
     background_px = max(float(background_px), 1.5 * float(sigma_px))
 
     noise_px = noise_sigma(img)
-    filt, gain = bandpass(img, sigma_px, background_px, wiener=wiener,
-                          noise_std=noise_px if noise_px > 0 else None)
+    # band-pass and the local maxima of prominence above threshold x the filtered noise std
+    # (find_peaks' first half, fused into the filter's jit call)
+    filt, gain, cand, prom_img = _filter(img, sigma_px, background_px, wiener,
+                                         noise_px if noise_px > 0 else None, ring_radius=0.5 * spacing_px,
+                                         threshold_unit=threshold * noise_px)
     noise = noise_px * gain
     thr_abs = threshold * noise
-    ring = 0.5 * spacing_px
-    pts, heights, prom = find_peaks(filt, thr_abs, min_distance_frac * spacing_px,
-                                    ring_radius=ring, return_prominence=True)
+    cand = np.flatnonzero(cand)
+    pts = np.stack([cand // img.shape[1], cand % img.shape[1]], axis=1)
+    heights = filt[1:-1, 1:-1].ravel()[cand]
+    pts, heights, prom = _suppress(pts, heights, prom_img.ravel()[cand], min_distance_frac * spacing_px)
     if len(pts):
         near = near_saturation(img, pts, saturation, spacing_px)
         pts, heights, prom = pts[~near], heights[~near], prom[~near]
@@ -375,7 +422,7 @@ def locate_classical(
             intensity = np.where(good, intensity, heights)
         conf = conf * np.where(good, 0.5 + 0.5 * info["r2"], 0.25)
     elif refine:
-        pos, intensity, border, good, width, real, judge, line_dx, line_meta = _refine_fixed(
+        pos, intensity, border, good, width, real, judge, line_dx, line_meta, nbr = _refine_fixed(
             img, start, prom, spacing_px, sigma_px, window_px, window_given, probe_sigma_px,
             n_iter, max_fit_std, 0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter, flyback_px,
             prior)
@@ -388,7 +435,8 @@ def locate_classical(
         conf = conf * np.where(good, 1.0, 0.25)
     if refine:
         # two detections that converged onto the same column: keep the stronger
-        pos, keep = _merge_duplicates(pos, intensity, 0.25 * spacing_px)
+        pos, keep = _merge_duplicates(pos, intensity, 0.25 * spacing_px,
+                                      nbr if refine_method == "fixed" else None)
         if refine_method == "fixed":
             keep &= real
         else:
@@ -421,7 +469,8 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     Returns positions, amplitudes, border, good (the fit is trusted; otherwise the
     band-passed peak is kept), the width used, real (a significant amplitude), judge (the
     position that decides inside / outside the frame), the line de-jitter's shift of every
-    column (0 where the band-passed peak is kept) and its meta entries."""
+    column (0 where the band-passed peak is kept), its meta entries and each column's nearest
+    neighbours ((N, k) indices, ``refine_fixed_width``'s)."""
     from .refine import refine_fixed_width, refine_positions
 
     n = len(start)
@@ -462,7 +511,7 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     real = snr_fit >= min_amp_snr
     if np.median(snr_fit) < 3.0 * min_amp_snr:
         real[:] = True
-    return pos, np.nan_to_num(amp), border, good, width, real, judge, line_dx, line_meta
+    return pos, np.nan_to_num(amp), border, good, width, real, judge, line_dx, line_meta, info["neighbours"]
 
 
 def _fit_trusted(info: dict, pos: np.ndarray, start: np.ndarray, border: np.ndarray, max_move: float,
@@ -482,16 +531,27 @@ def _inside_frame(pos: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return (pos[:, 0] >= -0.5) & (pos[:, 0] < h - 0.5) & (pos[:, 1] >= -0.5) & (pos[:, 1] < w - 0.5)
 
 
-def _merge_duplicates(pos: np.ndarray, strength: np.ndarray, radius: float):
+def _merge_duplicates(pos: np.ndarray, strength: np.ndarray, radius: float, neighbours: np.ndarray | None = None):
+    """(N,) bool keep: of two positions closer than ``radius`` the weaker goes. With
+    ``neighbours`` ((N, k) indices, each column's nearest start positions, from
+    ``refine_fixed_width``) only those pairs are compared instead of searching a tree: two
+    fits that converge within ``radius`` started within the trust radius plus the NMS
+    distance of each other, nearer than any lattice neighbour."""
     from scipy.spatial import cKDTree
 
     keep = np.ones(len(pos), bool)
     if len(pos) < 2:
         return pos, keep
-    pairs = cKDTree(pos, balanced_tree=False, compact_nodes=False).query_pairs(radius, output_type="ndarray")
-    if len(pairs):
-        i, j = pairs[:, 0], pairs[:, 1]
-        weaker = np.where(strength[i] >= strength[j], j, i)
+    if neighbours is not None and neighbours.size:
+        i = np.repeat(np.arange(len(pos)), neighbours.shape[1])
+        j = neighbours.ravel()
+        close = np.sum((pos[i] - pos[j]) ** 2, axis=1) < radius * radius
+        i, j = i[close], j[close]
+    else:
+        pairs = cKDTree(pos, balanced_tree=False, compact_nodes=False).query_pairs(radius, output_type="ndarray")
+        i, j = (pairs[:, 0], pairs[:, 1]) if len(pairs) else (np.zeros(0, int), np.zeros(0, int))
+    if len(i):
+        weaker = np.where((strength[i] > strength[j]) | ((strength[i] == strength[j]) & (i < j)), j, i)
         keep[weaker] = False
     return pos, keep
 

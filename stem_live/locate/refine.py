@@ -511,7 +511,9 @@ def refine_fixed_width(
     Returns positions (N, 2), amplitudes (N,), border (N,) bool (the window crosses the
     frame edge) and a dict: ``background`` (N,), ``pos_std`` (position standard error, px,
     from the weighted normal matrix and the reduced chi^2), ``amp_snr`` (amplitude over its
-    standard error: ~0 where nothing is there), ``ok``, and with ``line_jitter``
+    standard error: ~0 where nothing is there), ``ok``, ``neighbours`` (N, k) (the indices of
+    each column's ``n_neighbours`` nearest start positions, whose models were subtracted), and
+    with ``line_jitter``
     ``line_shift_px`` (H,) (the x shift of the image content on every line, px),
     ``line_jitter_px`` (its estimated rms) and ``line_dx`` (N,) (the x shift added to each
     column). A fit that fails keeps its start position (amplitude NaN, pos_std inf, amp_snr 0).
@@ -531,7 +533,8 @@ def refine_fixed_width(
     if n == 0:
         z0 = np.zeros(0)
         return np.zeros((0, 2)), z0, np.zeros(0, bool), {
-            "background": z0, "pos_std": z0, "amp_snr": z0, "ok": np.zeros(0, bool)}
+            "background": z0, "pos_std": z0, "amp_snr": z0, "ok": np.zeros(0, bool),
+            "neighbours": np.zeros((0, 0), np.intp)}
     img32 = np.ascontiguousarray(image, dtype=np.float32)
     finite = np.isfinite(img32)
     if not finite.all():
@@ -606,7 +609,7 @@ def refine_fixed_width(
     ok = np.isfinite(p).all(axis=1) & (np.abs(dy) <= r) & (np.abs(dx) <= r) & (amp > 0)
     out = np.where(ok[:, None], centers + np.stack([dy, dx], axis=1), pos)
     info = {"background": bg, "pos_std": np.where(ok, pos_std, np.inf),
-            "amp_snr": np.where(ok, np.nan_to_num(amp_snr), 0.0), "ok": ok}
+            "amp_snr": np.where(ok, np.nan_to_num(amp_snr), 0.0), "ok": ok, "neighbours": nbr}
     prior_dx = prior_prec = None
     if prior is not None:
         prior_dx, prior_prec = _apply_prior(prior, out, info, warp)

@@ -377,7 +377,7 @@ def locate_unet(
         # subtracted, Poisson-weighted fit on the raw frame; a peak with no significant column
         # under it, or whose column is centred outside the frame (only its tail shows, as a
         # peak on the edge), is dropped, as in ``locate_classical``
-        pos, _, border, good, width, real, judge, line_dx, line_meta = _refine_fixed(
+        pos, _, border, good, width, real, judge, line_dx, line_meta, _ = _refine_fixed(
             img, start, conf, spacing_px, sigma_px, window_px, window_given, None, n_iter, max_fit_std,
             0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter, flyback_px, prior)
         meta["probe_sigma_px"] = width
