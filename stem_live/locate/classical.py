@@ -488,7 +488,8 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     ij = np.rint(start).astype(int)
     ij[:, 0] = np.clip(ij[:, 0], 1, h - 2)
     ij[:, 1] = np.clip(ij[:, 1], 1, w - 2)
-    peak = sum(img[ij[:, 0] + a, ij[:, 1] + b] for a in (-1, 0, 1) for b in (-1, 0, 1)) / 9.0
+    box = (np.arange(-1, 2)[:, None] * w + np.arange(-1, 2)[None, :]).ravel()
+    peak = np.take(img.ravel(), (ij[:, 0] * w + ij[:, 1])[:, None] + box[None, :]).mean(axis=1)
     low = float(np.percentile(img[:: max(1, h // 128), :: max(1, w // 128)], 5))
     amp0 = np.maximum(peak - low, 0.0)
     pos, amp, border, info = refine_fixed_width(img, start, amp0, width, fwin, background=low,

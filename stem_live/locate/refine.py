@@ -328,6 +328,16 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False,
     ox = ox.ravel()[disc].astype(np.int32)
     yy = jnp.asarray(oy, jnp.float32)[None, :]
     xx = jnp.asarray(ox, jnp.float32)[None, :]
+    ry = jnp.arange(-r, r + 1, dtype=jnp.float32)  # the window's row (= column) offsets
+    half = [int(np.sum((oy == i) & (ox > 0))) for i in range(-r, r + 1)]  # disc row i: x in -half..half
+
+    def on_disc(gy, gx):
+        """(..., window) row and column profiles of a separable function -> its values on the
+        disc's pixels (..., K): each disc row is a run of the column profile times one row
+        value (slices and a concatenation: no gather, which is slow on XLA:CPU)."""
+        return jnp.concatenate([gy[..., i : i + 1] * gx[..., r - half[i] : r + half[i] + 1]
+                                for i in range(window)], axis=-1)
+
     # monomials 1, y, x, y^2, x^2, y x of the window pixels: every sum of the normal
     # equations is a moment of one of six weighted arrays, so one matmul gives them all
     mono = jnp.asarray(np.stack([np.ones_like(oy), oy, ox, oy * oy, ox * ox, oy * ox], axis=1), jnp.float32)
@@ -355,9 +365,15 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False,
         w0 = inside.astype(jnp.float32)
         q = 1.0 / (sigma * sigma)
         # model of the k neighbours at every window pixel: (C, K)
-        ndy = yy[:, None, :] - nb_off[:, :, 0:1]
-        ndx = xx_[:, None, :] - nb_off[:, :, 1:2]
-        oth = jnp.sum(nb_amp[:, :, None] * jnp.exp(-0.5 * q * (ndy * ndy + ndx * ndx)), axis=1)
+        if warped:
+            ndy = yy[:, None, :] - nb_off[:, :, 0:1]
+            ndx = xx_[:, None, :] - nb_off[:, :, 1:2]
+            oth = jnp.sum(nb_amp[:, :, None] * jnp.exp(-0.5 * q * (ndy * ndy + ndx * ndx)), axis=1)
+        else:  # a Gaussian is the product of its row and column profiles: 2 x window exponentials
+            # per neighbour instead of K (one per pixel cost more than the iterations together)
+            prof_y = nb_amp[:, :, None] * jnp.exp(-0.5 * q * (ry - nb_off[:, :, 0:1]) ** 2)  # (C, k, window)
+            prof_x = jnp.exp(-0.5 * q * (ry - nb_off[:, :, 1:2]) ** 2)
+            oth = jnp.sum(on_disc(prof_y, prof_x), axis=1)
 
         n_w = jnp.sum(w0, axis=1)
         n = 4 if fit_b else 3
@@ -566,17 +582,18 @@ def refine_fixed_width(
         nbr = nbr[:, 1:]
     else:
         nbr = np.zeros((n, 0), np.intp)
-    # gather the disc windows from a NaN-padded copy (one flat take)
-    wp = w + 2 * r
-    imgp = np.full((h + 2 * r, wp), np.nan, np.float32)
+    # gather the disc windows from a NaN-padded copy: the square windows (a strided view,
+    # indexed by centre), then the disc's pixels (faster than one flat take of N x K indices)
+    imgp = np.empty((h + 2 * r, w + 2 * r), np.float32)
+    imgp[:r], imgp[-r:], imgp[:, :r], imgp[:, -r:] = np.nan, np.nan, np.nan, np.nan
     imgp[r : r + h, r : r + w] = img32
     cc = np.clip(c_pad, 0, None)
     cc[:, 0] = np.minimum(cc[:, 0], h - 1)
     cc[:, 1] = np.minimum(cc[:, 1], w - 1)
     oy, ox = np.mgrid[-r : r + 1, -r : r + 1]
     disc = (oy**2 + ox**2) <= (r + 0.5) ** 2
-    off = ((oy[disc] + r) * wp + (ox[disc] + r)).astype(np.intp)
-    z = np.take(imgp.ravel(), (cc[:, 0] * wp + cc[:, 1]).astype(np.intp)[:, None] + off[None, :])
+    squares = np.lib.stride_tricks.sliding_window_view(imgp, (window, window))[cc[:, 0], cc[:, 1]]
+    z = np.take(squares.reshape(nb, window * window), np.flatnonzero(disc.ravel()), axis=1)
     warp = flyback.reaching_columns(centers, ox[disc], r, flyback_px)
     kk = max(k, 1)
     for ps in range(int(n_pass)):
