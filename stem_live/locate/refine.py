@@ -577,40 +577,46 @@ def refine_fixed_width(
     if background is None:
         background = 0.0
     p[:n, 3] = np.broadcast_to(np.asarray(background, np.float64), (n,))
-    if k:
-        _, nbr = cKDTree(pos, balanced_tree=False, compact_nodes=False).query(pos, k=k + 1, workers=-1)
-        nbr = nbr[:, 1:]
-    else:
-        nbr = np.zeros((n, 0), np.intp)
-    # gather the disc windows from a NaN-padded copy: the square windows (a strided view,
-    # indexed by centre), then the disc's pixels (faster than one flat take of N x K indices)
+    # the square windows come from a NaN-padded copy (a strided view indexed by centre, then
+    # the disc's pixels: faster than one flat take of N x K indices)
     imgp = np.empty((h + 2 * r, w + 2 * r), np.float32)
     imgp[:r], imgp[-r:], imgp[:, :r], imgp[:, -r:] = np.nan, np.nan, np.nan, np.nan
     imgp[r : r + h, r : r + w] = img32
+    squares = np.lib.stride_tricks.sliding_window_view(imgp, (window, window))
     cc = np.clip(c_pad, 0, None)
     cc[:, 0] = np.minimum(cc[:, 0], h - 1)
     cc[:, 1] = np.minimum(cc[:, 1], w - 1)
     oy, ox = np.mgrid[-r : r + 1, -r : r + 1]
     disc = (oy**2 + ox**2) <= (r + 0.5) ** 2
-    squares = np.lib.stride_tricks.sliding_window_view(imgp, (window, window))[cc[:, 0], cc[:, 1]]
-    z = np.take(squares.reshape(nb, window * window), np.flatnonzero(disc.ravel()), axis=1)
+    in_disc = np.flatnonzero(disc.ravel())
+    tree = cKDTree(pos, balanced_tree=False, compact_nodes=False) if k else None
+    nbr = np.zeros((n, k), np.intp)
+    z = np.empty((nb, len(in_disc)), np.float32)
     warp = flyback.reaching_columns(centers, ox[disc], r, flyback_px)
     kk = max(k, 1)
     for ps in range(int(n_pass)):
         fit_b = ps == 0
         if not fit_b:  # background fixed to the median over the column and its neighbours
             p[:n, 3] = np.median(np.concatenate([p[:n, 3:4], p[nbr, 3]], axis=1), axis=1)
-        # the neighbours' model from this pass's start parameters (their centres rel. to ours)
-        nb_off = np.full((nb, kk, 2), -1e4, np.float32)
-        nb_amp = np.zeros((nb, kk), np.float32)
-        if k:
-            nb_off[:n] = centers[nbr] + p[nbr, 1:3] - centers[:, None, :]
-            nb_amp[:n] = np.maximum(np.nan_to_num(p[nbr, 0]), 0.0)
         sums = bool(line_jitter) and ps == int(n_pass) - 1
         fn = _build_fixed(window, int(n_iter), fit_b, sums)
-        out = [fn(z[c0:c0 + chunk], c_pad[c0:c0 + chunk], p[c0:c0 + chunk], nb_off[c0:c0 + chunk],
-                  nb_amp[c0:c0 + chunk], np.float32(sigma_px), np.float32(var_floor), (h, w))
-               for c0 in range(0, nb, chunk)]  # dispatched before any is read: XLA runs them back to back
+        nb_off = np.full((nb, kk, 2), -1e4, np.float32)
+        nb_amp = np.zeros((nb, kk), np.float32)
+        out = []
+        for c0 in range(0, nb, chunk):
+            # each chunk's inputs are made while XLA fits the chunks before it (on its own
+            # threads): the numpy work uses the core the fit leaves idle
+            cs, real = slice(c0, c0 + chunk), slice(c0, min(c0 + chunk, n))
+            if ps == 0:
+                z[cs] = np.take(squares[cc[cs, 0], cc[cs, 1]].reshape(-1, window * window), in_disc, axis=1)
+                if k and c0 < n:
+                    nbr[real] = tree.query(pos[real], k=k + 1)[1][:, 1:]
+            if k and c0 < n:  # the neighbours' model from this pass's start parameters
+                nj = nbr[real]
+                nb_off[real] = centers[nj] + p[nj, 1:3] - centers[real, None, :]
+                nb_amp[real] = np.maximum(np.nan_to_num(p[nj, 0]), 0.0)
+            out.append(fn(z[cs], c_pad[cs], p[cs], nb_off[cs], nb_amp[cs], np.float32(sigma_px),
+                          np.float32(var_floor), (h, w)))
         res = [np.concatenate([np.asarray(o[i]) for o in out]) for i in range(len(out[0]))]
         if warp is not None:  # the columns near the left edge again, on the flyback-distorted grid
             _fit_warped(res, warp, flyback_px, z, c_pad, p, nb_off, nb_amp, centers, window, int(n_iter), fit_b,
