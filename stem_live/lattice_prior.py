@@ -170,7 +170,7 @@ class LatticePrior:
             guess_all = self._ref.copy()
         gi = np.flatnonzero(good)
         radius = self.link_frac * self.spacing_px
-        tree = cKDTree(guess_all)
+        tree = cKDTree(guess_all, balanced_tree=False, compact_nodes=False)  # faster to build, as fast to query
         # the frame moved little since the last one (the usual case): the median offset of
         # nearest neighbours; otherwise (a jump, a stage move) register the whole lattice
         shift, frac = _refine_shift_points(guess_all, pos[gi], (0.0, 0.0), radius, n_iter=1, tree=tree)
@@ -178,7 +178,7 @@ class LatticePrior:
             shift = np.asarray(estimate_shift(guess_all[recent], pos[gi], spacing_px=self.spacing_px))
         # one-to-one: each fitted column takes its nearest site; a site claimed twice goes to
         # the closer column
-        d, j = tree.query(pos[gi] - shift, distance_upper_bound=radius)
+        d, j = tree.query(pos[gi] - shift, distance_upper_bound=radius, workers=-1)
         ok = np.flatnonzero(np.isfinite(d))
         order = ok[np.lexsort((d[ok], j[ok]))]
         first = np.ones(len(order), bool)
@@ -224,8 +224,8 @@ class LatticePrior:
         kept = None
         if pend is not None and len(pend["pos"]) and len(columns):
             pos, std = pend["pos"], pend["std"]
-            d, i = cKDTree(np.nan_to_num(pos, nan=-1e9)).query(columns.positions,
-                                                               distance_upper_bound=0.25 * self.spacing_px)
+            d, i = cKDTree(np.nan_to_num(pos, nan=-1e9), balanced_tree=False, compact_nodes=False).query(
+                columns.positions, distance_upper_bound=0.25 * self.spacing_px, workers=-1)
             kept = np.zeros(len(pos), bool)
             kept[i[np.isfinite(d)]] = True
             kept &= np.isfinite(std) & (std > 0) & np.isfinite(pos).all(axis=1)

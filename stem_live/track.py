@@ -112,7 +112,7 @@ def _refine_shift_points(ref: np.ndarray, pts: np.ndarray, shift, radius: float,
     tree = cKDTree(ref) if tree is None else tree
     frac = 0.0
     for _ in range(n_iter):
-        d, idx = tree.query(pts - s, distance_upper_bound=radius)
+        d, idx = tree.query(pts - s, distance_upper_bound=radius, workers=-1)
         ok = np.isfinite(d)
         frac = float(ok.mean())
         if ok.sum() < 3:
