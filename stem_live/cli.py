@@ -296,6 +296,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
     bridge = Bridge(inst, frames_endpoint="tcp://127.0.0.1:*", corrections_endpoint="tcp://127.0.0.1:*",
                     wait_for_subscriber=True)
     engine = Engine(_engine_config(a))
+    if engine.config.model == "gp":  # compile on simulated frames of this size first: no stalled first frame
+        from dataclasses import replace
+
+        print(f"demo: compiling the gp model for {a.size} px frames ...", file=sys.stderr, flush=True)
+        warm = SimulatedInstrument(replace(_sim_config(a), seed=a.seed + 1), speed=None, frames=3)
+        print(f"demo: compiled in {engine.warm_up([warm.acquire() for _ in range(3)]):.1f} s", file=sys.stderr)
     engine.arm()
     prog = Progress(sys.stdout)
     stop = threading.Event()

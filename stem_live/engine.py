@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -118,6 +118,23 @@ class Engine:
         self.frames = 0
         self.last: FrameResult | None = None
         self._columns = None if self.config.model != "gp" else ColumnModel(self.config)
+
+    def warm_up(self, frames: Sequence[Frame]) -> float:
+        """Compile what a stream's first frames need (the gp model's locator and fit sizes for
+        the frame size, the GP's predictions) by processing ``frames`` (a few frames like the
+        stream's, e.g. simulated ones of its size), disarmed, then forget them (``reset``; the
+        compiled functions stay). Without it the first frame of a ``--model gp`` stream takes
+        ~10 s: the frames meanwhile are skipped, and the policy takes the drift accumulated by
+        then for a jump and holds the image there. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        armed, self.armed = self.armed, False
+        try:
+            for frame in frames:
+                self.process(frame, encode=False)
+        finally:
+            self.armed = armed
+            self.reset()
+        return time.perf_counter() - t0
 
     @property
     def start_beam_nm(self) -> np.ndarray | None:

@@ -142,3 +142,31 @@ def test_gp_drift_has_no_bias_while_the_field_moves_many_rows():
     trend = np.abs(e[-5:].mean(axis=0) - e[:5].mean(axis=0))
     assert np.all(trend < 6.0), trend                 # first vs last frames, pm
     assert np.sqrt(np.mean(e ** 2)) < 4.0
+
+
+def test_warm_up_leaves_no_trace_of_its_frames():
+    """``Engine.warm_up`` compiles on frames of another session and forgets them: a warmed-up
+    engine gives the same drift and corrections, frame for frame, as a fresh one (a leaked
+    reference, drift history or GP sample would move them), and the stream's first frame is its
+    reference again."""
+    from simulator import Microscope, MicroscopeConfig
+    from stem_live.evaluate import frame_from_sim
+
+    def frames(seed: int, n: int) -> list[Frame]:
+        scope = Microscope(MicroscopeConfig(preset="graphene", size=256, seed=seed))
+        return [frame_from_sim(*scope.acquire()[:2]) for _ in range(n)]
+
+    stream = frames(3, 5)
+    fresh, warm = Engine(EngineConfig(model="gp")), Engine(EngineConfig(model="gp"))
+    fresh.arm()
+    warm.arm()
+    assert warm.warm_up(frames(4, 3)) > 0
+    assert warm.armed and warm.frames == 0 and warm.last is None and warm.start_beam_nm is None
+    for f in stream:
+        a, b = fresh.process(f, encode=False), warm.process(f, encode=False)
+        np.testing.assert_allclose(b.drift_nm, a.drift_nm, atol=1e-9)
+        np.testing.assert_allclose(b.line_drift_nm, a.line_drift_nm, atol=1e-6)
+        assert (a.correction is None) == (b.correction is None)
+        if a.correction is not None:
+            np.testing.assert_allclose(b.correction.beam_shift_nm, a.correction.beam_shift_nm, atol=1e-9)
+    assert fresh.frames == warm.frames == len(stream)
