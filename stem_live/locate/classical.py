@@ -3,7 +3,8 @@ noise units, non-maximum suppression, then sub-pixel refinement: a fixed-width,
 neighbour-subtracted, Poisson-weighted Gaussian fit (``refine.refine_fixed_width``; the
 probe width from a free fit of the brightest columns, ``refine.refine_positions``).
 
-All heavy steps are whole-array numpy / scipy.fft; the fit is one jit'd JAX call.
+The band-pass with its denoiser and the peak candidates are one jit'd JAX call (``_filter``),
+the fit is jit'd JAX in chunks; the rest is whole-array numpy / scipy.
 """
 
 from __future__ import annotations

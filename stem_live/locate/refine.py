@@ -343,13 +343,19 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False,
     mono = jnp.asarray(np.stack([np.ones_like(oy), oy, ox, oy * oy, ox * ox, oy * ox], axis=1), jnp.float32)
     line_of = jnp.asarray(oy[:, None] + r == np.arange(window)[None, :], jnp.float32)  # (K, window) one-hot
 
-    def run(z, centers, p0, nb_off, nb_amp, sigma, var_c, shape, xs=None):
-        """z (C, K) window pixels; centers (C, 2) int; p0 (C, 4) start (amp, dy, dx, bg);
-        nb_off (C, k, 2) neighbour centres relative to the column's integer centre (px);
-        nb_amp (C, k) their amplitudes; with ``warped``, xs (C, K) the x coordinate of every
-        window pixel relative to the centre's (px; dx, nb_off and p0 in the same coordinates)."""
+    def run(img, corner, centers, p0, nb_off, nb_amp, sigma, var_c, shape, xs=None):
+        """img: the frame padded by ``window // 2`` NaN pixels (``_nan_padded``); corner (C, 2)
+        int: each window's top-left pixel in it (the centre clipped to the frame); centers
+        (C, 2) int; p0 (C, 4) start (amp, dy, dx, bg); nb_off (C, k, 2) neighbour centres
+        relative to the column's integer centre (px); nb_amp (C, k) their amplitudes; with
+        ``warped``, xs (C, K) the x coordinate of every window pixel relative to the centre's
+        (px; dx, nb_off and p0 in the same coordinates)."""
         global _TRACE_COUNT
         _TRACE_COUNT += 1
+        # the disc pixels of every window: slices of the frame (fast on XLA:CPU, unlike a
+        # gather of single pixels), each disc row a run of its square's row
+        square = jax.vmap(lambda c: jax.lax.dynamic_slice(img, (c[0], c[1]), (window, window)))(corner)
+        z = jnp.concatenate([square[:, i, r - half[i] : r + half[i] + 1] for i in range(window)], axis=1)
         if warped:
             xx_ = xs
             ones = jnp.ones_like(xs)
@@ -440,6 +446,15 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False,
         return (jnp.stack(p, axis=-1), border, pos_std, amp_snr) + sums
 
     return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=None)
+def _nan_padded(r: int):
+    """Jit'd: a (H, W) frame padded by ``r`` NaN pixels on every side (the fit's input)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda img: jnp.pad(img, r, constant_values=jnp.nan))
 
 
 def _solve_sym(m, v, n):
@@ -577,21 +592,16 @@ def refine_fixed_width(
     if background is None:
         background = 0.0
     p[:n, 3] = np.broadcast_to(np.asarray(background, np.float64), (n,))
-    # the square windows come from a NaN-padded copy (a strided view indexed by centre, then
-    # the disc's pixels: faster than one flat take of N x K indices)
-    imgp = np.empty((h + 2 * r, w + 2 * r), np.float32)
-    imgp[:r], imgp[-r:], imgp[:, :r], imgp[:, -r:] = np.nan, np.nan, np.nan, np.nan
-    imgp[r : r + h, r : r + w] = img32
-    squares = np.lib.stride_tricks.sliding_window_view(imgp, (window, window))
+    # the fit cuts its windows from the NaN-padded frame; a window's top-left corner there is
+    # its centre clipped to the frame
+    imgp = _nan_padded(r)(img32)
     cc = np.clip(c_pad, 0, None)
     cc[:, 0] = np.minimum(cc[:, 0], h - 1)
     cc[:, 1] = np.minimum(cc[:, 1], w - 1)
     oy, ox = np.mgrid[-r : r + 1, -r : r + 1]
     disc = (oy**2 + ox**2) <= (r + 0.5) ** 2
-    in_disc = np.flatnonzero(disc.ravel())
     tree = cKDTree(pos, balanced_tree=False, compact_nodes=False) if k else None
     nbr = np.zeros((n, k), np.intp)
-    z = np.empty((nb, len(in_disc)), np.float32)
     warp = flyback.reaching_columns(centers, ox[disc], r, flyback_px)
     kk = max(k, 1)
     for ps in range(int(n_pass)):
@@ -607,20 +617,18 @@ def refine_fixed_width(
             # each chunk's inputs are made while XLA fits the chunks before it (on its own
             # threads): the numpy work uses the core the fit leaves idle
             cs, real = slice(c0, c0 + chunk), slice(c0, min(c0 + chunk, n))
-            if ps == 0:
-                z[cs] = np.take(squares[cc[cs, 0], cc[cs, 1]].reshape(-1, window * window), in_disc, axis=1)
-                if k and c0 < n:
-                    nbr[real] = tree.query(pos[real], k=k + 1)[1][:, 1:]
+            if ps == 0 and k and c0 < n:
+                nbr[real] = tree.query(pos[real], k=k + 1)[1][:, 1:]
             if k and c0 < n:  # the neighbours' model from this pass's start parameters
                 nj = nbr[real]
                 nb_off[real] = centers[nj] + p[nj, 1:3] - centers[real, None, :]
                 nb_amp[real] = np.maximum(np.nan_to_num(p[nj, 0]), 0.0)
-            out.append(fn(z[cs], c_pad[cs], p[cs], nb_off[cs], nb_amp[cs], np.float32(sigma_px),
+            out.append(fn(imgp, cc[cs], c_pad[cs], p[cs], nb_off[cs], nb_amp[cs], np.float32(sigma_px),
                           np.float32(var_floor), (h, w)))
         res = [np.concatenate([np.asarray(o[i]) for o in out]) for i in range(len(out[0]))]
         if warp is not None:  # the columns near the left edge again, on the flyback-distorted grid
-            _fit_warped(res, warp, flyback_px, z, c_pad, p, nb_off, nb_amp, centers, window, int(n_iter), fit_b,
-                        sums, np.float32(sigma_px), np.float32(var_floor), (h, w))
+            _fit_warped(res, warp, flyback_px, imgp, cc, c_pad, p, nb_off, nb_amp, centers, window, int(n_iter),
+                        fit_b, sums, np.float32(sigma_px), np.float32(var_floor), (h, w))
         p, border, pos_std, amp_snr = res[:4]
     if line_jitter:
         row_b, row_a = res[4][:n], res[5][:n]
@@ -678,8 +686,8 @@ def _apply_prior(prior, out: np.ndarray, info: dict, warp) -> tuple[np.ndarray, 
     return np.where(use, np.nan_to_num(ppos[:, 1]) - out[:, 1], 0.0), pi
 
 
-def _fit_warped(res, warp, flyback_px, z, c_pad, p, nb_off, nb_amp, centers, window, n_iter, fit_b, sums,
-                sigma, var_floor, shape) -> None:
+def _fit_warped(res, warp, flyback_px, imgp, corner, c_pad, p, nb_off, nb_amp, centers, window, n_iter, fit_b,
+                sums, sigma, var_floor, shape) -> None:
     """Refit the columns ``warp[0]`` on the flyback-distorted grid ``warp[1]`` and write their
     results (positions back on the pixel grid) into ``res`` (the pass's outputs) in place."""
     idx, xs = warp
@@ -701,7 +709,7 @@ def _fit_warped(res, warp, flyback_px, z, c_pad, p, nb_off, nb_amp, centers, win
     nbo[:, :, 1] = nxa + flyback.shift(nxa, flyback_px) - u0[:, None]
     fn = _build_fixed(window, n_iter, fit_b, sums, warped=True)
     far = np.full(2, -10 * window, np.int32)
-    out = fn(pad(z[idx], 0.0), pad(c_pad[idx], far), pad(pw, 0.0), pad(nbo, -1e4), pad(nb_amp[idx], 0.0),
+    out = fn(imgp, pad(corner[idx], 0), pad(c_pad[idx], far), pad(pw, 0.0), pad(nbo, -1e4), pad(nb_amp[idx], 0.0),
              sigma, var_floor, shape, pad(xs, 0.0))
     out = [np.asarray(o)[:m] for o in out]
     fit = out[0].copy()
