@@ -535,7 +535,7 @@ def _inside_frame(pos: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def _merge_duplicates(pos: np.ndarray, strength: np.ndarray, radius: float, neighbours: np.ndarray | None = None):
     """(N,) bool keep: of two positions closer than ``radius`` the weaker goes. With
-    ``neighbours`` ((N, k) indices, each column's nearest start positions, from
+    ``neighbours`` ((N, k) indices, each column's nearest start positions, -1 for none, from
     ``refine_fixed_width``) only those pairs are compared instead of searching a tree: two
     fits that converge within ``radius`` started within the trust radius plus the NMS
     distance of each other, nearer than any lattice neighbour."""
@@ -547,6 +547,7 @@ def _merge_duplicates(pos: np.ndarray, strength: np.ndarray, radius: float, neig
     if neighbours is not None and neighbours.size:
         i = np.repeat(np.arange(len(pos)), neighbours.shape[1])
         j = neighbours.ravel()
+        i, j = i[j >= 0], j[j >= 0]  # -1: no neighbour there
         close = np.sum((pos[i] - pos[j]) ** 2, axis=1) < radius * radius
         i, j = i[close], j[close]
     else:

@@ -22,6 +22,7 @@ has been traced (compiled).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 
@@ -543,8 +544,8 @@ def refine_fixed_width(
     frame edge) and a dict: ``background`` (N,), ``pos_std`` (position standard error, px,
     from the weighted normal matrix and the reduced chi^2), ``amp_snr`` (amplitude over its
     standard error: ~0 where nothing is there), ``ok``, ``neighbours`` (N, k) (the indices of
-    each column's ``n_neighbours`` nearest start positions, whose models were subtracted), and
-    with ``line_jitter``
+    each column's ``n_neighbours`` nearest start positions within reach of its window, whose
+    models were subtracted; -1 where fewer are), and with ``line_jitter``
     ``line_shift_px`` (H,) (the x shift of the image content on every line, px),
     ``line_jitter_px`` (its estimated rms) and ``line_dx`` (N,) (the x shift added to each
     column). A fit that fails keeps its start position (amplitude NaN, pos_std inf, amp_snr 0).
@@ -601,13 +602,19 @@ def refine_fixed_width(
     oy, ox = np.mgrid[-r : r + 1, -r : r + 1]
     disc = (oy**2 + ox**2) <= (r + 0.5) ** 2
     tree = cKDTree(pos, balanced_tree=False, compact_nodes=False) if k else None
+    # neighbours whose model reaches the window: within its radius + 4 sigma (beyond that less
+    # than exp(-8) of their amplitude falls on it); a bounded query is a third faster
+    reach = r + 0.5 + 4.0 * float(sigma_px)
     nbr = np.zeros((n, k), np.intp)
     warp = flyback.reaching_columns(centers, ox[disc], r, flyback_px)
     kk = max(k, 1)
     for ps in range(int(n_pass)):
         fit_b = ps == 0
         if not fit_b:  # background fixed to the median over the column and its neighbours
-            p[:n, 3] = np.median(np.concatenate([p[:n, 3:4], p[nbr, 3]], axis=1), axis=1)
+            nb_bg = np.where(nbr < n, p[np.minimum(nbr, n - 1), 3], np.nan)
+            with warnings.catch_warnings():  # a failed fit with no neighbour stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                p[:n, 3] = np.nanmedian(np.concatenate([p[:n, 3:4], nb_bg], axis=1), axis=1)
         sums = bool(line_jitter) and ps == int(n_pass) - 1
         fn = _build_fixed(window, int(n_iter), fit_b, sums)
         nb_off = np.full((nb, kk, 2), -1e4, np.float32)
@@ -618,11 +625,12 @@ def refine_fixed_width(
             # threads): the numpy work uses the core the fit leaves idle
             cs, real = slice(c0, c0 + chunk), slice(c0, min(c0 + chunk, n))
             if ps == 0 and k and c0 < n:
-                nbr[real] = tree.query(pos[real], k=k + 1)[1][:, 1:]
+                nbr[real] = tree.query(pos[real], k=k + 1, distance_upper_bound=reach)[1][:, 1:]
             if k and c0 < n:  # the neighbours' model from this pass's start parameters
-                nj = nbr[real]
+                none = nbr[real] >= n  # fewer than k within reach: those get no amplitude
+                nj = np.where(none, 0, nbr[real])
                 nb_off[real] = centers[nj] + p[nj, 1:3] - centers[real, None, :]
-                nb_amp[real] = np.maximum(np.nan_to_num(p[nj, 0]), 0.0)
+                nb_amp[real] = np.where(none, 0.0, np.maximum(np.nan_to_num(p[nj, 0]), 0.0))
             out.append(fn(imgp, cc[cs], c_pad[cs], p[cs], nb_off[cs], nb_amp[cs], np.float32(sigma_px),
                           np.float32(var_floor), (h, w)))
         res = [np.concatenate([np.asarray(o[i]) for o in out]) for i in range(len(out[0]))]
@@ -640,7 +648,8 @@ def refine_fixed_width(
     ok = np.isfinite(p).all(axis=1) & (np.abs(dy) <= r) & (np.abs(dx) <= r) & (amp > 0)
     out = np.where(ok[:, None], centers + np.stack([dy, dx], axis=1), pos)
     info = {"background": bg, "pos_std": np.where(ok, pos_std, np.inf),
-            "amp_snr": np.where(ok, np.nan_to_num(amp_snr), 0.0), "ok": ok, "neighbours": nbr}
+            "amp_snr": np.where(ok, np.nan_to_num(amp_snr), 0.0), "ok": ok,
+            "neighbours": np.where(nbr < n, nbr, -1)}
     prior_dx = prior_prec = None
     if prior is not None:
         prior_dx, prior_prec = _apply_prior(prior, out, info, warp)
