@@ -547,7 +547,7 @@ def refine_fixed_width(
     is expected from the earlier frames, with the scan jitter left out. It is given the fit's
     line-averaged positions; each column then gets the precision-weighted mean of its fit and
     the prior in y, and in x the prior enters the line de-jitter (``line_shifts``' column
-    prior), which then measures the lines absolutely. Not for columns on the flyback grid.
+    prior), which then measures the lines absolutely (on the flyback grid in scanned x).
 
     Returns positions (N, 2), amplitudes (N,), border (N,) bool (the window crosses the
     frame edge) and a dict: ``background`` (N,), ``pos_std`` (position standard error, px,
@@ -663,7 +663,7 @@ def refine_fixed_width(
             "neighbours": np.where(nbr < n, nbr, -1)}
     prior_dx = prior_prec = None
     if prior is not None:
-        prior_dx, prior_prec = _apply_prior(prior, out, info, warp)
+        prior_dx, prior_prec = _apply_prior(prior, out, info, warp, flyback_px)
     if line_jitter:
         from .linejitter import line_shifts
 
@@ -691,25 +691,31 @@ def refine_fixed_width(
     return out, np.where(ok, amp, np.nan), border, info
 
 
-def _apply_prior(prior, out: np.ndarray, info: dict, warp) -> tuple[np.ndarray, np.ndarray]:
+def _apply_prior(prior, out: np.ndarray, info: dict, warp, flyback_px=None) -> tuple[np.ndarray, np.ndarray]:
     """Ask ``prior`` where the fitted columns ``out`` (line-averaged, px) are expected; move
     each y to the precision-weighted mean of fit and prior (in place) and return the x prior
     as ``line_shifts`` takes it: (offset from the fitted x (px), precision (1 / px**2)).
-    Columns that failed, or sit on the flyback grid (their x is in scanned coordinates
-    there), get none. ``info`` gains ``prior_used`` (N,) bool."""
+    Columns that failed get none. On the flyback grid (``warp``) the line de-jitter works in
+    scanned x, so their x prior is converted: offset u(x_prior) - u(x_fit), u(x) = x +
+    flyback shift, precision divided by (1 + slope)**2. ``info`` gains ``prior_used`` (N,)."""
     ppos, pstd = prior(out.copy(), info["pos_std"].copy())
     ppos = np.asarray(ppos, np.float64).reshape(out.shape)
     pstd = np.asarray(pstd, np.float64).reshape(len(out))
     use = info["ok"] & np.isfinite(pstd) & (pstd > 0) & np.isfinite(ppos).all(axis=1) & np.isfinite(info["pos_std"])
-    if warp is not None:
-        use[warp[0]] = False
     pi = np.where(use, 1.0 / np.where(use, pstd, 1.0) ** 2, 0.0)
     s2 = 1.0 / np.maximum(info["pos_std"], 1e-6) ** 2  # the fit's y information (pos_std: its rms of y, x)
     tot = np.where(use, s2 + pi, 1.0)
     out[:, 0] = np.where(use, (s2 * out[:, 0] + pi * np.nan_to_num(ppos[:, 0])) / tot, out[:, 0])
     info["prior_used"] = use
     info["y_std"] = np.where(use, 1.0 / np.sqrt(tot), info["pos_std"])  # the combined y's error
-    return np.where(use, np.nan_to_num(ppos[:, 1]) - out[:, 1], 0.0), pi
+    dx = np.where(use, np.nan_to_num(ppos[:, 1]) - out[:, 1], 0.0)
+    pi_x = pi.copy()
+    if warp is not None:
+        i = warp[0]
+        x, xp = out[i, 1], np.where(use[i], np.nan_to_num(ppos[i, 1]), out[i, 1])
+        dx[i] = np.where(use[i], xp + flyback.shift(xp, flyback_px) - x - flyback.shift(x, flyback_px), 0.0)
+        pi_x[i] = pi[i] / (1.0 + flyback.slope(x, flyback_px)) ** 2
+    return dx, pi_x
 
 
 def _fit_warped(res, warp, flyback_px, imgp, corner, c_pad, p, nb_off, nb_amp, centers, window, n_iter, fit_b,
