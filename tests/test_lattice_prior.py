@@ -436,3 +436,39 @@ def test_columns_on_the_flyback_grid_get_the_prior_too():
         rmse[name] = float(np.sqrt(np.mean(np.concatenate(sq))))
     print(rmse)
     assert rmse["stack"] < 0.85 * rmse["single"]
+
+
+def test_prior_without_the_line_model_on_the_flyback_grid():
+    """With ``line_jitter=False`` the prior is a second measurement of x; on the flyback grid it
+    is combined in scanned x and converted back. The columns within 25 px of the left edge, over
+    frames 4-7 of a 256 px session, come out closer than each frame alone (measured 0.249 vs
+    0.303 px), with no numpy warning (a column with no information and no prior was 0 / 0)."""
+    import warnings
+
+    from scipy.spatial import cKDTree
+
+    from simulator import Microscope, MicroscopeConfig
+    from stem_live.evaluate import match_columns
+    from stem_live.locate import estimate_spacing, locate_classical
+
+    scope = Microscope(MicroscopeConfig(preset="graphene", size=256, seed=0))
+    frames = [scope.acquire() for _ in range(8)]
+    spacing = estimate_spacing(frames[0][0].astype(np.float32))
+    lattice = LatticePrior(spacing)
+    sq: dict = {"prior": [], "alone": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for k, (img, _, truth) in enumerate(frames):
+            tp = truth.columns_px
+            radius = 0.3 * float(np.median(cKDTree(tp).query(tp, 2)[0][:, 1]))
+            for name, kw in (("prior", {"prior": lattice}), ("alone", {})):
+                cols = locate_classical(img.astype(np.float32), spacing, line_jitter=False, flyback_px=(1.0, 10.0), **kw)
+                if name == "prior":
+                    lattice.update(cols)
+                if k >= 4:
+                    ti, fi = match_columns(tp, cols.positions, radius)
+                    near = tp[ti, 1] < 25
+                    sq[name].append(np.sum((tp[ti] - cols.positions[fi])[near] ** 2, axis=1))
+    rmse = {name: float(np.sqrt(np.mean(np.concatenate(v)))) for name, v in sq.items()}
+    print(rmse)
+    assert rmse["prior"] < 0.9 * rmse["alone"]

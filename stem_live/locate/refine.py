@@ -687,7 +687,13 @@ def refine_fixed_width(
             info["line_pickup_period_lines"] = ls.pickup_period_lines
     elif prior_prec is not None:  # no line model: the prior is a second measurement of x
         pi, s2 = prior_prec, 1.0 / np.maximum(info["pos_std"], 1e-6) ** 2
-        out[:, 1] += np.where(pi > 0, pi * prior_dx / (pi + s2), 0.0)
+        if warp is not None:  # the prior is in scanned x there (``_apply_prior``): the fit's too
+            s2[warp[0]] /= (1.0 + flyback.slope(out[warp[0], 1], flyback_px)) ** 2
+        dx = np.where(pi > 0, pi * prior_dx / np.where(pi > 0, pi + s2, 1.0), 0.0)
+        if warp is not None:
+            x = out[warp[0], 1]
+            dx[warp[0]] = flyback.to_pixels(x + flyback.shift(x, flyback_px) + dx[warp[0]], flyback_px) - x
+        out[:, 1] += dx
     return out, np.where(ok, amp, np.nan), border, info
 
 
