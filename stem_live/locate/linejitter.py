@@ -135,44 +135,44 @@ def _sinusoids(y: np.ndarray, r: np.ndarray, w: np.ndarray):
 
 
 def _pickup(d: np.ndarray, seen: np.ndarray, *, min_period: float, min_cycles: float,
-            min_chi2: float, oversample: int = 4, n_refine: int = 9) -> tuple[float, np.ndarray, float]:
+            min_chi2: float, oversample: int = 4, n_refine: int = 9) -> tuple[float, float]:
     """The strongest sinusoid in the per-line values ``d`` (seen lines only): its angular
-    frequency (rad per line; 0 where the peak is not significant), its cos / sin
-    coefficients (least squares) and the peak's chi**2 against the residual scatter."""
+    frequency (rad per line; 0 where the peak is not significant) and the peak's chi**2
+    (its least-squares gain against the residual scatter)."""
     r = np.flatnonzero(seen)
     n = len(d)
     if len(r) < 4 * min_cycles:
-        return 0.0, np.zeros(2), 0.0
+        return 0.0, 0.0
     v = np.where(seen, d - d[r].mean(), 0.0)
     m = oversample * n
     power = np.abs(np.fft.rfft(v, m)) ** 2
     f = np.arange(len(power)) / m  # cycles per line
     band = (f >= min_cycles / n) & (f <= 1.0 / min_period)
     if not band.any():
-        return 0.0, np.zeros(2), 0.0
+        return 0.0, 0.0
     k = np.flatnonzero(band)[np.argmax(power[band])]
     y = v[r]
     yy = float(y @ y)
     # the periodogram's peak as a least-squares gain (2 |F|**2 / n for evenly seen lines):
     # far below the threshold, the frame has no pick-up (no refinement needed)
     gain = 2.0 * power[k] / len(r)
-    if gain / max((yy - gain) / max(len(r) - 3, 1), 1e-12) < 0.5 * min_chi2:
-        return 0.0, np.zeros(2), 0.0
+    chi2 = gain / max((yy - gain) / max(len(r) - 3, 1), 1e-12)
+    if chi2 < 0.5 * min_chi2:
+        return 0.0, float(chi2)
     # refine around the FFT bin by least squares, then a parabola through the best three
     # (bins 1 / (4 n) cycles per line apart are still ~0.8 rad of phase over the frame)
     w = 2.0 * np.pi * (f[k] + np.linspace(-1.0, 1.0, n_refine) / m)
-    ca, sa, gain = _sinusoids(y, r, w)
+    _, _, gain = _sinusoids(y, r, w)
     j = int(np.clip(np.argmax(gain), 1, n_refine - 2))
     g0, g1, g2 = gain[j - 1 : j + 2]
     curv = g0 - 2.0 * g1 + g2
     step = 0.5 * (g0 - g2) / curv if curv < 0 else 0.0
     w_best = np.array([w[j] + np.clip(step, -1.0, 1.0) * (w[1] - w[0])])
-    ca, sa, gain = _sinusoids(y, r, w_best)
-    resid = max((yy - float(gain[0])) / max(len(r) - 3, 1), 1e-12)
-    chi2 = float(gain[0]) / resid
+    _, _, gain = _sinusoids(y, r, w_best)
+    chi2 = float(gain[0]) / max((yy - float(gain[0])) / max(len(r) - 3, 1), 1e-12)
     if not np.isfinite(chi2) or chi2 < min_chi2:
-        return 0.0, np.zeros(2), chi2
-    return float(w_best[0]), np.array([ca[0], sa[0]]), chi2
+        return 0.0, chi2
+    return float(w_best[0]), chi2
 
 
 def _cg(matvec, rhs: np.ndarray, diag: np.ndarray, n_iter: int) -> np.ndarray:
@@ -278,7 +278,7 @@ def line_shifts(row_b: np.ndarray, row_a: np.ndarray, first_row: np.ndarray, n_r
     # column offsets they leave in: 18.52 for 18.6 lines on a synthetic frame, 18.59 from these)
     w_pk = 0.0
     if col_x is not None:
-        w_pk, _, _ = _pickup(d, seen, min_period=pickup_min_period, min_cycles=pickup_min_cycles,
+        w_pk, _ = _pickup(d, seen, min_period=pickup_min_period, min_cycles=pickup_min_cycles,
                              min_chi2=pickup_min_chi2)
     if not w_pk:
         return plain
