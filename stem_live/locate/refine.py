@@ -701,10 +701,18 @@ def _apply_prior(prior, out: np.ndarray, info: dict, warp, flyback_px=None) -> t
     """Ask ``prior`` where the fitted columns ``out`` (line-averaged, px) are expected; move
     each y to the precision-weighted mean of fit and prior (in place) and return the x prior
     as ``line_shifts`` takes it: (offset from the fitted x (px), precision (1 / px**2)).
-    Columns that failed get none. On the flyback grid (``warp``) the line de-jitter works in
-    scanned x, so their x prior is converted: offset u(x_prior) - u(x_fit), u(x) = x +
-    flyback shift, precision divided by (1 + slope)**2. ``info`` gains ``prior_used`` (N,)."""
-    ppos, pstd = prior(out.copy(), info["pos_std"].copy())
+    Columns that failed get none. ``info`` gains ``prior_used`` (N,).
+
+    The prior is given, and so learns, the columns on the flyback grid (``warp``) at their
+    scanned x, u(x) = x + flyback shift: the specimen's coordinate, which the columns inside
+    the frame give unchanged (a column's site is learnt mostly there: in pixels it would be
+    predicted ~1 px right of where the flyback shows it at the left edge). Their offsets are
+    then in scanned x, as the line de-jitter takes them there."""
+    seen = out.copy()
+    if warp is not None:
+        x = out[warp[0], 1]
+        seen[warp[0], 1] = x + flyback.shift(x, flyback_px)
+    ppos, pstd = prior(seen.copy(), info["pos_std"].copy())
     ppos = np.asarray(ppos, np.float64).reshape(out.shape)
     pstd = np.asarray(pstd, np.float64).reshape(len(out))
     use = info["ok"] & np.isfinite(pstd) & (pstd > 0) & np.isfinite(ppos).all(axis=1) & np.isfinite(info["pos_std"])
@@ -714,14 +722,7 @@ def _apply_prior(prior, out: np.ndarray, info: dict, warp, flyback_px=None) -> t
     out[:, 0] = np.where(use, (s2 * out[:, 0] + pi * np.nan_to_num(ppos[:, 0])) / tot, out[:, 0])
     info["prior_used"] = use
     info["y_std"] = np.where(use, 1.0 / np.sqrt(tot), info["pos_std"])  # the combined y's error
-    dx = np.where(use, np.nan_to_num(ppos[:, 1]) - out[:, 1], 0.0)
-    pi_x = pi.copy()
-    if warp is not None:
-        i = warp[0]
-        x, xp = out[i, 1], np.where(use[i], np.nan_to_num(ppos[i, 1]), out[i, 1])
-        dx[i] = np.where(use[i], xp + flyback.shift(xp, flyback_px) - x - flyback.shift(x, flyback_px), 0.0)
-        pi_x[i] = pi[i] / (1.0 + flyback.slope(x, flyback_px)) ** 2
-    return dx, pi_x
+    return np.where(use, np.nan_to_num(ppos[:, 1]) - seen[:, 1], 0.0), pi
 
 
 def _fit_warped(res, warp, flyback_px, imgp, corner, c_pad, p, nb_off, nb_amp, centers, window, n_iter, fit_b,
