@@ -279,7 +279,7 @@ def line_shifts(row_b: np.ndarray, row_a: np.ndarray, first_row: np.ndarray, n_r
     w_pk = 0.0
     if col_x is not None:
         w_pk, _ = _pickup(d, seen, min_period=pickup_min_period, min_cycles=pickup_min_cycles,
-                             min_chi2=pickup_min_chi2)
+                          min_chi2=pickup_min_chi2)
     if not w_pk:
         return plain
     # the line prior then holds the random part only: from the loose pass less its sinusoid

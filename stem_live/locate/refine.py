@@ -530,9 +530,8 @@ def refine_fixed_width(
     sinusoid in scan time that moves on along each line (``linejitter``; ``pixel_lines``,
     the scan time of one pixel in line periods, defaults to 1 / width: a flyback short
     against the line). Without a prior it is not: the free column offsets absorb most of it,
-    and the model's terms trade off against them where the windows are cut at the top and
-    bottom edges (SrTiO3 single frames 0.196 -> 0.200 px with it, 10-frame stacks 0.097 ->
-    0.090 px).
+    and with it the columns cut by the top and bottom edges got worse (cause not found;
+    SrTiO3 single frames 0.196 -> 0.200 px with it, 10-frame stacks 0.097 -> 0.090 px).
 
     ``flyback_px`` = (amplitude, decay), px: the scan's x displacement at the start of every
     line, ``amplitude * exp(-j / decay)`` at fast-scan pixel j (``stem-live calibrate``
