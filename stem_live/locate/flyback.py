@@ -49,6 +49,12 @@ def to_pixels(u: np.ndarray, flyback_px: FlybackPx, tol: float = 1e-10, max_iter
     return j
 
 
+def pixel_shift(j: np.ndarray, du: np.ndarray, flyback_px: FlybackPx) -> np.ndarray:
+    """The shift in pixels (px) that moves a point at pixel ``j`` by ``du`` in scanned x."""
+    j = np.asarray(j, dtype=np.float64)
+    return to_pixels(j + shift(j, flyback_px) + du, flyback_px) - j
+
+
 def check(flyback_px) -> FlybackPx:
     """``flyback_px`` as two floats; ValueError (saying what is expected) unless it is two finite
     numbers with decay > 0 and |amplitude| < decay (a scan that moves forward everywhere)."""

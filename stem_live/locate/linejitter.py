@@ -153,12 +153,15 @@ def _pickup(d: np.ndarray, seen: np.ndarray, *, min_period: float, min_cycles: f
     k = np.flatnonzero(band)[np.argmax(power[band])]
     y = v[r]
     yy = float(y @ y)
+
+    def chi2_of(gain: float) -> float:  # a sinusoid's gain against the scatter left about it
+        return float(gain) / max((yy - float(gain)) / max(len(r) - 3, 1), 1e-12)
+
     # the periodogram's peak as a least-squares gain (2 |F|**2 / n for evenly seen lines):
     # far below the threshold, the frame has no pick-up (no refinement needed)
-    gain = 2.0 * power[k] / len(r)
-    chi2 = gain / max((yy - gain) / max(len(r) - 3, 1), 1e-12)
+    chi2 = chi2_of(2.0 * power[k] / len(r))
     if chi2 < 0.5 * min_chi2:
-        return 0.0, float(chi2)
+        return 0.0, chi2
     # refine around the FFT bin by least squares, then a parabola through the best three
     # (bins 1 / (4 n) cycles per line apart are still ~0.8 rad of phase over the frame)
     w = 2.0 * np.pi * (f[k] + np.linspace(-1.0, 1.0, n_refine) / m)
@@ -169,7 +172,7 @@ def _pickup(d: np.ndarray, seen: np.ndarray, *, min_period: float, min_cycles: f
     step = 0.5 * (g0 - g2) / curv if curv < 0 else 0.0
     w_best = np.array([w[j] + np.clip(step, -1.0, 1.0) * (w[1] - w[0])])
     _, _, gain = _sinusoids(y, r, w_best)
-    chi2 = float(gain[0]) / max((yy - float(gain[0])) / max(len(r) - 3, 1), 1e-12)
+    chi2 = chi2_of(gain[0])
     if not np.isfinite(chi2) or chi2 < min_chi2:
         return 0.0, chi2
     return float(w_best[0]), chi2

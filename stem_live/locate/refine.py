@@ -675,9 +675,7 @@ def refine_fixed_width(
         info["line_dx"] = np.where(use, ls.col_dx + _line_at(ls.line_dx, out[:, 0], info.get("y_std", pos_std))
                                    + ls.pickup_at(out[:, 0], out[:, 1]), 0.0)
         if warp is not None:  # the line shifts are of the scanned x: in pixels where the scan is distorted
-            x = out[warp[0], 1]
-            info["line_dx"][warp[0]] = (flyback.to_pixels(x + flyback.shift(x, flyback_px) + info["line_dx"][warp[0]],
-                                                          flyback_px) - x)
+            info["line_dx"][warp[0]] = flyback.pixel_shift(out[warp[0], 1], info["line_dx"][warp[0]], flyback_px)
         out[:, 1] += info["line_dx"]
         info["line_shift_px"] = ls.line_total(0.5 * w)  # at the frame's middle column
         info["line_jitter_px"] = ls.jitter_px
@@ -690,8 +688,7 @@ def refine_fixed_width(
             s2[warp[0]] /= (1.0 + flyback.slope(out[warp[0], 1], flyback_px)) ** 2
         dx = np.where(pi > 0, pi * prior_dx / np.where(pi > 0, pi + s2, 1.0), 0.0)
         if warp is not None:
-            x = out[warp[0], 1]
-            dx[warp[0]] = flyback.to_pixels(x + flyback.shift(x, flyback_px) + dx[warp[0]], flyback_px) - x
+            dx[warp[0]] = flyback.pixel_shift(out[warp[0], 1], dx[warp[0]], flyback_px)
         out[:, 1] += dx
     return out, np.where(ok, amp, np.nan), border, info
 
