@@ -590,19 +590,27 @@ def cmd_locate(a: argparse.Namespace) -> int:
         if not np.isfinite(np.asarray(img)).all():  # before any output: no half-written file
             raise UserError(f"{a.file}: frame {k} holds NaN or infinite pixels")
 
-    def locate_one(img, prior=None):
+    def locate_one(img, prior=None, flyback_px=flyback):
         if a.locator == "unet":
             return locate_unet(img, spacing, params=params, n_classes=a.classes, threshold=net_threshold,
-                               flyback_px=flyback, prior=prior)
-        return locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold, flyback_px=flyback,
+                               flyback_px=flyback_px, prior=prior)
+        return locate_classical(img, spacing, n_classes=a.classes, threshold=a.threshold, flyback_px=flyback_px,
                                 prior=prior)
 
     tracked = None
     if a.tracked and len(stack) > 1:  # every frame with all the others as its prior (two passes)
         from .lattice_prior import locate_stack
 
+        # no calibrated flyback given: measured from the stack (the columns drift across it)
         tracked = locate_stack([np.asarray(img, dtype=np.float32) for img in stack], spacing, locate_one,
+                               fit_flyback=flyback is None,
                                progress=lambda k, n: prog.line(f"tracked: locate {k}/{n}"))
+        if flyback is None:
+            fb = tracked[0].meta.get("flyback_px")
+            prog.done()
+            print("flyback measured from the stack: none significant" if fb is None else
+                  f"flyback measured from the stack: {fb[0]:.3g} px decaying over {fb[1]:.3g} px "
+                  f"(--flyback-px {fb[0]:.3g} {fb[1]:.3g})", file=sys.stderr)
     total = 0
     for k, img in enumerate(stack):
         # with --tracked the frames are located already: only frame 0 is needed again (the overlay)
@@ -771,7 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "columns cut by the left edge are then fitted on the distorted scan")
     s.add_argument("--tracked", action="store_true",
                    help="a stack of one area: locate every frame with the lattice of all the other frames as its "
-                        "prior (two passes; more precise positions; a column that moved gets none)")
+                        "prior (two passes; more precise positions; a column that moved gets none); without "
+                        "--flyback-px the flyback is measured from the stack where it drifts")
     s.set_defaults(func=cmd_locate)
 
     s = sub.add_parser("train-locator", help="train the U-Net column locator on simulated frames (seeded)")

@@ -319,9 +319,9 @@ class _LeaveOneOut:
         return prior_pos, prior_std
 
 
-def locate_stack(images, spacing_px: float, locate, *, knot_rows: float = 8.0, link_frac: float = 0.3,
-                 floor_px: float = 0.02, outlier_sigma: float = 4.0, min_links: int = 32,
-                 progress=None) -> list[Columns]:
+def locate_stack(images, spacing_px: float, locate, *, fit_flyback: bool = False, flyback_min_chi2: float = 60.0,
+                 knot_rows: float = 8.0, link_frac: float = 0.3, floor_px: float = 0.02, outlier_sigma: float = 4.0,
+                 min_links: int = 32, progress=None) -> list[Columns]:
     """Every frame of a recorded stack of one area, located with all the *other* frames as its
     prior (the smoother a recording allows; a live session has only the frames before).
 
@@ -329,17 +329,46 @@ def locate_stack(images, spacing_px: float, locate, *, knot_rows: float = 8.0, l
     ``locate_unet`` with their options bound). Pass 1 locates the frames in order with a
     recording ``LatticePrior`` (no forgetting within the stack); pass 2 locates each frame
     again with its sites' means over the stack less its own observation. A column that
-    moved is two sites, each with the frames on its side of the move. ``progress(k, n)``
-    is called after each of the 2 x n locate calls. Returns one ``Columns`` per frame.
+    moved is two sites, each with the frames on its side of the move.
+
+    ``fit_flyback``: the scan's flyback is measured from pass 1 (the columns near the left
+    edge drift across the flyback's displacement from frame to frame: ``flyback.fit_from_sites``,
+    significant at chi**2 >= ``flyback_min_chi2``); where it is found, pass 1 is run again and
+    pass 2 follows with ``locate(image, prior=..., flyback_px=...)`` (so ``locate`` must take
+    it). For a stack whose flyback is not calibrated; every frame's ``meta["flyback_px"]`` then
+    holds the one used (None where none was found). ``progress(k, n)`` is called after each of
+    the 2 x n (3 x n with ``fit_flyback``; pass 1 again is skipped where none is found) locate
+    calls. Returns one ``Columns`` per frame.
     """
     images = list(images)
     n = len(images)
-    lattice = LatticePrior(spacing_px, knot_rows=knot_rows, link_frac=link_frac, memory_frames=max(50.0, 2.0 * n),
-                           floor_px=floor_px, outlier_sigma=outlier_sigma, min_links=min_links, record=True)
-    for k, img in enumerate(images):
-        lattice.update(locate(img, prior=lattice))
+    total = (3 if fit_flyback else 2) * n
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
         if progress is not None:
-            progress(k + 1, 2 * n)
+            progress(done, total)
+
+    def first_pass(options: dict) -> LatticePrior:
+        lattice = LatticePrior(spacing_px, knot_rows=knot_rows, link_frac=link_frac, memory_frames=max(50.0, 2.0 * n),
+                               floor_px=floor_px, outlier_sigma=outlier_sigma, min_links=min_links, record=True)
+        for img in images:
+            lattice.update(locate(img, prior=lattice, **options))
+            tick()
+        return lattice
+
+    lattice = first_pass({})
+    options: dict = {}
+    fb = None
+    if fit_flyback and n:
+        fb, _ = _stack_flyback(lattice, spacing_px, np.shape(images[0])[-1], flyback_min_chi2)
+        if fb is not None:
+            options = {"flyback_px": fb}
+            lattice = first_pass(options)
+        else:
+            done += n
     # every site's sums over the whole stack (each frame's observations in its reference
     # coordinates; a reference restart gives new ids, so sums never mix two references)
     all_ids = np.concatenate([h["ids"] for h in lattice.history]) if n else np.zeros(0, np.int64)
@@ -351,7 +380,23 @@ def locate_stack(images, spacing_px: float, locate, *, knot_rows: float = 8.0, l
     sum_wr = np.stack([np.bincount(inverse, all_w[keep] * all_r[keep, i], len(ids)) for i in range(2)], axis=1)
     out = []
     for k, img in enumerate(images):
-        out.append(locate(img, prior=_LeaveOneOut(lattice, k, (ids, sum_wr, sum_w))))
-        if progress is not None:
-            progress(n + k + 1, 2 * n)
+        cols = locate(img, prior=_LeaveOneOut(lattice, k, (ids, sum_wr, sum_w)), **options)
+        if fit_flyback:
+            cols.meta["flyback_px"] = fb
+        out.append(cols)
+        tick()
     return out
+
+
+def _stack_flyback(lattice: LatticePrior, spacing_px: float, width: int, min_chi2: float):
+    """The flyback (amplitude, decay) px from a recording lattice's history (``locate_stack``'s
+    pass 1, fitted without one), or None; and its chi**2."""
+    from .locate.flyback import fit_from_sites
+
+    hist = [h for h in lattice.history if len(h["ids"])]
+    if not hist:
+        return None, 0.0
+    cat = {key: np.concatenate([h[key] for h in hist]) for key in ("pos", "r", "w", "ids")}
+    # windows (radius ~ spacing / 2, ``classical._refine_fixed``) that the left edge does not cut
+    return fit_from_sites(cat["pos"][:, 1], cat["r"][:, 1], cat["w"], cat["ids"], min_x=0.5 * spacing_px + 1.0,
+                          max_decay=0.25 * width, min_chi2=min_chi2)

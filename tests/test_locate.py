@@ -477,6 +477,10 @@ def test_npz_and_csv_export_keep_the_line_shifts(tmp_path):
     np.testing.assert_array_equal(d["line_dx"], cols.line_dx)
     np.testing.assert_array_equal(d["line_shift_px"], cols.meta["line_shift_px"])
     assert d["line_shift_px"].shape == (192,) and (d["frame"] == 3).all()
+    assert "flyback_px" not in d.files  # only where a stack measured one
+    cols.meta["flyback_px"] = (0.81, 12.7)
+    write_columns(tmp_path / "f.npz", cols, frame=3)
+    np.testing.assert_array_equal(np.load(tmp_path / "f.npz")["flyback_px"], [0.81, 12.7])
     write_columns(tmp_path / "c.csv", cols, frame=3)
     t = np.loadtxt(tmp_path / "c.csv", delimiter=",", skiprows=1)
     averaged = np.stack([t[:, 1], t[:, 2] - t[:, 7]], axis=1)  # col_px - line_dx_px

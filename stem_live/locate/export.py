@@ -16,7 +16,8 @@ CLASS_COLOURS = np.array([[255, 80, 60], [60, 200, 255], [255, 210, 0], [120, 25
 
 def write_columns(path: Path, columns: Columns, *, frame: int | None = None) -> None:
     """``.csv`` (frame,row,col,class,intensity,confidence,border,line_dx) or ``.npz`` (one array
-    per field, and ``line_shift_px``, the x shift of every scan line, where it was measured).
+    per field, ``line_shift_px``, the x shift of every scan line, where it was measured, and
+    ``flyback_px`` (amplitude, decay) where it was measured from the stack).
     ``line_dx`` is the x shift (px) the line de-jitter added: ``col_px - line_dx`` is the
     line-averaged position."""
     path = Path(path)
@@ -26,6 +27,8 @@ def write_columns(path: Path, columns: Columns, *, frame: int | None = None) -> 
         extra = {}
         if "line_shift_px" in columns.meta:
             extra["line_shift_px"] = np.asarray(columns.meta["line_shift_px"])
+        if columns.meta.get("flyback_px") is not None:  # measured from a stack (``locate_stack``)
+            extra["flyback_px"] = np.asarray(columns.meta["flyback_px"], np.float64)
         np.savez(path, frame=fr, positions=columns.positions, klass=columns.klass, intensity=columns.intensity,
                  confidence=columns.confidence, border=columns.border, line_dx=columns.line_dx, **extra)
         return

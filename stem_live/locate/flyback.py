@@ -91,3 +91,81 @@ def reaching_columns(centers: np.ndarray, ox: np.ndarray, r: int, flyback_px: Fl
     cx = centers[idx, 1].astype(np.float64)
     xs = ox[None, :] + shift(cx[:, None] + ox[None, :], (amp, decay)) - shift(cx, (amp, decay))[:, None]
     return idx, xs.astype(np.float32)
+
+
+def fit_from_sites(x: np.ndarray, resid: np.ndarray, weight: np.ndarray, site: np.ndarray, *, min_x: float,
+                   max_decay: float, min_chi2: float = 60.0, min_obs: int = 3,
+                   decays: int = 64, n_iter: int = 3) -> tuple[FlybackPx | None, float]:
+    """The flyback from where the same sites appear across frames that drift along x.
+
+    ``x`` (M,) px: the fast-scan pixel each observation was fitted at (line-averaged, without
+    a flyback model); ``resid`` (M,) px: its x in the lattice's reference coordinates (the
+    frame's offsets taken off); ``weight`` (M,) 1 / px**2; ``site`` (M,) int: which site it is.
+    A site at scanned x u appears at pixel j with j + shift(j) = u, so across the frames its
+    reference x varies as -shift(j) about its mean: the amplitude is the least-squares slope
+    of the per-site centred ``resid`` on the centred exp(-j / decay), the decay a grid search
+    (``decays`` steps, geometric from 2 px to ``max_decay``, refined by a parabola; a best decay
+    at either end is no flyback), and j is where the site's mean puts the column, found in
+    ``n_iter`` rounds. Only observations at x >= ``min_x`` (windows the left edge does not cut:
+    their fit without the flyback is biased on its own) and sites seen at least ``min_obs``
+    times enter. Needs drift along x across the frames: a stack that stays
+    put cannot tell a site's flyback from where it is.
+
+    Returns ((amplitude, decay) px or None, chi**2 of the amplitude against the scatter left):
+    None where chi**2 < ``min_chi2`` or the result is no monotone scan (``check``)."""
+    x, r, w = (np.asarray(a, np.float64).reshape(-1) for a in (x, resid, weight))
+    site = np.asarray(site).reshape(-1)
+    keep = (site >= 0) & (w > 0) & np.isfinite(x) & np.isfinite(r) & np.isfinite(w) & (x >= min_x)
+    x, r, w, site = x[keep], r[keep], w[keep], site[keep]
+    _, inv, count = np.unique(site, return_inverse=True, return_counts=True)
+    keep = count[inv] >= min_obs
+    if keep.sum() < 2 * min_obs:
+        return None, 0.0
+    x, r, w = x[keep], r[keep], w[keep]
+    _, inv = np.unique(site[keep], return_inverse=True)
+    n_sites = int(inv.max()) + 1
+    sw = np.bincount(inv, w, n_sites)
+
+    def centred(v: np.ndarray) -> np.ndarray:  # less the site's weighted mean
+        return v - (np.bincount(inv, w * v, n_sites) / sw)[inv]
+
+    rc = centred(r)
+    # each observation's pixel as its site's mean predicts it, not as fitted: the fit's own
+    # noise would be on both sides of the regression (a stack that stays put then shows a
+    # "flyback"). The site's mean carried into the frame is its scanned x less its mean shift,
+    # xp = j + shift(j) - mean(shift), so j = xp - centred(shift(j)): solved by iterating.
+    xp = x - rc
+    grid = np.geomspace(2.0, max(float(max_decay), 3.0), int(decays))
+    dof = len(r) - n_sites - 2
+
+    def fit(j: np.ndarray, decay: float) -> tuple[float, float, float]:
+        """(residual sum of squares, amplitude, sum w e**2) for this decay at pixels j."""
+        e = centred(np.exp(-j / decay))
+        den = float(np.sum(w * e * e))
+        if not den > 0:
+            return np.inf, 0.0, 0.0
+        amp = -float(np.sum(w * rc * e)) / den
+        return float(np.sum(w * (rc + amp * e) ** 2)), amp, den
+
+    j = xp
+    for _ in range(max(1, int(n_iter))):
+        ss_grid = np.array([fit(j, d)[0] for d in grid])
+        i = int(np.argmin(ss_grid))
+        if not np.isfinite(ss_grid[i]) or dof < 1 or i in (0, len(grid) - 1):
+            # gone before the first pixels measured (an edge effect of the fit, say) or not
+            # decaying within reach (a stretch of the scan): no flyback this model can tell
+            return None, 0.0
+        # a parabola in log(decay) through the best three: the grid's steps are ~7 %
+        g0, g1, g2 = ss_grid[i - 1 : i + 2]
+        curv = g0 - 2.0 * g1 + g2
+        step = float(np.clip(0.5 * (g0 - g2) / curv, -1.0, 1.0)) if curv > 0 else 0.0
+        decay = float(grid[i] * (grid[1] / grid[0]) ** step)
+        ss, amp, den = fit(j, decay)
+        j = xp - centred(shift(j, (amp, decay)))
+    chi2 = amp * amp * den / max(ss / dof, 1e-30)
+    if not np.isfinite(chi2) or chi2 < min_chi2:
+        return None, float(chi2) if np.isfinite(chi2) else 0.0
+    try:
+        return check((amp, decay)), float(chi2)
+    except ValueError:
+        return None, float(chi2)
