@@ -380,6 +380,7 @@ class ColumnModel:
         self._located = 0
         self.lattice = None  # LatticePrior, made once the spacing is known (config.lattice_prior)
         self._flyback_warned: set[tuple[float, float]] = set()
+        self._scan_key: tuple[float, float] | None = None  # (pixel size nm, dwell us) of the measured flyback
 
     def process(self, frame: Frame, image: np.ndarray, hint_px: np.ndarray, timings: dict) -> ColumnResult:
         from dataclasses import replace as dc_replace
@@ -394,13 +395,20 @@ class ColumnModel:
         if self.config.lattice_prior and self.lattice is None:
             from .lattice_prior import LatticePrior
 
-            self.lattice = LatticePrior(self.spacing_px)
+            # without a calibration the lattice measures the flyback where the frames drift
+            self.lattice = LatticePrior(self.spacing_px, fit_flyback=self.calibration is None)
         known = self._probe_sigma_px if self._located % self.probe_refresh_frames else None
-        # a calibration's flyback: the columns cut by the left edge are fitted on the distorted scan
-        flyback = None if self.calibration is None else self._flyback(frame)
+        # the flyback (a calibration's, or the lattice's measurement): the columns cut by the
+        # left edge are fitted on the distorted scan
+        flyback = self._flyback(frame) if self.calibration is not None else self._measured_flyback(frame)
         cols = locate_classical(img, self.spacing_px, probe_sigma_px=known, flyback_px=flyback, prior=self.lattice)
         if self.lattice is not None:
             self.lattice.update(cols)
+            if flyback is None and self.lattice.flyback_px is not None:
+                amp, decay = self.lattice.flyback_px
+                log.info("flyback measured from the frames: %.3g px decaying over %.3g px (%.3g pm, %.3g us); "
+                         "the left-edge columns are fitted on it from the next frame", amp, decay,
+                         amp * frame.pixel_size_nm[1] * 1e3, decay * frame.dwell_us)
         self._located += 1
         self._probe_sigma_px = cols.meta.get("probe_sigma_px", known)
         t1 = time.perf_counter()
@@ -419,6 +427,18 @@ class ColumnModel:
         t3 = time.perf_counter()
         timings.update(locate=(t1 - t0) * 1e3, track=(t2 - t1) * 1e3, gp=(t3 - t2) * 1e3)
         return ColumnResult(cols, line_mean, line_sd, decision, jump)
+
+    def _measured_flyback(self, frame: Frame) -> tuple[float, float] | None:
+        """The lattice's flyback measurement (px), valid while the pixel size and dwell stay the
+        ones it was measured at (a change starts a new measurement)."""
+        if self.lattice is None:
+            return None
+        key = (float(frame.pixel_size_nm[1]), float(frame.dwell_us))
+        if key != self._scan_key:
+            if self._scan_key is not None:
+                self.lattice.forget_flyback()
+            self._scan_key = key
+        return self.lattice.flyback_px
 
     def _flyback(self, frame: Frame) -> tuple[float, float] | None:
         """The calibration's flyback in this frame's pixels; where a flyback was measured but

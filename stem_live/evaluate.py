@@ -79,7 +79,8 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
         flyback = load_cached(calibration).flyback_px(meta0.pixel_size_nm[1], meta0.dwell_us)
     from .lattice_prior import LatticePrior
 
-    lattice = LatticePrior(spacing)
+    # without a calibration the lattice measures the flyback as a live session does
+    lattice = LatticePrior(spacing, fit_flyback=flyback is None)
     n_true = 0
     bound2, ms = [], []
     # per locate path: columns found, matched, and every matched pair's squared error and border flag
@@ -108,7 +109,8 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
 
             bound2.append(position_crlb_px(config, truth)[ti] ** 2)
         # the same frame with the lattice of the frames before it as the prior (causal)
-        tracked = locate_classical(img, spacing, flyback_px=flyback, prior=lattice)
+        tracked = locate_classical(img, spacing, flyback_px=flyback if flyback is not None else lattice.flyback_px,
+                                   prior=lattice)
         lattice.update(tracked)
         score("tracked", tracked, tp, radius)
     sq, edge = np.concatenate(tally["single"]["sq"]), np.concatenate(tally["single"]["edge"])
@@ -129,7 +131,9 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
     out.update({"tracked_recall": round(t["match"] / max(n_true, 1), 5),
                 "tracked_precision": round(t["match"] / max(t["found"], 1), 5),
                 "tracked_rmse_px": rms(tsq), "tracked_rmse_inner_px": rms(tsq[~tedge]),
-                "tracked_rmse_second_half_px": rms(np.concatenate(t["sq"][len(frames) // 2:]))})
+                "tracked_rmse_second_half_px": rms(np.concatenate(t["sq"][len(frames) // 2:])),
+                "tracked_flyback_px": (None if lattice.flyback_px is None
+                                       else [round(float(v), 4) for v in lattice.flyback_px])})
     if calibration:
         out["flyback_px"] = None if flyback is None else [round(float(v), 4) for v in flyback]
     if bound2:

@@ -50,14 +50,16 @@ def score(found: np.ndarray, truth: np.ndarray, radius_px: float) -> tuple[float
 
 
 def _tracked(spacing_px: float) -> Callable[[np.ndarray], np.ndarray]:
-    """The classical locator with a ``LatticePrior`` that learns from every frame it locates."""
+    """The classical locator with a ``LatticePrior`` that learns from every frame it locates,
+    as the engine runs it without a calibration (looking for the flyback every few frames;
+    these frames do not drift, so it is never found and the search is paid throughout)."""
     from ..lattice_prior import LatticePrior
     from .classical import locate_classical
 
-    lattice = LatticePrior(spacing_px)
+    lattice = LatticePrior(spacing_px, fit_flyback=True)
 
     def fn(img: np.ndarray) -> np.ndarray:
-        cols = locate_classical(img, spacing_px, prior=lattice)
+        cols = locate_classical(img, spacing_px, prior=lattice, flyback_px=lattice.flyback_px)
         lattice.update(cols)
         return cols.positions
 
