@@ -555,6 +555,42 @@ def test_fit_trust_rule_keeps_uncertain_fits_only_at_the_frame_edge():
     assert good.tolist() == [True, False, True, False, False]
 
 
+@pytest.mark.parametrize("edge", ["bottom", "top", "right", "left"])
+def test_a_row_beside_columns_outside_the_frame_is_not_pushed_away(edge, monkeypatch):
+    """A honeycomb whose next row (each column's bond partner, 14 px away) is centred 3 px
+    outside the frame: the band-pass puts those tails on the edge pixel, and a model of a whole
+    column there pushed the row inside away from the edge (measured 0.114 px). The columns
+    beside one centred outside are fitted again with its fitted model: 0.008 px."""
+    import stem_live.locate.refine as refine_mod
+    from scipy.spatial import cKDTree
+    from stem_live.locate.synthetic import honeycomb, render_columns
+
+    pts = honeycomb((300, 256), 14.0, origin=(13.5, 5.0))  # rows ... 244.5 (inside), 258.5 (outside)
+    img = render_columns((300, 256), pts, sigma_px=3.0, dose=1e4, rng=1)[:256]
+    truth = pts[pts[:, 0] < 255.5]
+    axis = 0
+    if edge == "top":
+        img, truth = img[::-1], np.stack([255.0 - truth[:, 0], truth[:, 1]], axis=1)
+    elif edge in ("right", "left"):
+        img, truth, axis = img.T, truth[:, ::-1], 1
+        if edge == "left":
+            img, truth = img[:, ::-1], np.stack([truth[:, 0], 255.0 - truth[:, 1]], axis=1)
+    img = np.ascontiguousarray(img)
+    row = np.abs(np.where(edge in ("top", "left"), 255.0 - truth[:, axis], truth[:, axis]) - 244.5) < 0.1
+    inward = 1.0 if edge in ("bottom", "right") else -1.0  # towards the edge the columns outside are beyond
+    bias = {}
+    for fixed in (True, False):
+        if not fixed:
+            monkeypatch.setattr(refine_mod, "_refit_beside_outside", lambda *a, **k: None)
+        cols = locate_classical(img, 14.0, line_jitter=False)
+        _, i = cKDTree(cols.positions).query(truth[row])
+        bias[fixed] = float(np.mean(cols.positions[i, axis] - truth[row, axis]) * inward)
+    print(edge, bias)
+    assert row.sum() >= 9
+    assert abs(bias[True]) < 0.03
+    assert bias[False] < -0.08  # pushed away from the edge without the refit
+
+
 def test_fixed_width_fit_on_a_known_flyback_is_exact():
     """Isolated columns scanned with a flyback (x displacement 1 px at the line start, 10 px
     decay): with ``flyback_px`` the fit models the distorted scan and returns where each column

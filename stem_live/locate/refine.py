@@ -518,7 +518,9 @@ def refine_fixed_width(
     ``positions`` / ``amplitudes``); pass 2 re-renders the neighbours from pass 1, fixes the
     background to the median over the column and its ``n_neighbours`` nearest neighbours
     and fits amplitude and position only. Weights 1 / (model + ``var_floor``); the floor
-    defaults to a quarter of the image median (scale-invariant).
+    defaults to a quarter of the image median (scale-invariant). The columns with a neighbour
+    centred outside the frame (a tail on the edge, started as a peak on the edge pixel) are
+    fitted once more with that neighbour's model where its fit put it (``_refit_beside_outside``).
 
     With ``line_jitter`` the last pass also measures every scan line's x offset from the
     columns crossing it (``linejitter.line_shifts``) and puts each column where it appears on
@@ -647,6 +649,9 @@ def refine_fixed_width(
         if warp is not None:  # the columns near the left edge again, on the flyback-distorted grid
             _fit_warped(res, warp, flyback_px, imgp, cc, c_pad, p, nb_off, nb_amp, centers, window, int(n_iter),
                         fit_b, sums, np.float32(sigma_px), np.float32(var_floor), (h, w))
+        if k and ps == int(n_pass) - 1:  # beside the columns outside the frame, with their fitted models
+            _refit_beside_outside(res, nbr, n, centers, warp, flyback_px, imgp, cc, c_pad, window, int(n_iter), fit_b,
+                                  sums, np.float32(sigma_px), np.float32(var_floor), (h, w))
         p, border, pos_std, amp_snr = res[:4]
     if line_jitter:
         row_b, row_a = res[4][:n], res[5][:n]
@@ -719,6 +724,59 @@ def _apply_prior(prior, out: np.ndarray, info: dict, warp, flyback_px=None) -> t
     info["prior_used"] = use
     info["y_std"] = np.where(use, 1.0 / np.sqrt(tot), info["pos_std"])  # the combined y's error
     return np.where(use, np.nan_to_num(ppos[:, 1]) - seen[:, 1], 0.0), pi
+
+
+def _refit_beside_outside(res, nbr, n, centers, warp, flyback_px, imgp, corner, c_pad, window, n_iter, fit_b, sums,
+                          sigma, var_floor, shape) -> None:
+    """Fit again, in place in ``res`` (the last pass's outputs), the columns that have a column
+    centred outside the frame among their neighbours, with every neighbour's model where this
+    pass's fit put it. A column outside shows only its tail, which the band-pass puts on the
+    edge pixel: its model there, from that start, is a whole column on the edge (its tail on the
+    inside neighbour up to ~7x too bright), and pushed the row of columns along the edge away
+    from it (graphene: the bottom row 0.18 px up)."""
+    h, w = shape
+    fit = np.asarray(res[0][:n], np.float64)
+    cy, cx = centers[:, 0] + fit[:, 1], centers[:, 1] + fit[:, 2]
+    outside = (np.isfinite(fit).all(axis=1) & (fit[:, 0] > 0)
+               & ((cy < -0.5) | (cy > h - 0.5) | (cx < -0.5) | (cx > w - 0.5)))
+    if not outside.any():
+        return
+    valid = nbr < n
+    nj = np.where(valid, nbr, 0)
+    idx = np.flatnonzero(~outside & (valid & outside[nj]).any(axis=1))
+    if not len(idx):
+        return
+    nb = len(res[0])
+    p = np.asarray(res[0]).copy()
+    nb_off = np.full((nb, nbr.shape[1], 2), -1e4, np.float32)
+    nb_amp = np.zeros((nb, nbr.shape[1]), np.float32)
+    v, j = valid[idx], nj[idx]
+    nb_off[idx] = np.where(v[:, :, None], centers[j] + p[j, 1:3] - centers[idx, None, :], -1e4)
+    nb_amp[idx] = np.where(v, np.maximum(np.nan_to_num(p[j, 0]), 0.0), 0.0)
+    on_grid = np.zeros(n, bool)
+    if warp is not None:  # the ones on the flyback grid are fitted there
+        wmask = np.isin(warp[0], idx)
+        on_grid[warp[0][wmask]] = True
+        if wmask.any():
+            _fit_warped(res, (warp[0][wmask], warp[1][wmask]), flyback_px, imgp, corner, c_pad, p, nb_off, nb_amp,
+                        centers, window, n_iter, fit_b, sums, sigma, var_floor, shape)
+    idx = idx[~on_grid[idx]]
+    if not len(idx):
+        return
+    m = len(idx)
+    b = stream_bucket(m, (window, n_iter, h, w, "outside"))
+
+    def pad(a, fill):
+        out = np.full((b,) + a.shape[1:], fill, np.asarray(a).dtype)
+        out[:m] = a
+        return out
+
+    fn = _build_fixed(window, n_iter, fit_b, sums)
+    far = np.full(2, -10 * window, np.int32)
+    out = fn(imgp, pad(corner[idx], 0), pad(c_pad[idx], far), pad(p[idx], 0.0), pad(nb_off[idx], -1e4),
+             pad(nb_amp[idx], 0.0), sigma, var_floor, shape)
+    for r_, o in zip(res, out):
+        r_[idx] = np.asarray(o)[:m]
 
 
 def _fit_warped(res, warp, flyback_px, imgp, corner, c_pad, p, nb_off, nb_amp, centers, window, n_iter, fit_b,
