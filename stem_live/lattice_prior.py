@@ -296,7 +296,6 @@ class LatticePrior:
         self._seen, self._ids = self._seen[alive], self._ids[alive]
         self._frame += 1
 
-
     def _log_flyback(self, pos: np.ndarray, r: np.ndarray, w: np.ndarray, ids: np.ndarray) -> None:
         """Keep this frame's left-quarter observations and, every ``flyback_every`` frames, fit
         the flyback to the log (``flyback.fit_from_sites``); where it is significant, take it."""
