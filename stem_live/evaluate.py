@@ -65,7 +65,9 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
     of the matched true columns (``simulator.crlb``), the floor of any single-frame locator at
     that dose. ``tracked_*``: the frames again, in order, each located with the lattice of the
     frames before it as the prior (``LatticePrior``), as a live session can; the second half's
-    RMSE is the steady state (frame 0 has no prior)."""
+    RMSE is the steady state (frame 0 has no prior). ``stack_*``: the frames as one recorded
+    stack, each with all the others as its prior (``locate_stack``, as ``stem-live locate
+    --tracked``; ``stack_flyback_px`` the flyback it measured, without a calibration)."""
     from scipy.spatial import cKDTree
 
     from .locate import estimate_spacing, locate_classical
@@ -84,7 +86,7 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
     n_true = 0
     bound2, ms = [], []
     # per locate path: columns found, matched, and every matched pair's squared error and border flag
-    tally = {name: {"found": 0, "match": 0, "sq": [], "edge": []} for name in ("single", "tracked")}
+    tally = {name: {"found": 0, "match": 0, "sq": [], "edge": []} for name in ("single", "tracked", "stack")}
 
     def score(name: str, cols, tp: np.ndarray, radius: float) -> np.ndarray:
         ti, fi = match_columns(tp, cols.positions, radius)
@@ -113,6 +115,18 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
                                    prior=lattice)
         lattice.update(tracked)
         score("tracked", tracked, tp, radius)
+    # the frames as one recorded stack: each with all the others as its prior (``locate_stack``,
+    # the flyback measured from the stack unless a calibration gives it), as ``locate --tracked``
+    from functools import partial
+
+    from .lattice_prior import locate_stack
+
+    images = [np.asarray(image, dtype=np.float32) for image, _, _ in frames]
+    stack = locate_stack(images, spacing, partial(locate_classical, spacing_px=spacing, flyback_px=flyback),
+                         fit_flyback=flyback is None)
+    for cols, (_, _, truth) in zip(stack, frames):
+        tp = np.asarray(truth.columns_px)
+        score("stack", cols, tp, 0.3 * float(np.median(cKDTree(tp).query(tp, 2)[0][:, 1])))
     sq, edge = np.concatenate(tally["single"]["sq"]), np.concatenate(tally["single"]["edge"])
     n_found, n_match = tally["single"]["found"], tally["single"]["match"]
 
@@ -134,6 +148,11 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
                 "tracked_rmse_second_half_px": rms(np.concatenate(t["sq"][len(frames) // 2:])),
                 "tracked_flyback_px": (None if lattice.flyback_px is None
                                        else [round(float(v), 4) for v in lattice.flyback_px])})
+    st, fb_stack = tally["stack"], stack[0].meta.get("flyback_px") if stack else None
+    out.update({"stack_recall": round(st["match"] / max(n_true, 1), 5),
+                "stack_precision": round(st["match"] / max(st["found"], 1), 5),
+                "stack_rmse_px": rms(np.concatenate(st["sq"])),
+                "stack_flyback_px": None if fb_stack is None else [round(float(v), 4) for v in fb_stack]})
     if calibration:
         out["flyback_px"] = None if flyback is None else [round(float(v), 4) for v in flyback]
     if bound2:
