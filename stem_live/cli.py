@@ -74,7 +74,7 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
 def _sim_config(a: argparse.Namespace):
     from dataclasses import replace
 
-    from simulator import DriftConfig, MicroscopeConfig
+    from simulator import MicroscopeConfig
 
     cfg = MicroscopeConfig(preset=a.preset, size=a.size, seed=a.seed)
     if a.drift_nm_per_min is not None:
