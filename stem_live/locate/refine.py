@@ -751,7 +751,8 @@ def _refit_beside_outside(res, nbr, n, centers, warp, flyback_px, imgp, corner, 
     nb_off = np.full((nb, nbr.shape[1], 2), -1e4, np.float32)
     nb_amp = np.zeros((nb, nbr.shape[1]), np.float32)
     v, j = valid[idx], nj[idx]
-    nb_off[idx] = np.where(v[:, :, None], centers[j] + p[j, 1:3] - centers[idx, None, :], -1e4)
+    v = v & np.isfinite(p[j]).all(axis=2)  # a neighbour whose fit failed: no model (not a NaN one)
+    nb_off[idx] = np.where(v[:, :, None], centers[j] + np.nan_to_num(p[j, 1:3]) - centers[idx, None, :], -1e4)
     nb_amp[idx] = np.where(v, np.maximum(np.nan_to_num(p[j, 0]), 0.0), 0.0)
     on_grid = np.zeros(n, bool)
     if warp is not None:  # the ones on the flyback grid are fitted there
