@@ -299,7 +299,7 @@ class LatticePrior:
     def _log_flyback(self, pos: np.ndarray, r: np.ndarray, w: np.ndarray, ids: np.ndarray) -> None:
         """Keep this frame's left-quarter observations and, every ``flyback_every`` frames, fit
         the flyback to the log (``flyback.fit_from_sites``); where it is significant, take it."""
-        from .locate.flyback import fit_from_sites, shift
+        from .locate.flyback import shift
 
         x = pos[:, 1]
         width = float(np.nanmax(x)) + 1.0 if np.isfinite(x).any() else 0.0
@@ -312,8 +312,8 @@ class LatticePrior:
         width = max(e["width"] for e in self._fb_log)
         # a coarser search than a stack's (32 decays, 2 rounds: ~11 ms on 28,000 observations,
         # 1024 px frames; the full one gave the same result), every ``flyback_every`` frames only
-        fb, _ = fit_from_sites(cat["x"], cat["r"], cat["w"], cat["ids"], min_x=0.5 * self.spacing_px + 1.0,
-                               max_decay=0.25 * width, min_chi2=self.flyback_min_chi2, decays=32, n_iter=2)
+        fb, _ = _left_edge_flyback(cat["x"], cat["r"], cat["w"], cat["ids"], self.spacing_px, width,
+                                   self.flyback_min_chi2, decays=32, n_iter=2)
         if fb is None:
             return
         self.flyback_px = fb
@@ -444,12 +444,19 @@ def locate_stack(images, spacing_px: float, locate, *, fit_flyback: bool = False
 def _stack_flyback(lattice: LatticePrior, spacing_px: float, width: int, min_chi2: float):
     """The flyback (amplitude, decay) px from a recording lattice's history (``locate_stack``'s
     pass 1, fitted without one), or None; and its chi**2."""
-    from .locate.flyback import fit_from_sites
-
     hist = [h for h in lattice.history if len(h["ids"])]
     if not hist:
         return None, 0.0
     cat = {key: np.concatenate([h[key] for h in hist]) for key in ("pos", "r", "w", "ids")}
-    # windows (radius ~ spacing / 2, ``classical._refine_fixed``) that the left edge does not cut
-    return fit_from_sites(cat["pos"][:, 1], cat["r"][:, 1], cat["w"], cat["ids"], min_x=0.5 * spacing_px + 1.0,
-                          max_decay=0.25 * width, min_chi2=min_chi2)
+    return _left_edge_flyback(cat["pos"][:, 1], cat["r"][:, 1], cat["w"], cat["ids"], spacing_px, width, min_chi2)
+
+
+def _left_edge_flyback(x, r, w, ids, spacing_px: float, width: float, min_chi2: float, *, decays: int = 64,
+                       n_iter: int = 3):
+    """``flyback.fit_from_sites`` on a lattice's observations (pixel x, reference x, weight,
+    site id): only windows the left edge does not cut (radius ~ spacing / 2,
+    ``classical._refine_fixed``), decays up to a quarter of the frame ``width`` (px)."""
+    from .locate.flyback import fit_from_sites
+
+    return fit_from_sites(x, r, w, ids, min_x=0.5 * spacing_px + 1.0, max_decay=0.25 * width, min_chi2=min_chi2,
+                          decays=decays, n_iter=n_iter)

@@ -639,10 +639,7 @@ def refine_fixed_width(
             if ps == 0 and k and c0 < n:
                 nbr[real] = tree.query(pos[real], k=k + 1, distance_upper_bound=reach)[1][:, 1:]
             if k and c0 < n:  # the neighbours' model from this pass's start parameters
-                none = nbr[real] >= n  # fewer than k within reach: those get no amplitude
-                nj = np.where(none, 0, nbr[real])
-                nb_off[real] = centers[nj] + p[nj, 1:3] - centers[real, None, :]
-                nb_amp[real] = np.where(none, 0.0, np.maximum(np.nan_to_num(p[nj, 0]), 0.0))
+                nb_off[real], nb_amp[real] = _neighbour_models(np.arange(c0, real.stop), nbr, centers, p, n)
             out.append(fn(imgp, cc[cs], c_pad[cs], p[cs], nb_off[cs], nb_amp[cs], np.float32(sigma_px),
                           np.float32(var_floor), (h, w)))
         res = [np.concatenate([np.asarray(o[i]) for o in out]) for i in range(len(out[0]))]
@@ -726,6 +723,26 @@ def _apply_prior(prior, out: np.ndarray, info: dict, warp, flyback_px=None) -> t
     return np.where(use, np.nan_to_num(ppos[:, 1]) - seen[:, 1], 0.0), pi
 
 
+def _neighbour_models(rows: np.ndarray, nbr: np.ndarray, centers: np.ndarray, p: np.ndarray,
+                      n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed-width fit's neighbour model for the columns ``rows``: each neighbour's centre
+    relative to the column's window centre (``rows``, k, 2) px and its amplitude (``rows``, k),
+    from the parameters ``p`` (amp, dy, dx, bg per column). Slots with no neighbour in reach
+    (``nbr`` >= ``n``) or whose parameters are not finite (a failed fit) get amplitude 0, far away."""
+    nj = np.where(nbr[rows] < n, nbr[rows], 0)
+    have = (nbr[rows] < n) & np.isfinite(p[nj]).all(axis=2)
+    off = np.where(have[:, :, None], centers[nj] + np.nan_to_num(p[nj, 1:3]) - centers[rows, None, :], -1e4)
+    amp = np.where(have, np.maximum(np.nan_to_num(p[nj, 0]), 0.0), 0.0)
+    return off, amp
+
+
+def _pad_rows(a, b: int, fill) -> np.ndarray:
+    """``a`` padded along its first axis to ``b`` rows of ``fill`` (a compiled bucket size)."""
+    out = np.full((b,) + np.shape(a)[1:], fill, np.asarray(a).dtype)
+    out[: len(a)] = a
+    return out
+
+
 def _refit_beside_outside(res, nbr, n, centers, warp, flyback_px, imgp, corner, c_pad, window, n_iter, fit_b, sums,
                           sigma, var_floor, shape) -> None:
     """Fit again, in place in ``res`` (the last pass's outputs), the columns that have a column
@@ -742,18 +759,14 @@ def _refit_beside_outside(res, nbr, n, centers, warp, flyback_px, imgp, corner, 
     if not outside.any():
         return
     valid = nbr < n
-    nj = np.where(valid, nbr, 0)
-    idx = np.flatnonzero(~outside & (valid & outside[nj]).any(axis=1))
+    idx = np.flatnonzero(~outside & (valid & outside[np.where(valid, nbr, 0)]).any(axis=1))
     if not len(idx):
         return
     nb = len(res[0])
     p = np.asarray(res[0]).copy()
     nb_off = np.full((nb, nbr.shape[1], 2), -1e4, np.float32)
     nb_amp = np.zeros((nb, nbr.shape[1]), np.float32)
-    v, j = valid[idx], nj[idx]
-    v = v & np.isfinite(p[j]).all(axis=2)  # a neighbour whose fit failed: no model (not a NaN one)
-    nb_off[idx] = np.where(v[:, :, None], centers[j] + np.nan_to_num(p[j, 1:3]) - centers[idx, None, :], -1e4)
-    nb_amp[idx] = np.where(v, np.maximum(np.nan_to_num(p[j, 0]), 0.0), 0.0)
+    nb_off[idx], nb_amp[idx] = _neighbour_models(idx, nbr, centers, p, n)
     on_grid = np.zeros(n, bool)
     if warp is not None:  # the ones on the flyback grid are fitted there
         wmask = np.isin(warp[0], idx)
@@ -766,16 +779,10 @@ def _refit_beside_outside(res, nbr, n, centers, warp, flyback_px, imgp, corner, 
         return
     m = len(idx)
     b = stream_bucket(m, (window, n_iter, h, w, "outside"))
-
-    def pad(a, fill):
-        out = np.full((b,) + a.shape[1:], fill, np.asarray(a).dtype)
-        out[:m] = a
-        return out
-
     fn = _build_fixed(window, n_iter, fit_b, sums)
     far = np.full(2, -10 * window, np.int32)
-    out = fn(imgp, pad(corner[idx], 0), pad(c_pad[idx], far), pad(p[idx], 0.0), pad(nb_off[idx], -1e4),
-             pad(nb_amp[idx], 0.0), sigma, var_floor, shape)
+    out = fn(imgp, _pad_rows(corner[idx], b, 0), _pad_rows(c_pad[idx], b, far), _pad_rows(p[idx], b, 0.0),
+             _pad_rows(nb_off[idx], b, -1e4), _pad_rows(nb_amp[idx], b, 0.0), sigma, var_floor, shape)
     for r_, o in zip(res, out):
         r_[idx] = np.asarray(o)[:m]
 
@@ -791,9 +798,7 @@ def _fit_warped(res, warp, flyback_px, imgp, corner, c_pad, p, nb_off, nb_amp, c
     u0 = cx + flyback.shift(cx, flyback_px)  # the scanned x at each window centre
 
     def pad(a, fill):
-        out = np.full((b,) + a.shape[1:], fill, np.asarray(a).dtype)
-        out[:m] = a
-        return out
+        return _pad_rows(a, b, fill)
 
     pw = p[idx].copy()
     xa = cx + pw[:, 2]
