@@ -18,8 +18,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/stem-live demo $(ARGS)
 
+# the house rules first (ruff, import contracts in pyproject.toml), then the tests
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache .import_linter_cache

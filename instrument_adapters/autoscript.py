@@ -40,9 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
 from stem_live.protocol import Frame
-
-from .base import EndOfStream, Instrument, InstrumentError
 
 #: line flyback assumed when AutoScript cannot tell (us)
 DEFAULT_FLYBACK_US = 20.0

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
+from instrument_adapters.safety import Limits, clamp_target
 from stem_live import protocol
-from stem_live.protocol import Ack, Correction, Frame, KeyFileError, ProtocolError, ServerKeys, is_loopback
-
-from .base import EndOfStream, Instrument, InstrumentError
-from .safety import Limits, clamp_target
+from stem_live.protocol import Ack, Correction, Frame, ProtocolError
+from stem_live.security import KeyFileError, ServerKeys, is_loopback
 
 log = logging.getLogger("stem_live.bridge")
 
@@ -130,7 +130,7 @@ class Bridge:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "Bridge":
+    def start(self) -> Bridge:
         for target, name in ((self._acquire_loop, "bridge-acquire"), (self._socket_loop, "bridge-sockets")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -150,7 +150,7 @@ class Bridge:
             self._auth.stop()
             self._auth = None
 
-    def __enter__(self) -> "Bridge":
+    def __enter__(self) -> Bridge:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

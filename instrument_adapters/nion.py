@@ -18,9 +18,10 @@ Corrections move the beam in one of two ways (``correction_mode``):
 Units and axes: stem-live's beam shift is nm, ``(y, x)`` in *image* axes (rows, columns).
 ``CSH`` and ``center_nm`` live in the unrotated (context) frame, so with a scan rotation
 ``theta`` the adapter rotates: ``native = R(theta)^T @ ours`` (checked against
-``nionswift-usim``: with no rotation, CSH +x moves the image content by -x, like a beam shift
-``b`` in DESIGN.md). ``shift_matrix`` (2x2, ours -> native (y, x)) replaces that rotation
-where a microscope's CSH axes differ from its scan axes.
+``nionswift-usim``: with no rotation, CSH +x moves the image content by -x, as stem-live's beam
+shift ``b`` does: a specimen point appears displaced by ``drift - b``). ``shift_matrix`` (2x2,
+ours -> native (y, x)) replaces that rotation where a microscope's CSH axes differ from its
+scan axes.
 
 Frame metadata: pixel size from the xdata's dimensional calibrations (nm, um, A, ...); dwell
 from the frame's ``pixel_time_us``; flyback from the scan device's ``flyback_pixels`` times
@@ -50,9 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
 from stem_live.protocol import Frame
-
-from .base import EndOfStream, Instrument, InstrumentError
 
 #: line flyback assumed when the scan device does not report ``flyback_pixels`` (us)
 DEFAULT_FLYBACK_US = 10.0
@@ -333,7 +333,7 @@ class UsimSession:
                     except Exception:  # noqa: BLE001 - already closed
                         pass
 
-    def __enter__(self) -> "UsimSession":
+    def __enter__(self) -> UsimSession:
         return self
 
     def __exit__(self, *exc: object) -> None:

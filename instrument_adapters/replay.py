@@ -1,9 +1,9 @@
 """Replay a recorded stream as an :class:`Instrument` (lossless, in order).
 
 ``ReplayInstrument(path, pixel_size_nm=None, dwell_us=None, flyback_us=None, realtime=False,
-loop=False, speed=1.0)`` reads any file :func:`stem_live.record.read_frames` understands (our
+loop=False, speed=1.0)`` reads any file :func:`stem_live.io.read_frames` understands (our
 TIFF recordings, ImageJ / plain TIFF stacks, ``.npy``; options fill in or override metadata).
-Bad files and missing metadata raise :class:`stem_live.record.RecordError` at construction.
+Bad files and missing metadata raise :class:`stem_live.io.RecordError` at construction.
 
 - ``acquire()`` returns the frames in file order with ``seq`` and ``t_start`` as recorded
   (files without them: seq 0..N-1, t_start from the frame interval or the frame time), and
@@ -26,15 +26,15 @@ import argparse
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
+from stem_live.io import count_frames, read_frames
 from stem_live.protocol import Frame
-from instrument_adapters.vendor import count_frames, read_frames  # vendor files, else stem_live.record
 
 
 class ReplayInstrument(Instrument):

@@ -10,10 +10,9 @@ from dataclasses import replace
 
 import numpy as np
 
+from instrument_adapters.base import EndOfStream, Instrument
 from simulator import FrameTruth, Microscope, MicroscopeConfig
 from stem_live.protocol import Frame
-
-from .base import EndOfStream, Instrument
 
 
 class SimulatedInstrument(Instrument):

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from stem_live.monitor.window import MonitorWindow
     from stem_live.service import EngineService
 
-    app = make_app()
+    app = make_app()  # noqa: F841 - the QApplication must outlive the window
     any_ = "tcp://127.0.0.1:*"
     ctx = zmq.Context()
     cfg = MicroscopeConfig(preset="graphene", size=a.size, seed=7, drift=DriftConfig(drift_nm_per_min=30.0))

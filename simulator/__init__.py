@@ -9,12 +9,12 @@ distortion), actuator (beam shift), render (HAADF image formation + detector),
 microscope (ties them together), crlb (Cramer-Rao bound of column positions), bench
 (``python -m simulator`` timing).
 """
-from .actuator import ActuatorConfig
-from .drift import DriftConfig
-from .frame import FrameMeta, FrameTruth
-from .microscope import PRESET_DEFAULTS, Microscope, MicroscopeConfig
-from .scan import ScanConfig
-from .specimen import PRESETS, Specimen, make_specimen
+from simulator.actuator import ActuatorConfig
+from simulator.drift import DriftConfig
+from simulator.frame import FrameMeta, FrameTruth
+from simulator.microscope import PRESET_DEFAULTS, Microscope, MicroscopeConfig
+from simulator.scan import ScanConfig
+from simulator.specimen import PRESETS, Specimen, make_specimen
 
 __all__ = [
     "Microscope", "MicroscopeConfig", "DriftConfig", "ScanConfig", "ActuatorConfig",
@@ -25,5 +25,5 @@ __all__ = [
 
 def benchmark_render(size: int = 512, preset: str = "graphene", n: int = 5, seed: int = 0) -> float:
     """Time ``acquire()`` at ``size`` x ``size``; prints and returns ms per frame."""
-    from .bench import benchmark_render as _b
+    from simulator.bench import benchmark_render as _b
     return _b(size, preset=preset, n=n, seed=seed)

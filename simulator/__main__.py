@@ -1,8 +1,8 @@
 """``python -m simulator``: print render times (ms per frame)."""
 import argparse
 
-from .bench import benchmark_render
-from .specimen import PRESETS
+from simulator.bench import benchmark_render
+from simulator.specimen import PRESETS
 
 p = argparse.ArgumentParser(prog="python -m simulator", description="time the virtual STEM")
 p.add_argument("--size", type=int, nargs="+", default=[512, 1024])

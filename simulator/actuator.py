@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._util import stream_rng
+from simulator._util import stream_rng
 
 __all__ = ["ActuatorConfig", "Actuator"]
 
@@ -28,7 +28,7 @@ class ActuatorConfig:
     noise_nm: float = 0.001
 
     @classmethod
-    def ideal(cls) -> "ActuatorConfig":
+    def ideal(cls) -> ActuatorConfig:
         """Unit gain, no latency, no noise."""
         return cls(gain=1.0, latency_lines=0, latency_frames=0, noise_nm=0.0)
 

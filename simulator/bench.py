@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from .microscope import Microscope, MicroscopeConfig
+from simulator.microscope import Microscope, MicroscopeConfig
 
 
 def benchmark_render(size: int = 512, preset: str = "graphene", n: int = 5, seed: int = 0) -> float:

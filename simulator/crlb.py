@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .frame import FrameTruth
-from .microscope import MicroscopeConfig
-from .render import fwhm_to_sigma
+from simulator.frame import FrameTruth
+from simulator.microscope import MicroscopeConfig
+from simulator.render import fwhm_to_sigma
 
 __all__ = ["position_crlb_px"]
 

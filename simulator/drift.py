@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ._util import stream_rng
+from simulator._util import stream_rng
 
 __all__ = ["DriftConfig", "DriftModel"]
 
@@ -61,12 +61,12 @@ class DriftConfig:
     jump_direction_rad: float = 0.0
 
     @classmethod
-    def none(cls) -> "DriftConfig":
+    def none(cls) -> DriftConfig:
         """No drift at all: d(t) = 0."""
         return cls(drift_nm_per_min=0.0, ou_sigma_nm=0.0, jitter_amp_nm=0.0)
 
     @classmethod
-    def linear(cls, drift_nm_per_min: float = 1.0, direction_rad: float = 0.0) -> "DriftConfig":
+    def linear(cls, drift_nm_per_min: float = 1.0, direction_rad: float = 0.0) -> DriftConfig:
         """Constant velocity only (no OU, jitter or jumps)."""
         return replace(cls.none(), drift_nm_per_min=drift_nm_per_min, direction_rad=direction_rad)
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._util import stream_rng
-from .actuator import Actuator, ActuatorConfig
-from .drift import DriftConfig, DriftModel
-from .frame import FrameMeta, FrameTruth
-from .render import detect, fwhm_to_sigma, pad_points, render_sources
-from .scan import ScanConfig, ScanGeometry
-from .specimen import PRESETS, Specimen, make_specimen
+from simulator._util import stream_rng
+from simulator.actuator import Actuator, ActuatorConfig
+from simulator.drift import DriftConfig, DriftModel
+from simulator.frame import FrameMeta, FrameTruth
+from simulator.render import detect, fwhm_to_sigma, pad_points, render_sources
+from simulator.scan import ScanConfig, ScanGeometry
+from simulator.specimen import PRESETS, Specimen, make_specimen
 
 __all__ = ["MicroscopeConfig", "Microscope", "PRESET_DEFAULTS"]
 

@@ -39,7 +39,7 @@ class ScanConfig:
     line_jitter_nm: float = 0.002
 
     @classmethod
-    def none(cls) -> "ScanConfig":
+    def none(cls) -> ScanConfig:
         """A perfect scan: no distortion at all."""
         return cls(flyback_amp_nm=0.0, line_jitter_nm=0.0)
 

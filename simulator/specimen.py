@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._util import uhash
+from simulator._util import uhash
 
 __all__ = ["PRESETS", "VACANCY", "Columns", "Specimen", "make_specimen", "rot"]
 

@@ -22,13 +22,13 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
-from .protocol import Correction, Frame
-from .register import Reference, make_reference, register
+from stem_live.protocol import Correction, Frame
+from stem_live.register import Reference, make_reference, register
 
 log = logging.getLogger("stem_live.engine")
 
@@ -97,7 +97,7 @@ class Engine:
         if rvae is None and config.rvae_checkpoint:
             if config.model != "gp":
                 raise ValueError("an rVAE checkpoint needs columns: use the gp model (--model gp)")
-            from .rvae.stage import RvaeStage
+            from stem_live.rvae.stage import RvaeStage
 
             rvae = RvaeStage(config.rvae_checkpoint)
         elif rvae is not None and config.model != "gp":
@@ -163,7 +163,7 @@ class Engine:
         self._rvae_building = True
 
         def build() -> None:
-            from .rvae.stage import RvaeStage
+            from stem_live.rvae.stage import RvaeStage
 
             try:
                 new = RvaeStage(None, seed=0)
@@ -354,8 +354,8 @@ class ColumnModel:
     """Locate -> track -> drift samples -> online GP -> correction decision, for one stream."""
 
     def __init__(self, config: EngineConfig) -> None:
-        from .distortion import CorrectionPolicy, OnlineDriftGP
-        from .track import Tracker
+        from stem_live.distortion import CorrectionPolicy, OnlineDriftGP
+        from stem_live.track import Tracker
 
         self.config = config
         self.spacing_px = config.spacing_px or None
@@ -365,7 +365,7 @@ class ColumnModel:
         self.gp = OnlineDriftGP(window_frames=config.gp_window_frames, min_groups=512, max_groups=512)
         self.calibration = None
         if config.calibration:  # drift velocity as the GP's prior mean, scan scale/shear taken out of the samples
-            from .calibrate import load_cached
+            from stem_live.calibration import load_cached
 
             self.calibration = load_cached(config.calibration)
             self.gp = self.calibration.wrap_gp(self.gp)
@@ -385,7 +385,7 @@ class ColumnModel:
     def process(self, frame: Frame, image: np.ndarray, hint_px: np.ndarray, timings: dict) -> ColumnResult:
         from dataclasses import replace as dc_replace
 
-        from .locate import estimate_spacing, locate_classical
+        from stem_live.locate import estimate_spacing, locate_classical
 
         t0 = time.perf_counter()
         img = np.asarray(image, dtype=np.float32)
@@ -393,7 +393,7 @@ class ColumnModel:
             self.spacing_px = float(estimate_spacing(img))
             self.tracker.spacing_px = self.spacing_px
         if self.config.lattice_prior and self.lattice is None:
-            from .lattice_prior import LatticePrior
+            from stem_live.lattice_prior import LatticePrior
 
             # without a calibration the lattice measures the flyback where the frames drift
             self.lattice = LatticePrior(self.spacing_px, fit_flyback=self.calibration is None)
@@ -460,7 +460,7 @@ class ColumnModel:
         """Drift samples in, correction decision out (the ``gp`` stage of the timings):
         observations of the tracked columns, jump check + GP update, the model at every
         line, the policy's decision. Returns (line_mean (rows, 2), line_sd, decision, jump)."""
-        from .distortion import observations_from_columns
+        from stem_live.distortion import observations_from_columns
 
         obs = observations_from_columns(ref_px, positions_px, matched, t_start=frame.t_start,
                                         line_time_s=frame.line_time_s, dwell_s=frame.dwell_us * 1e-6,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .locate.columns import Columns
+from stem_live.locate.columns import Columns
 
 
 def _hat_weights(rows: np.ndarray, lo: float, hi: float, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +165,7 @@ class LatticePrior:
         their standard errors (N,), inf where there is no prior."""
         from scipy.spatial import cKDTree
 
-        from .track import _refine_shift_points, estimate_shift
+        from stem_live.track import _refine_shift_points, estimate_shift
 
         pos = np.asarray(positions, np.float64).reshape(-1, 2)
         std = np.asarray(pos_std, np.float64).reshape(-1)
@@ -299,7 +299,7 @@ class LatticePrior:
     def _log_flyback(self, pos: np.ndarray, r: np.ndarray, w: np.ndarray, ids: np.ndarray) -> None:
         """Keep this frame's left-quarter observations and, every ``flyback_every`` frames, fit
         the flyback to the log (``flyback.fit_from_sites``); where it is significant, take it."""
-        from .locate.flyback import shift
+        from stem_live.locate.flyback import shift
 
         x = pos[:, 1]
         width = float(np.nanmax(x)) + 1.0 if np.isfinite(x).any() else 0.0
@@ -311,7 +311,7 @@ class LatticePrior:
         cat = {k: np.concatenate([e[k] for e in self._fb_log]) for k in ("x", "r", "w", "ids")}
         width = max(e["width"] for e in self._fb_log)
         # a coarser search than a stack's (32 decays, 2 rounds: ~11 ms on 28,000 observations,
-        # 1024 px frames; the full one gave the same result), every ``flyback_every`` frames only
+        # 1024 px frames; the full one gives the same result), every ``flyback_every`` frames only
         fb, _ = _left_edge_flyback(cat["x"], cat["r"], cat["w"], cat["ids"], self.spacing_px, width,
                                    self.flyback_min_chi2, decays=32, n_iter=2)
         if fb is None:
@@ -456,7 +456,7 @@ def _left_edge_flyback(x, r, w, ids, spacing_px: float, width: float, min_chi2: 
     """``flyback.fit_from_sites`` on a lattice's observations (pixel x, reference x, weight,
     site id): only windows the left edge does not cut (radius ~ spacing / 2,
     ``classical._refine_fixed``), decays up to a quarter of the frame ``width`` (px)."""
-    from .locate.flyback import fit_from_sites
+    from stem_live.locate.flyback import fit_from_sites
 
     return fit_from_sites(x, r, w, ids, min_x=0.5 * spacing_px + 1.0, max_decay=0.25 * width, min_chi2=min_chi2,
                           decays=decays, n_iter=n_iter)

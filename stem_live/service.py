@@ -17,16 +17,17 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from . import protocol
-from .engine import Engine, FrameResult
-from .heap import SETTLE_AFTER_FRAMES, settle_heap
-from .protocol import Ack, ClientKeys, Command, Frame, Maps, ProtocolError, Reply, is_loopback
+from stem_live import protocol
+from stem_live.engine import Engine, FrameResult
+from stem_live.heap import SETTLE_AFTER_FRAMES, settle_heap
+from stem_live.protocol import Ack, Command, Frame, Maps, ProtocolError, Reply
+from stem_live.security import ClientKeys, is_loopback
 
 log = logging.getLogger("stem_live.service")
 
@@ -137,7 +138,7 @@ class Recorder:
         return self._writer is not None
 
     def start(self, path: Path) -> None:
-        from .record import StackWriter
+        from stem_live.io import StackWriter
 
         self.stop()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +235,7 @@ class EngineService:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "EngineService":
+    def start(self) -> EngineService:
         for target, name in ((self._receive_loop, "engine-recv"), (self._work_loop, "engine-work"),
                              (self._command_loop, "engine-commands"), (self._rvae_loop, "engine-rvae")):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -252,7 +253,7 @@ class EngineService:
         self._maps.close(0)
         self._rep.close(0)
 
-    def __enter__(self) -> "EngineService":
+    def __enter__(self) -> EngineService:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -421,7 +422,7 @@ class EngineService:
         dealer.connect(self.corrections_endpoint)
         t0 = time.monotonic()
         try:
-            for i in range(1000):
+            for _i in range(1000):
                 if time.monotonic() - t0 > timeout_s:
                     return False
                 corr = protocol.Correction(id=self.engine.next_correction_id(), beam_shift_nm=tuple(map(float, target)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stem_live.bench import bench_overload, machine
+from stem_live.lab.bench import bench_overload, machine
 
 
 def test_overload_counts_every_skipped_frame_and_memory_stays_flat():
@@ -21,7 +21,7 @@ def test_machine_report_names_the_cpu():
 def test_pipeline_over_sockets_keeps_up_at_a_low_rate():
     """Simulator (pre-rendered, another process) -> sockets -> engine: at an offered rate far
     below capacity every frame is processed, in order, with a latency far below the period."""
-    from stem_live.bench import bench_pipeline
+    from stem_live.lab.bench import bench_pipeline
 
     r = bench_pipeline(128, seconds=3.0, rate_hz=10.0, model="rigid", rvae=False, prerender=6)
     assert r["processed"] >= 20 and r["skipped"] <= 2
@@ -51,8 +51,8 @@ def test_locate_bench_scores_both_locators_against_the_truth():
     summary table shows every row; atomap's row says why it is missing when it is."""
     import numpy as np
 
-    from stem_live.bench import summary_table
-    from stem_live.locate.bench import bench_locate, score
+    from stem_live.lab.bench import summary_table
+    from stem_live.lab.bench_locate import bench_locate, score
 
     truth = np.array([[10.0, 10.0], [10.0, 22.0], [22.0, 10.0]])
     rec, prec, rmse = score(np.array([[10.1, 10.0], [22.0, 9.9], [40.0, 40.0]]), truth, 3.0)

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
 from instrument_adapters.bridge import Bridge
-from stem_live.protocol import is_loopback
 from instrument_adapters.safety import Limits, clamp_target
 from stem_live import protocol
 from stem_live.protocol import Ack, Correction, Frame
+from stem_live.security import is_loopback
 
 
 class FakeInstrument(Instrument):

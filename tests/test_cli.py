@@ -39,7 +39,7 @@ def _free_endpoints(n: int) -> list[str]:
 def test_demo_headless_runs_n_frames_and_summarises():
     maps, commands = _free_endpoints(2)
     # 2x the scan rate: the engine keeps up with every 128 px frame on 2 quiet cores; at 8x it
-    # skipped 2-5 of 12 (latest-frame-only live mode), 7 under a parallel load
+    # skips 2-5 of 12 (latest-frame-only live mode), 7 under a parallel load
     r = stem_live("demo", "--frames", "12", "--size", "128", "--speed", "2", "--maps-endpoint", maps,
                   "--commands-endpoint", commands)
     assert r.returncode == 0, r.stderr
@@ -157,7 +157,7 @@ def test_recorded_stream_replays_to_identical_pixels(tmp_path):
 
 def test_locate_writes_positions_and_overlay(tmp_path):
     """stem-live locate on the real graphene image: positions close to the published reference."""
-    from stem_live.evaluate import match_columns
+    from stem_live.lab.evaluate import match_columns
 
     src = Path(__file__).parent / "data" / "graphene_gb_6nm.npy"
     img = tmp_path / "g.npy"
@@ -221,13 +221,13 @@ def test_train_locator_eval_only_needs_weights_and_their_record(tmp_path):
 def test_locate_bad_file_is_one_line(tmp_path):
     bad = tmp_path / "bad.tif"
     bad.write_bytes(b"II*\x00garbage")
-    r = stem_live("locate", str(bad))
-    assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+    r = stem_live("locate", str(bad))  # the same reader and message as replay's
+    assert r.returncode == 2 and "holds no complete frame" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_match_columns_is_one_to_one():
-    from stem_live.evaluate import match_columns
+    from stem_live.lab.evaluate import match_columns
 
     truth = np.array([[0.0, 0.0], [0.0, 10.0], [0.0, 20.0]])
     found = np.array([[0.1, 0.0], [0.0, 0.5], [0.0, 10.2], [5.0, 5.0]])  # two candidates near the first
@@ -254,7 +254,7 @@ def test_locate_takes_a_known_flyback(tmp_path):
         tables[name] = np.loadtxt(out, delimiter=",", skiprows=1)[:, 1:3]
     left = tables["plain"][:, 1] < 3.0
     d, i = cKDTree(tables["flyback"]).query(tables["plain"][left])
-    kept = d < 1.0  # the others were centred outside the frame: dropped now
+    kept = d < 1.0  # the others are centred outside the frame: dropped with the flyback
     assert left.sum() >= 2 and kept.any()
     assert np.all(tables["flyback"][i[kept], 1] - tables["plain"][left][kept, 1] < -0.1)
     far = tables["plain"][:, 1] > 60

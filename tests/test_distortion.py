@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from simulator import ActuatorConfig, DriftConfig, Microscope, MicroscopeConfig, ScanConfig
-from stem_live.distortion import (CorrectionPolicy, Observations, OnlineDriftGP, dewarp,
-                                  observations_from_columns, trajectory_pca)
+from stem_live.distortion import (
+    CorrectionPolicy,
+    Observations,
+    OnlineDriftGP,
+    dewarp,
+    observations_from_columns,
+    trajectory_pca,
+)
 
 SIZE = 256
 NOISE_PX = 0.05
@@ -46,7 +52,7 @@ def fitted():
     scope, frames = _session(20)
     gp = OnlineDriftGP(window_frames=20, max_samples=4000, min_groups=1024)
     ahead = []
-    for k, (obs, tr, meta) in enumerate(frames):
+    for k, (obs, tr, _meta) in enumerate(frames):
         if k >= 5:
             mean, sd = gp.predict(tr.line_times_s)          # one frame ahead
             ahead.append((mean, sd, tr.drift_nm))
@@ -123,7 +129,7 @@ def test_jump_detected_and_relocked():
     policy = CorrectionPolicy()
     flags = []
     decisions = []
-    for k, (obs, tr, meta) in enumerate(frames):
+    for obs, _tr, meta in frames:
         flags.append(policy.observe(gp, obs))
         decisions.append(policy.correction(gp, meta.t_start + ft, ft, (0.0, 0.0)))
     assert not any(flags[:6])

@@ -124,7 +124,7 @@ def test_gp_drift_has_no_bias_while_the_field_moves_many_rows():
     built from (v x line time per row moved) drifts off by ~19 pm over this run (measured with
     the de-skew switched off: the trend check fails)."""
     from simulator import DriftConfig, Microscope, MicroscopeConfig
-    from stem_live.evaluate import frame_from_sim
+    from stem_live.lab.evaluate import frame_from_sim
 
     drift = DriftConfig(drift_nm_per_min=20.0, direction_rad=1.2)
     scope = Microscope(MicroscopeConfig(preset="graphene", size=256, seed=5, drift=drift))
@@ -150,7 +150,7 @@ def test_warm_up_leaves_no_trace_of_its_frames():
     reference, drift history or GP sample would move them), and the stream's first frame is its
     reference again."""
     from simulator import Microscope, MicroscopeConfig
-    from stem_live.evaluate import frame_from_sim
+    from stem_live.lab.evaluate import frame_from_sim
 
     def frames(seed: int, n: int) -> list[Frame]:
         scope = Microscope(MicroscopeConfig(preset="graphene", size=256, seed=seed))

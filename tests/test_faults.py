@@ -17,8 +17,7 @@ from stem_live import protocol
 from stem_live.engine import Engine
 from stem_live.protocol import Command, Frame
 from stem_live.service import EngineService
-
-from .test_cli import ENV, _free_endpoints
+from tests.test_cli import ENV, _free_endpoints
 
 MAX_EXCURSION_NM = 0.6
 

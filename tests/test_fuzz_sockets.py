@@ -18,8 +18,7 @@ from stem_live import protocol
 from stem_live.engine import Engine
 from stem_live.protocol import Command, Correction, Frame, Maps, Reply
 from stem_live.service import EngineService
-
-from .test_bridge import FakeInstrument
+from tests.test_bridge import FakeInstrument
 
 ANY = "tcp://127.0.0.1:*"
 N = 400  # bad messages per socket and strategy run

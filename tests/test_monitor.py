@@ -50,7 +50,7 @@ class Loop:
                              corrections_endpoint=self.bridge.corrections_endpoint, maps_endpoint=maps,
                              commands_endpoint=commands, context=self.ctx)
 
-    def __enter__(self) -> "Loop":
+    def __enter__(self) -> Loop:
         self.svc.start()
         time.sleep(0.2)  # let the SUB connect before the first frame
         self.bridge.start()
@@ -120,7 +120,7 @@ def test_panels_fill_from_a_live_engine(qtbot, loop, window):
     assert not window.distortion_panel.has_data and not window.latent_panel.has_data
     t, d = window.drift_panel.curves[0].getData()
     assert len(t) >= 8 and np.isfinite(d).all() and np.all(np.diff(t) >= 0)
-    qtbot.waitUntil(lambda: (m := window.last_maps).metrics.get("fps", 0) > 0, timeout=5000)
+    qtbot.waitUntil(lambda: window.last_maps.metrics.get("fps", 0) > 0, timeout=5000)
     fps = float(window.fps_label.text().split()[0])
     assert fps > 0
     assert "live" in window.conn_label.text() and "p50" in window.latency_label.text()
@@ -153,7 +153,7 @@ def test_controls_change_engine_state(qtbot, loop, window, tmp_path):
     qtbot.waitUntil(lambda: not loop.svc.recorder.active, timeout=3000)
     assert (tmp_path / "rec.tif").stat().st_size > 0
 
-    qtbot.mouseClick(ctl.train_button, Qt.LeftButton)  # not in this engine version: the refusal is shown
+    qtbot.mouseClick(ctl.train_button, Qt.LeftButton)  # this (rigid) engine has nothing to train: the refusal is shown
     qtbot.waitUntil(lambda: window.last_reply.cmd == "train", timeout=3000)
     if not window.last_reply.ok:
         assert "train" in window.reply_label.text() and window.last_reply.message in ctl.log.toPlainText()
@@ -314,7 +314,7 @@ def rvae_params():
     compiled once beforehand (the first gp frame of a process compiles for 20-40 s on 2 cores)."""
     from simulator import Microscope
     from stem_live.engine import EngineConfig
-    from stem_live.evaluate import frame_from_sim
+    from stem_live.lab.evaluate import frame_from_sim
     from stem_live.rvae.live import LiveEncoder, OnlineTrainer
     from stem_live.rvae.model import RVAEConfig, init_params
 
@@ -379,7 +379,7 @@ def _spacing(pos: np.ndarray) -> float:
 
 
 def test_gp_engine_fills_columns_gp_band_distortion_and_latents(qtbot, gp_loop, gp_window):
-    from stem_live.evaluate import match_columns
+    from stem_live.lab.evaluate import match_columns
 
     win, lp = gp_window, gp_loop
     qtbot.waitUntil(lambda: win.distortion_panel.has_data and win.drift_panel.gp is not None

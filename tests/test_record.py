@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -22,9 +23,9 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stem_live import record
+from stem_live.io import RecordError, StackWriter, count_frames, read_frames, tiff_writer
 from stem_live.protocol import Correction, Frame, encode
-from stem_live.record import RecordError, StackWriter, count_frames, read_frames, record_stream
+from stem_live.recorder import record_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("seq", "stream", "t_start", "pixel_size_nm", "dwell_us", "flyback_us", "scan_rotation_rad",
@@ -54,7 +55,7 @@ make_frame = _ns["make_frame"]
 WRITER_SRC = FRAME_SRC + '''
 import sys, time
 from pathlib import Path
-from stem_live.record import StackWriter
+from stem_live.io import StackWriter
 
 with StackWriter(Path(sys.argv[1]), fsync_interval_s=None) as w:
     for seq in range(100000):
@@ -194,7 +195,7 @@ class _FullDisk(io.FileIO):
 
 @pytest.mark.parametrize("room", [3000, 40000, 251234])
 def test_disk_full_keeps_written_frames(tmp_path, monkeypatch, room):
-    monkeypatch.setattr(record, "_open_for_writing",
+    monkeypatch.setattr(tiff_writer, "open_for_writing",
                         lambda path, overwrite: _NoFd(_FullDisk(path, room), buffer_size=4096))
     path = tmp_path / "full.tif"
     w = StackWriter(path)
@@ -222,7 +223,7 @@ def test_disk_full_keeps_written_frames(tmp_path, monkeypatch, room):
 
 
 def test_other_os_error_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(record, "_open_for_writing",
+    monkeypatch.setattr(tiff_writer, "open_for_writing",
                         lambda path, overwrite: _NoFd(_FullDisk(path, 5000, errno.EIO), 4096))
     with pytest.raises(RecordError, match="cannot write .*check the disk"):
         with StackWriter(tmp_path / "eio.tif") as w:
@@ -295,7 +296,7 @@ def test_kill_at_every_write_syscall(tmp_path, monkeypatch):
         logs.append(raw)
         return _NoFd(raw, buffer_size=8192)
 
-    monkeypatch.setattr(record, "_open_for_writing", opener)
+    monkeypatch.setattr(tiff_writer, "open_for_writing", opener)
     frames = [make_frame(s) for s in range(5)]
     done_after: list[int] = []  # number of syscalls once write(frame k) had returned
     with StackWriter(tmp_path / "log.tif") as w:
@@ -615,13 +616,13 @@ def test_record_stream_stops_after_frames_and_bad_endpoint(tmp_path):
 
 
 def test_record_cli_killed_keeps_reported_frames(tmp_path):
-    """``python -m stem_live.record`` fed by a PUB here, SIGKILLed mid-stream."""
+    """``stem-live record`` fed by a PUB here, SIGKILLed mid-stream."""
     ctx, pub, endpoint = _pub()
     path = tmp_path / "cli.tif"
-    proc = subprocess.Popen([sys.executable, "-m", "stem_live.record", endpoint, str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "stem_live.cli", "record", str(path), "--frames-endpoint", endpoint],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
     lines: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True)
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True)
     reader.start()
     reported: list[int] = []
     try:
@@ -630,12 +631,14 @@ def test_record_cli_killed_keeps_reported_frames(tmp_path):
         want = rng.randint(20, 50)
         while len(reported) < want:
             assert time.monotonic() - t0 < 15, "recorder reported too few frames"
-            assert proc.poll() is None, proc.stderr.read()
+            assert proc.poll() is None, proc.stdout.read()
             pub.send_multipart(encode(make_frame(s)))
             s += 1
             time.sleep(0.002)
             while not lines.empty():
-                reported.append(int(lines.get().split()[3]))
+                m = re.search(r"last seq (\d+)", lines.get())
+                if m:
+                    reported.append(int(m.group(1)))
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
         reader.join(5)
@@ -649,8 +652,9 @@ def test_record_cli_killed_keeps_reported_frames(tmp_path):
         proc.stderr.close()
     while not lines.empty():
         line = lines.get()
-        if line.endswith("\n"):
-            reported.append(int(line.split()[3]))
+        m = re.search(r"last seq (\d+)", line)
+        if m and line.endswith("\n"):
+            reported.append(int(m.group(1)))
     got = list(read_frames(path))
     seqs = [f.seq for f in got]
     assert seqs[:len(reported)] == reported and len(got) >= len(reported)
@@ -660,17 +664,18 @@ def test_record_cli_killed_keeps_reported_frames(tmp_path):
 
 
 def test_record_cli_bad_arguments(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "stem_live.record", "tcp://127.0.0.1:1", str(tmp_path / "x.tif"),
-                        "--frames", "0"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=20)
+    r = subprocess.run([sys.executable, "-m", "stem_live.cli", "record", str(tmp_path / "x.tif"), "--frames-endpoint",
+                        "tcp://127.0.0.1:1", "--frames", "0"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and "--frames" in r.stderr and "Traceback" not in r.stderr
     existing = tmp_path / "exists.tif"
     existing.write_bytes(b"x")
-    r = subprocess.run([sys.executable, "-m", "stem_live.record", "tcp://127.0.0.1:1", str(existing),
-                        "--timeout", "0.1"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=20)
-    assert r.returncode == 1 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "stem_live.cli", "record", str(existing), "--frames-endpoint",
+                        "tcp://127.0.0.1:1", "--timeout", "0.1"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=20)
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
     assert existing.read_bytes() == b"x"
 
 
 def test_module_imports_no_zmq():
-    code = "import sys, stem_live.record; assert 'zmq' not in sys.modules"
+    code = "import sys, stem_live.io; assert 'zmq' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), check=True, timeout=20)

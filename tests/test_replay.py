@@ -12,8 +12,8 @@ import tifffile
 
 from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
 from instrument_adapters.replay import ReplayInstrument
+from stem_live.io import RecordError, StackWriter
 from stem_live.protocol import Frame
-from stem_live.record import RecordError, StackWriter
 
 
 def frames(n: int, dt: float = 0.05, start_seq: int = 10) -> list[Frame]:

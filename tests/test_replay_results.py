@@ -15,10 +15,9 @@ from scipy.spatial import cKDTree
 from simulator import DriftConfig, Microscope, MicroscopeConfig
 from stem_live import cli
 from stem_live.engine import Engine, EngineConfig
-from stem_live.evaluate import frame_from_sim, match_columns
-from stem_live.record import StackWriter
-from stem_live.results import ResultsWriter, load_results
-
+from stem_live.io import StackWriter
+from stem_live.io.results import ResultsWriter, load_results
+from stem_live.lab.evaluate import frame_from_sim, match_columns
 
 # 128 x 256 px at 1 us dwell: 39 ms a frame, about 125 columns; 12 frames stay within the GP's
 # smallest padded size (nothing recompiles mid-replay). A 0.2 s gap between frames lets the

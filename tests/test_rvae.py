@@ -17,8 +17,7 @@ from stem_live.rvae import model as M  # noqa: E402
 from stem_live.rvae.live import LiveEncoder, OnlineTrainer  # noqa: E402
 from stem_live.rvae.maps import latent_maps  # noqa: E402
 from stem_live.rvae.patches import extract_patches, patch_trace_count  # noqa: E402
-from stem_live.rvae.train import (CheckpointError, load_checkpoint, params_bytes,  # noqa: E402
-                                  save_checkpoint, train)
+from stem_live.rvae.train import CheckpointError, load_checkpoint, params_bytes, save_checkpoint, train  # noqa: E402
 
 S = 16
 BS = 32
@@ -329,7 +328,7 @@ def test_latent_maps_paint_values_at_columns():
 
 
 def test_train_and_encode_commands(tmp_path):
-    from stem_live.rvae.commands import SourceError, encode_rvae_main, train_rvae_main
+    from stem_live.cli.rvae_sources import SourceError, encode_rvae_main, train_rvae_main
 
     rng = np.random.default_rng(5)
     raw = 100.0 + 50.0 * np.stack([render_blobs(t) for t in rng.uniform(-3, 3, 40)]) + rng.normal(0, 1, (40, S, S))
@@ -365,7 +364,7 @@ def test_train_and_encode_commands(tmp_path):
 
 
 def test_circular_corr_and_auc():
-    from stem_live.rvae.evaluation import auc, circular_corr
+    from stem_live.lab.rvae_eval import auc, circular_corr
 
     rng = np.random.default_rng(0)
     a = rng.uniform(-np.pi, np.pi, 500)

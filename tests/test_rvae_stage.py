@@ -17,12 +17,11 @@ import pytest
 
 from simulator import Microscope, MicroscopeConfig
 from stem_live.engine import Engine, EngineConfig
-from stem_live.evaluate import frame_from_sim, match_columns
+from stem_live.lab.evaluate import frame_from_sim, match_columns
 from stem_live.rvae.live import LiveEncoder, OnlineTrainer
 from stem_live.rvae.model import RVAEConfig, init_params
 from stem_live.rvae.patches import extract_patches
 from stem_live.rvae.stage import RvaeStage
-
 
 SIZE = 208
 GP = EngineConfig(model="gp", gp_window_frames=4)
@@ -77,7 +76,7 @@ def test_latents_are_index_matched_to_the_columns(params):
     eng = Engine(GP, rvae=stage)
     ref = LiveEncoder(params, BUCKETS)  # the same params, encoded outside the engine
     src = frames()
-    for k in range(3):
+    for _k in range(3):
         frame, image, truth = next(src)
         r = eng.process(frame)
         pos = r.columns.positions
@@ -129,14 +128,12 @@ def test_train_runs_in_the_background_frames_go_on_and_the_encoder_swaps(params)
     assert "started" in msg and f"{steps} steps" in msg and "version 1" in msg and "\n" not in msg
     assert "already running" in eng.train(steps)  # a second request does not start a second run
     during, versions = [], []
-    last = None
     while stage.training and len(during) < 300:
         frame, image, truth = next(src)
         r = eng.process(frame)
         if "t" not in ended:  # finished while training was still running
             during.append(r.timings_ms["total"])
             versions.append(stage.version)
-        last = (frame, image, r)
     assert stage.trainer.wait(30)
     time.sleep(0.02)
     t_train = ended["t"] - t0

@@ -11,9 +11,9 @@ import zmq
 from instrument_adapters.base import InstrumentError
 from instrument_adapters.bridge import Bridge
 from stem_live import protocol
-from stem_live.protocol import Ack, ClientKeys, Correction, ServerKeys, make_keys
-
-from .test_bridge import FakeInstrument
+from stem_live.protocol import Ack, Correction
+from stem_live.security import ClientKeys, ServerKeys, make_keys
+from tests.test_bridge import FakeInstrument
 
 
 @pytest.fixture

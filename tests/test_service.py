@@ -44,7 +44,7 @@ class Loop:
         if t is not None:
             self.apparent[frame.seq] = np.mean(np.asarray(t.drift_nm) - np.asarray(t.beam_shift_nm), axis=0)
 
-    def __enter__(self) -> "Loop":
+    def __enter__(self) -> Loop:
         self.svc.start()
         time.sleep(0.2)  # let the SUB connect before the first frame
         self.bridge.start()
@@ -120,7 +120,7 @@ def test_commands_change_engine_state_and_maps_flow():
             assert loop.command("set", gain=0.5).state["config"]["gain"] == 0.5
             assert loop.command("disarm").state["armed"] is False
             assert loop.command("reset").state["frames"] == 0
-            assert not loop.command("train").ok  # not in this version: says so, does not crash
+            assert not loop.command("train").ok  # the rigid engine has no rVAE to train: says so, does not crash
         finally:
             sub.close()
 

@@ -14,8 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
-from simulator import (PRESETS, ActuatorConfig, DriftConfig, FrameMeta, FrameTruth, Microscope,
-                       MicroscopeConfig, ScanConfig, Specimen, make_specimen)
+from simulator import (
+    PRESETS,
+    ActuatorConfig,
+    DriftConfig,
+    FrameMeta,
+    FrameTruth,
+    Microscope,
+    MicroscopeConfig,
+    ScanConfig,
+    Specimen,
+    make_specimen,
+)
 from simulator.drift import DriftModel
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from instrument_adapters import replay, vendor
-from instrument_adapters.vendor import count_frames, is_vendor_file, read_frames, read_vendor_frames
-from stem_live.record import RecordError
+from instrument_adapters import replay
+from stem_live.io import RecordError, count_frames, is_vendor_file, read_frames, read_vendor_frames, vendor
 
 DATA = Path(__file__).parent / "data" / "vendor"
 DM3 = DATA / "test_STEM_image.dm3"            # 68x68 STEM image, DigiScan tags
@@ -182,7 +181,7 @@ def test_is_vendor_file_and_dispatch_to_record(tmp_path):
     assert not any(is_vendor_file(f"a{s}") for s in (".tif", ".npy", ".h5", ""))
     npy = tmp_path / "stack.npy"
     np.save(npy, np.zeros((2, 4, 4), np.uint16))
-    frames = list(read_frames(npy, pixel_size_nm=0.1, dwell_us=1.0, flyback_us=0.0))  # stem_live.record's reader
+    frames = list(read_frames(npy, pixel_size_nm=0.1, dwell_us=1.0, flyback_us=0.0))
     assert len(frames) == 2 and count_frames(npy) == 2
     with pytest.raises(RecordError, match="not a vendor file"):
         read_vendor_frames(npy)
@@ -214,8 +213,6 @@ def test_scan_metadata_ignores_garbage():
     assert vendor.scan_metadata({"Scan": {"DwellTime": 1e-6, "LineTime": 1e-6}}, 10) == {"dwell_us": 1.0}
 
 
-@pytest.mark.skipif(replay.read_frames is not vendor.read_frames,
-                    reason="replay.py does not dispatch to instrument_adapters.vendor yet (apply the replay.py diff)")
 def test_replay_plays_vendor_files():
     inst = replay.ReplayInstrument(DM3_STACK, loop=True)
     assert len(inst) == 3
@@ -224,3 +221,20 @@ def test_replay_plays_vendor_files():
     assert frames[0].pixel_size_nm == pytest.approx((59.9829, 59.9829), rel=1e-5)
     with pytest.raises(RecordError, match="--dwell-us"):
         replay.ReplayInstrument(EMD)
+
+
+def test_locate_reads_vendor_files_through_io(tmp_path):
+    """``locate`` reads what ``replay`` reads: the same pixels as the frame reader, no scan metadata needed."""
+    from stem_live.cli import main
+    from stem_live.io import read_images
+
+    images = read_images(DM3_STACK)  # no dwell in the file: not needed for the pixels
+    frames = list(read_frames(DM3_STACK, dwell_us=1.0, flyback_us=0.0))
+    assert images.shape == (3, *frames[0].image.shape)
+    for img, f in zip(images, frames):
+        np.testing.assert_array_equal(img, f.image)
+    out = tmp_path / "cols.csv"
+    assert main(["locate", str(DM3), "--spacing-px", "8", "--out", str(out)]) == 0
+    assert out.exists() and (tmp_path / "cols.png").exists()
+    with pytest.raises(RecordError, match="does not exist"):
+        read_images(tmp_path / "missing.dm4")

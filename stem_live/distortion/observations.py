@@ -72,12 +72,12 @@ class Observations:
         return self.pos_px * np.asarray(self.pixel_size_nm, dtype=float)
 
     @classmethod
-    def empty(cls) -> "Observations":
+    def empty(cls) -> Observations:
         z = np.zeros(0)
         return cls(z, np.zeros((0, 2)), np.zeros((0, 2)), z, np.zeros(0, np.int64), z)
 
     @staticmethod
-    def concat(parts: "list[Observations]") -> "Observations":
+    def concat(parts: list[Observations]) -> Observations:
         parts = [p for p in parts if len(p)]
         if not parts:
             return Observations.empty()
@@ -87,7 +87,7 @@ class Observations:
             np.concatenate([p.frame for p in parts]), np.concatenate([p.t_line_s for p in parts]),
             parts[-1].pixel_size_nm)
 
-    def select(self, idx) -> "Observations":
+    def select(self, idx) -> Observations:
         return Observations(self.t_s[idx], self.pos_px[idx], self.disp_nm[idx], self.sigma_nm[idx],
                             self.frame[idx], self.t_line_s[idx], self.pixel_size_nm)
 

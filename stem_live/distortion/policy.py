@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .observations import Observations
+from stem_live.distortion.observations import Observations
 
 __all__ = ["CorrectionPolicy", "CorrectionDecision"]
 

@@ -3,11 +3,11 @@
 Importing this package is light: JAX is imported only when a refinement runs.
 """
 
-from .classes import IntensityClassifier, classify_intensity, learn_thresholds
-from .classical import locate_classical
-from .columns import Columns
-from .refine import refine_positions, window_for_spacing
-from .spacing import estimate_spacing
+from stem_live.locate.classes import IntensityClassifier, classify_intensity, learn_thresholds
+from stem_live.locate.classical import locate_classical
+from stem_live.locate.columns import Columns
+from stem_live.locate.refine import refine_positions, window_for_spacing
+from stem_live.locate.spacing import estimate_spacing
 
 __all__ = [
     "Columns",

@@ -8,7 +8,7 @@ so a single population is not cut in two.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

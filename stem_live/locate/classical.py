@@ -1,6 +1,6 @@
 """Classical column finding: band-pass filter, local maxima, a prominence threshold in
 noise units, non-maximum suppression, then sub-pixel refinement: a fixed-width,
-neighbour-subtracted, Poisson-weighted Gaussian fit (``refine.refine_fixed_width``; the
+neighbour-subtracted, Poisson-weighted Gaussian fit (``fixed_width.refine_fixed_width``; the
 probe width from a free fit of the brightest columns, ``refine.refine_positions``).
 
 The band-pass with its denoiser and the peak candidates are one jit'd JAX call (``_filter``),
@@ -10,12 +10,11 @@ the fit is jit'd JAX in chunks; the rest is whole-array numpy / scipy.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from .columns import Columns
-
+from stem_live.locate.columns import Columns
 
 
 @functools.lru_cache(maxsize=16)
@@ -245,7 +244,7 @@ def _subpixel(filtered: np.ndarray, pts: np.ndarray) -> np.ndarray:
 
 def locate_classical(
     image: np.ndarray,
-    spacing_px: float | None = None,
+    spacing_px: float,
     *,
     sigma_px: float | None = None,
     threshold: float = 1.0,
@@ -276,8 +275,7 @@ def locate_classical(
     Parameters
     ----------
     image : (H, W) frame (any real dtype).
-    spacing_px : nearest-neighbour column spacing in pixels; estimated from the image
-        (``estimate_spacing``) when None.
+    spacing_px : nearest-neighbour column spacing in pixels (``estimate_spacing`` measures it).
     sigma_px : column width (Gaussian sigma) used for the matched smoothing and as the
         fit's start value; default 0.15 * spacing.
     threshold : detection threshold on the prominence of a band-passed peak (its height
@@ -319,8 +317,9 @@ def locate_classical(
         width (the probe; ``probe_sigma_px`` or the median width of a free fit of the 64
         most prominent columns), its neighbours' fitted model subtracted, weights
         1 / (model + floor) (shot noise). Within ~10 % of the Cramer-Rao bound on the
-        simulator; the free-width fit ("free", the previous default) is 40-60 % above it
-        on dim columns, where width and background trade off against the position.
+        simulator; the free-width fit ("free", a Gaussian with its own width and background
+        per column) is 40-60 % above it on dim columns, where width and background trade
+        off against the position.
     probe_sigma_px : the known probe (column image) Gaussian sigma, px; None: estimated.
     keep_outside : keep columns whose refined centre is outside the frame.
     min_amp_snr : with "fixed": drop a column whose fitted amplitude is below this many
@@ -329,34 +328,37 @@ def locate_classical(
         the least amplitude SNR of the columns that measure the line jitter.
     line_jitter : with "fixed": measure every scan line's x offset from the columns
         crossing it and place each column where it appears on the line through its centre
-        (``linejitter.line_shifts``; RMSE 0.29 -> 0.21 px on the simulated graphene with its
-        default scan jitter, unchanged without jitter). ``meta`` gets ``line_jitter_px``
-        (estimated rms line offset) and ``line_shift_px`` (H,) (each line's x shift);
-        ``Columns.line_dx`` the shift added to each column (``Columns.line_averaged()``).
+        (``linejitter.line_shifts``; on the simulated graphene with its default scan jitter
+        RMSE about 0.21 px, 0.29 px with it off; no change on a frame without jitter).
+        ``meta`` gets ``line_jitter_px`` (estimated rms line offset) and ``line_shift_px``
+        (H,) (each line's x shift); ``Columns.line_dx`` the shift added to each column
+        (``Columns.line_averaged()``).
     line_pickup : with ``line_jitter`` and a ``prior``: where the frame shows periodic
         pick-up (mains hum), model it as a sinusoid in scan time, along each line too
-        (``linejitter``; 10-frame stacks 0.119 -> 0.110 px graphene, 0.097 -> 0.090 px SrTiO3);
+        (``linejitter``; on 10-frame stacks RMSE about 0.110 px graphene and 0.090 px SrTiO3,
+        0.119 / 0.097 px with it off);
         ``meta`` gets ``line_pickup_px`` (its amplitude beyond what the prior's row offsets
         follow, 0 where none was found) and ``line_pickup_period_lines``.
     flyback_px : with "fixed": the scan's known flyback, (amplitude, decay) px: x displacement
         ``amplitude * exp(-j / decay)`` at fast-scan pixel j (from ``stem-live calibrate``:
         ``flyback_amp_nm`` / pixel size, ``flyback_tau_us`` / dwell). The columns near the left
-        edge are fitted on the distorted grid (``refine.refine_fixed_width``): without it the
+        edge are fitted on the distorted grid (``fixed_width.refine_fixed_width``): without it the
         simulator's default flyback (1 px, 10 px decay) puts the columns cut by the left edge
         ~0.4-0.5 px right of where they appear, and takes some centred outside for columns
         inside. None: a regular scan.
     prior : with "fixed": where the columns are expected, from the earlier frames (a
         ``stem_live.lattice_prior.LatticePrior``, or any callable of the same signature, see
-        ``refine.refine_fixed_width``). Each fitted column is combined with it and the line
-        de-jitter measures the lines against it: RMSE 0.197 -> 0.14 px over the first 10
-        frames of the default graphene session. None: every frame on its own.
+        ``fixed_width.refine_fixed_width``). Each fitted column is combined with it and the line
+        de-jitter measures the lines against it: RMSE about 0.14 px over the first 10 frames
+        of the default graphene simulation, 0.197 px without a prior. None: every frame on its
+        own.
 
     Returns
     -------
     ``Columns``; ``meta`` holds the spacing, sigma, noise level and absolute threshold used.
     """
-    from .classes import classify_intensity
-    from .refine import refine_positions, window_for_spacing
+    from stem_live.locate.classes import classify_intensity
+    from stem_live.locate.refine import refine_positions, window_for_spacing
 
     img = np.asarray(image)
     if img.ndim != 2:
@@ -364,16 +366,12 @@ def locate_classical(
     if min(img.shape) < 8:
         raise ValueError(f"image too small for column finding: {img.shape}")
     if flyback_px is not None:
-        from .flyback import check
+        from stem_live.locate.flyback import check
 
         flyback_px = check(flyback_px)
     img = img.astype(np.float32, copy=False)
     if not np.isfinite(img).all():
         img = np.where(np.isfinite(img), img, np.nanmedian(img)).astype(np.float32)
-    if spacing_px is None:
-        from .spacing import estimate_spacing
-
-        spacing_px = estimate_spacing(img)
     spacing_px = float(spacing_px)
     if not np.isfinite(spacing_px) or spacing_px < 2.0:
         raise ValueError(f"column spacing must be >= 2 px, got {spacing_px}")
@@ -479,7 +477,8 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     position that decides inside / outside the frame), the line de-jitter's shift of every
     column (0 where the band-passed peak is kept), its meta entries and each column's nearest
     neighbours ((N, k) indices, ``refine_fixed_width``'s)."""
-    from .refine import refine_fixed_width, refine_positions
+    from stem_live.locate.fixed_width import refine_fixed_width
+    from stem_live.locate.refine import refine_positions
 
     n = len(start)
     top = np.argsort(prom)[::-1][: min(n, 64)]
@@ -510,7 +509,9 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     # inside or outside the frame: wherever the fit converged decides, even when it moved
     # further than the trust radius or is too uncertain to replace the band-passed position
     # (the band-pass, reflect-padded, pulls the tail of a column centred outside onto the
-    # edge pixel; its fit goes out by up to a spacing: SrTiO3 precision 0.9947 -> 0.9982)
+    # edge pixel; its fit goes out by up to a spacing: judging by the band-passed position
+    # instead would keep such a column in the frame as a false detection: SrTiO3 precision
+    # 0.9982, 0.9947 judged by the band-passed position)
     judge = np.where(info["ok"][:, None], pos, start)
     pos = np.where(good[:, None], pos, start)
     line_dx = np.where(good, info.get("line_dx", 0.0), 0.0)  # band-passed position kept: no shift
@@ -530,7 +531,8 @@ def _fit_trusted(info: dict, pos: np.ndarray, start: np.ndarray, border: np.ndar
     """(N,) bool: the fit replaces the band-passed peak ``start``: it converged, moved at most
     ``max_move`` px and its position standard error is at most ``max_fit_std`` px. At the frame
     edge (``border``) an uncertain fit is trusted too: the reflect padding biases the band-passed
-    peak towards the edge (SrTiO3 border RMSE 0.36 -> 0.28 px)."""
+    peak towards the edge, further than the uncertain fit is off (SrTiO3 border columns: RMSE
+    about 0.28 px with the fit, 0.36 px with the band-passed peak)."""
     moved = np.hypot(*(pos - start).T)
     return info["ok"] & (moved <= max_move) & ((info["pos_std"] <= max_fit_std) | border)
 

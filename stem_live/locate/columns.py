@@ -48,10 +48,10 @@ class Columns:
         return len(self.positions)
 
     @classmethod
-    def empty(cls) -> "Columns":
+    def empty(cls) -> Columns:
         return cls(np.zeros((0, 2)), np.zeros(0, int), np.zeros(0), np.zeros(0), np.zeros(0, bool))
 
-    def subset(self, index) -> "Columns":
+    def subset(self, index) -> Columns:
         """Columns selected by a boolean mask or an index array."""
         return Columns(
             self.positions[index],

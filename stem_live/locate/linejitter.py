@@ -15,10 +15,10 @@ information (1 / px**2). The estimate minimises
 over per-column offsets X_c and per-line shifts d_r (px, the image content's x shift on line
 r). Each X_c is eliminated (it is the weighted mean of its lines' steps less their shifts),
 which leaves a banded, positive-definite system in the d_r, solved by conjugate gradients
-(Jacobi preconditioner, sparse matrix-vector products). Alternating weighted means, used
-before, were not converged after 3 passes (slow line-shift patterns such as 50 Hz pick-up
-trade off against the column offsets): on a noise-free frame with 50 Hz jitter they left
-0.071 px, the converged solution 0.046 px. The prior variance s**2 is estimated from the frame
+(Jacobi preconditioner, sparse matrix-vector products), not by alternating weighted means:
+those are not converged after 3 passes (slow line-shift patterns such as 50 Hz pick-up trade
+off against the column offsets): on a noise-free frame with 50 Hz jitter they leave 0.071 px,
+the converged solution 0.046 px. The prior variance s**2 is estimated from the frame
 (empirical Bayes: the spread of the shifts less their noise), so a frame without jitter keeps
 its positions (d ~ 0) and a sparse frame, where lines cannot be told apart from columns, is
 shrunk towards no correction. A column centred on row y then sits at x + X_c + d_rint(y)

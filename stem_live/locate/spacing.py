@@ -36,7 +36,7 @@ def estimate_spacing(image: np.ndarray, *, min_px: float = 4.0, max_px: float | 
         return lat
     from scipy.spatial import cKDTree
 
-    from .classical import locate_classical
+    from stem_live.locate.classical import locate_classical
 
     cols = locate_classical(image, 0.5 * lat, refine=False, threshold=3.0, saturation="auto")
     if len(cols) < 8:

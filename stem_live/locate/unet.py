@@ -10,7 +10,7 @@ intensity classes as the classical locator (``classical.find_peaks``,
 The network is fully convolutional (16-32-64 channels, two 2x downsamplings), so any frame
 size works: the frame is reflect-padded to a multiple of 4 and the forward pass is one
 ``jax.jit`` call per frame shape. Weights: ``weights/unet.msgpack`` (see ``weights/MODEL.md``;
-retrain with ``python -m stem_live.locate.train_unet``).
+retrain with ``python -m stem_live.lab.train_unet``).
 
 Importing this module is light; JAX / Flax are imported on first use.
 """
@@ -18,12 +18,12 @@ Importing this module is light; JAX / Flax are imported on first use.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .columns import Columns
+from stem_live.locate.columns import Columns
 
 WEIGHTS = Path(__file__).parent / "weights" / "unet.msgpack"
 FEATURES = (16, 32, 64)
@@ -31,7 +31,7 @@ STRIDE = 2 ** (len(FEATURES) - 1)
 
 
 # ----------------------------------------------------------------------------- model
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module_class():
     import flax.linen as nn
     import jax.numpy as jnp
@@ -99,7 +99,7 @@ def load_params(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no U-Net weights at {path}: train them with "
-                                f"'python -m stem_live.locate.train_unet --out {path}'")
+                                f"'python -m stem_live.lab.train_unet --out {path}'")
     try:
         d = serialization.msgpack_restore(path.read_bytes())
     except Exception as e:  # noqa: BLE001 - any decode error means a bad file
@@ -129,7 +129,7 @@ def load_default():
     return load_params(WEIGHTS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_fn(out: int = 1):
     import jax
 
@@ -316,10 +316,19 @@ def locate_unet(
     ``Columns``; ``confidence`` is the network's probability at the peak; ``meta`` holds
     the spacing and the threshold used.
     """
-    from .classes import classify_intensity
-    from .classical import (_bilinear, _fit_trusted, _inside_frame, _merge_duplicates, _refine_fixed, _subpixel,
-                            bandpass, find_peaks, near_saturation)
-    from .refine import refine_positions, window_for_spacing
+    from stem_live.locate.classes import classify_intensity
+    from stem_live.locate.classical import (
+        _bilinear,
+        _fit_trusted,
+        _inside_frame,
+        _merge_duplicates,
+        _refine_fixed,
+        _subpixel,
+        bandpass,
+        find_peaks,
+        near_saturation,
+    )
+    from stem_live.locate.refine import refine_positions, window_for_spacing
 
     img = np.asarray(image)
     if img.ndim != 2:
@@ -331,7 +340,7 @@ def locate_unet(
     if refine_method not in ("fixed", "free"):
         raise ValueError(f"refine_method must be 'fixed' or 'free', got {refine_method!r}")
     if flyback_px is not None:
-        from .flyback import check
+        from stem_live.locate.flyback import check
 
         flyback_px = check(flyback_px)
     img = img.astype(np.float32, copy=False)

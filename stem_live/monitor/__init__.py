@@ -9,7 +9,7 @@ imported by ``import stem_live``; Qt is imported only when the monitor starts::
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 DEFAULT_MAPS = "tcp://127.0.0.1:5557"
 DEFAULT_COMMANDS = "tcp://127.0.0.1:5558"
@@ -17,13 +17,13 @@ DEFAULT_COMMANDS = "tcp://127.0.0.1:5558"
 
 def run_monitor(maps_endpoint: str = DEFAULT_MAPS, commands_endpoint: str = DEFAULT_COMMANDS) -> int:
     """Open the monitor window on these endpoints; return the exit code when it is closed."""
-    from .app import run_monitor as _run
+    from stem_live.monitor.app import run_monitor as _run
 
     return _run(maps_endpoint, commands_endpoint)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stem_live.monitor [--maps ENDPOINT] [--commands ENDPOINT]``; returns the exit code."""
-    from .app import main as _main
+    from stem_live.monitor.app import main as _main
 
     return _main(argv)

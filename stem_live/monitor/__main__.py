@@ -1,5 +1,5 @@
 import sys
 
-from . import main
+from stem_live.monitor import main
 
 sys.exit(main())

@@ -6,9 +6,9 @@ import argparse
 import os
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from . import DEFAULT_COMMANDS, DEFAULT_MAPS
+from stem_live.monitor import DEFAULT_COMMANDS, DEFAULT_MAPS
 
 
 def apply_dark_theme(app) -> None:
@@ -60,7 +60,7 @@ def run_monitor(maps_endpoint: str = DEFAULT_MAPS, commands_endpoint: str = DEFA
     from qtpy.QtCore import QTimer
 
     app = make_app()
-    from .window import MonitorWindow
+    from stem_live.monitor.window import MonitorWindow
 
     try:
         win = MonitorWindow(maps_endpoint, commands_endpoint)

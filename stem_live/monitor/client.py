@@ -21,8 +21,8 @@ from collections import deque
 import zmq
 from qtpy.QtCore import QObject, QTimer, Signal
 
-from .. import protocol
-from ..protocol import Command, Maps, ProtocolError, Reply
+from stem_live import protocol
+from stem_live.protocol import Command, Maps, ProtocolError, Reply
 
 log = logging.getLogger("stem_live.monitor")
 

@@ -9,15 +9,24 @@ import logging
 import math
 import re
 from collections import deque
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QCheckBox, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QStackedWidget, QVBoxLayout,
-                            QWidget)
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSizePolicy,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
-from ..protocol import Maps
+from stem_live.protocol import Maps
 
 log = logging.getLogger("stem_live.monitor")
 
@@ -296,7 +305,7 @@ class DriftPanel(WaitingPanel):
         self._in_legend: set[str] = set()
         self.bands = []
         self.gp_curves = []
-        for colour, name in ((Y_COLOUR, "y"), (X_COLOUR, "x")):
+        for colour, _name in ((Y_COLOUR, "y"), (X_COLOUR, "x")):
             lo = pg.PlotDataItem(pen=None)
             hi = pg.PlotDataItem(pen=None)
             qc = pg.mkColor(colour)

@@ -4,20 +4,35 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import zmq
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QCloseEvent, QFont
-from qtpy.QtWidgets import (QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
-                            QMainWindow, QPlainTextEdit, QPushButton, QSplitter, QTabWidget, QToolButton,
-                            QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMainWindow,
+    QPlainTextEdit,
+    QPushButton,
+    QSplitter,
+    QTabWidget,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
 
-from ..protocol import Command, Maps, Reply
-from .client import EngineClient
-from .panels import DistortionPanel, DriftPanel, FramePanel, LatentPanel, StatusLabel
+from stem_live.monitor.client import EngineClient
+from stem_live.monitor.panels import DistortionPanel, DriftPanel, FramePanel, LatentPanel, StatusLabel
+from stem_live.protocol import Command, Maps, Reply
 
 RECORDINGS_DIR = Path("~/stem-live-recordings")
 MAX_PENDING = 1000  # maps kept between two redraws (the engine publishes at most ~20 a second)
@@ -62,7 +77,7 @@ def rvae_text(st: Any) -> str:
 class ControlsPanel(QWidget):
     """Buttons and parameters; every action is one :class:`Command` to the engine."""
 
-    def __init__(self, window: "MonitorWindow") -> None:
+    def __init__(self, window: MonitorWindow) -> None:
         super().__init__()
         self.window = window
         lay = QVBoxLayout(self)

@@ -17,11 +17,11 @@ short lock for a memory copy; a frame never waits for training.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from .patches import BUCKETS, bucket_for
+from stem_live.rvae.patches import BUCKETS, bucket_for
 
 __all__ = ["LiveEncoder", "OnlineTrainer"]
 
@@ -64,7 +64,7 @@ class LiveEncoder:
             with self._compile_lock:
                 fn = self._compiled.get(b)
                 if fn is None:
-                    from .model import _encode_impl
+                    from stem_live.rvae.model import _encode_impl
 
                     s = self.config.patch_size
                     spec = self._jax.ShapeDtypeStruct((b, s, s), np.float32)
@@ -73,7 +73,7 @@ class LiveEncoder:
                     self.compile_count += 1
         return fn
 
-    def warmup(self) -> "LiveEncoder":
+    def warmup(self) -> LiveEncoder:
         """Compile every bucket now (a few seconds) so no frame ever waits for a compile."""
         for b in self.buckets:
             self._fn(b)
@@ -97,7 +97,7 @@ class LiveEncoder:
         More patches than the largest bucket go in chunks of it; ``between`` is called
         before every chunk after the first (the service passes a wait for its frame path to
         be idle, so that the encoder never holds up a correction by more than one chunk)."""
-        from .model import wrap_angles
+        from stem_live.rvae.model import wrap_angles
 
         params = self._params  # one read: a concurrent swap does not mix two param sets
         s = params.config.patch_size
@@ -139,7 +139,7 @@ class LiveEncoder:
         """Extract patches around ``positions_px`` (N, 2) in ``image`` and encode them
         (latents index-matched to the positions); with ``return_patches`` returns
         ``(latents, patches, masks)`` (e.g. for ``OnlineTrainer.add``)."""
-        from .patches import extract_patches
+        from stem_live.rvae.patches import extract_patches
 
         p, m = extract_patches(image, positions_px, self.config.patch_size, buckets=self.buckets)
         lat = self.encode(p, m)
@@ -238,7 +238,7 @@ class OnlineTrainer:
     def _run(self, steps: int) -> None:
         import jax
 
-        from .train import train_step_fn
+        from stem_live.rvae.train import train_step_fn
 
         try:
             step, optimizer = train_step_fn(self.lr)

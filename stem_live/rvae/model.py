@@ -113,7 +113,7 @@ class RVAEConfig:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "RVAEConfig":
+    def from_json(cls, text: str) -> RVAEConfig:
         d = json.loads(text)
         known = {f.name for f in fields(cls)}
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
@@ -383,7 +383,7 @@ def encode(params: RVAEParams, patches, mask=None, *, buckets=None) -> dict:
     Deterministic (no sampling); never changes ``params``. Batches are padded to the
     buckets of :mod:`stem_live.rvae.patches` so repeated calls do not recompile.
     """
-    from .patches import BUCKETS, bucket_for
+    from stem_live.rvae.patches import BUCKETS, bucket_for
 
     buckets = tuple(buckets or BUCKETS)
     x, m = _check_patches(params, patches, mask)

@@ -39,7 +39,7 @@ def bucket_for(n: int, buckets: tuple[int, ...] = BUCKETS) -> int:
     return buckets[-1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extractor(size: int):
     import jax
     import jax.numpy as jnp

@@ -23,12 +23,12 @@ for a new image size compiles it, about 0.5 s), a memory copy into the buffer, a
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from .patches import BUCKETS
+from stem_live.rvae.patches import BUCKETS
 
 __all__ = ["RvaeStage", "latent_arrays", "stage_buckets"]
 
@@ -60,11 +60,11 @@ class RvaeStage:
     def __init__(self, source=None, *, buffer: int = 8192, batch_size: int = 128, lr: float = 3e-4,
                  seed: int = 0, steps: int = 200, min_patches: int = 256, config=None,
                  buckets: tuple[int, ...] | None = None, warmup: bool = True, max_columns: int = 4096) -> None:
-        from .live import LiveEncoder, OnlineTrainer
-        from .model import RVAEConfig, RVAEParams, init_params
+        from stem_live.rvae.live import LiveEncoder, OnlineTrainer
+        from stem_live.rvae.model import RVAEConfig, RVAEParams, init_params
 
         if isinstance(source, (str, Path)):
-            from .train import load_checkpoint
+            from stem_live.rvae.train import load_checkpoint
 
             params, self.trained, self.origin = load_checkpoint(source), True, f"checkpoint {Path(source).name}"
         elif isinstance(source, RVAEParams):
@@ -139,7 +139,7 @@ class RvaeStage:
         Returns the latents (``angle``, ``shift``, ``content`` and their sigmas), index-matched
         to ``positions_px``, or None while the encoder is compiling or untrained. Never waits
         for training; ``between`` is called between encoder chunks (``LiveEncoder.encode``)."""
-        from .patches import extract_patches
+        from stem_live.rvae.patches import extract_patches
 
         pos = np.asarray(positions_px, dtype=np.float64).reshape(-1, 2)
         pos = pos[:0] if len(pos) and not np.isfinite(pos).all() else pos
@@ -209,7 +209,7 @@ def latent_arrays(positions_px, latents: dict, shape, step: int = 1, *, max_poin
     each pixel within half the column spacing shows its column's value, NaN elsewhere) and
     ``latent_scatter`` ((N, 2): the first two content latents; the angle stands in when there
     are fewer), at most ``max_points`` columns (evenly subsampled)."""
-    from .maps import latent_maps
+    from stem_live.rvae.maps import latent_maps
 
     step = max(1, int(step))
     pos = np.asarray(positions_px, dtype=np.float64).reshape(-1, 2)

@@ -16,8 +16,8 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -38,7 +38,7 @@ def train_step_fn(lr: float):
     import jax
     import optax
 
-    from .model import loss_fn
+    from stem_live.rvae.model import loss_fn
 
     optimizer = optax.adam(lr)
 
@@ -96,7 +96,7 @@ def train(patches, *, masks=None, epochs: int = 20, batch_size: int = 128, lr: f
     """
     import jax
 
-    from .model import RVAEConfig, init_params
+    from stem_live.rvae.model import RVAEConfig, init_params
 
     if epochs < 0 or batch_size < 1 or not (lr > 0):
         raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
@@ -196,7 +196,7 @@ def load_checkpoint(path, *, with_history: bool = False):
     """Read a checkpoint written by :func:`save_checkpoint` -> params (and history)."""
     from flax import serialization
 
-    from .model import RVAEConfig, RVAEParams, init_params
+    from stem_live.rvae.model import RVAEConfig, RVAEParams, init_params
 
     p = Path(path)
     if not p.is_file():

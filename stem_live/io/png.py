@@ -104,11 +104,11 @@ class Canvas:
         self.put((px[:, None] + ox.ravel()).ravel(), (py[:, None] + oy.ravel()).ravel(), color)
 
     def panel(self, x: int, y: int, w: int, h: int, *, xlim, ylim, title: str = "", equal: bool = False,
-              flip_y: bool = False) -> "Panel":
+              flip_y: bool = False) -> Panel:
         return Panel(self, x, y, w, h, xlim, ylim, title, equal, flip_y)
 
     def save(self, path: str | Path) -> Path:
-        from .locate.export import write_png
+        from stem_live.io.columns import write_png
 
         p = Path(path)
         write_png(p, self.rgb)

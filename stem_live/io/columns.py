@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .columns import Columns
+from stem_live.locate.columns import Columns
 
 # one colour per class (RGB), then repeated
 CLASS_COLOURS = np.array([[255, 80, 60], [60, 200, 255], [255, 210, 0], [120, 255, 120], [230, 120, 255]], np.uint8)

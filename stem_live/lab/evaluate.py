@@ -27,13 +27,13 @@ Report keys (a contract: later work adds keys, never changes these):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 
-from .engine import Engine, EngineConfig
-from .protocol import Frame
+from stem_live.engine import Engine, EngineConfig
+from stem_live.protocol import Frame
 
 
 def match_columns(truth_px: np.ndarray, found_px: np.ndarray, radius_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -70,16 +70,16 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
     --tracked``; ``stack_flyback_px`` the flyback it measured, without a calibration)."""
     from scipy.spatial import cKDTree
 
-    from .locate import estimate_spacing, locate_classical
+    from stem_live.locate import estimate_spacing, locate_classical
 
     spacing = estimate_spacing(np.asarray(frames[0][0], dtype=np.float32))
     flyback = None
     if calibration:
-        from .calibrate import load_cached
+        from stem_live.calibration import load_cached
 
         meta0 = frames[0][1]
         flyback = load_cached(calibration).flyback_px(meta0.pixel_size_nm[1], meta0.dwell_us)
-    from .lattice_prior import LatticePrior
+    from stem_live.lattice_prior import LatticePrior
 
     # without a calibration the lattice measures the flyback as a live session does
     lattice = LatticePrior(spacing, fit_flyback=flyback is None)
@@ -97,7 +97,7 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
         t["edge"].append(cols.border[fi])
         return ti
 
-    for image, meta, truth in frames:
+    for image, _meta, truth in frames:
         img = np.asarray(image, dtype=np.float32)
         t0 = time.perf_counter()
         cols = locate_classical(img, spacing, flyback_px=flyback)
@@ -119,7 +119,7 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
     # the flyback measured from the stack unless a calibration gives it), as ``locate --tracked``
     from functools import partial
 
-    from .lattice_prior import locate_stack
+    from stem_live.lattice_prior import locate_stack
 
     images = [np.asarray(image, dtype=np.float32) for image, _, _ in frames]
     stack = locate_stack(images, spacing, partial(locate_classical, spacing_px=spacing, flyback_px=flyback),
@@ -189,8 +189,7 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
     """Run one seeded simulator session through the engine; score it against truth."""
     from instrument_adapters.safety import Limits, clamp_target
     from simulator import Microscope
-
-    from .heap import SETTLE_AFTER_FRAMES, settle_heap
+    from stem_live.heap import SETTLE_AFTER_FRAMES, settle_heap
 
     scope = Microscope(config)
     engine = Engine(engine_config)

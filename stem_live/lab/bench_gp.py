@@ -1,4 +1,4 @@
-"""Timing of the online GP over a long session: ``python -m stem_live.distortion.bench``."""
+"""Timing of the online GP over a long session: ``python -m stem_live.lab.bench_gp``."""
 from __future__ import annotations
 
 import sys
@@ -19,10 +19,9 @@ def bench_gp(frames: int = 2000, size: int = 512, seed: int = 0, progress: bool 
     median / max stage time around frame 100 and over the last 100 frames, and the window size.
     """
     from simulator import DriftConfig, Microscope, MicroscopeConfig
-
-    from ..engine import ColumnModel, EngineConfig
-    from ..protocol import Frame
-    from ..heap import SETTLE_AFTER_FRAMES, settle_heap
+    from stem_live.engine import ColumnModel, EngineConfig
+    from stem_live.heap import SETTLE_AFTER_FRAMES, settle_heap
+    from stem_live.protocol import Frame
 
     scope = Microscope(MicroscopeConfig(preset="graphene", size=size, seed=seed, noise=False,
                                         drift=DriftConfig(drift_nm_per_min=3.0)))

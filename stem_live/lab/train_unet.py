@@ -1,7 +1,7 @@
 """Train the U-Net column locator (``unet.py``) on simulated frames, within a wall-clock
 budget, and evaluate it.
 
-    python -m stem_live.locate.train_unet --out stem_live/locate/weights/unet.msgpack --minutes 20
+    python -m stem_live.lab.train_unet --out stem_live/locate/weights/unet.msgpack --minutes 20
 
 Training frames are rendered on the fly by the virtual STEM (``simulator``): every preset
 (graphene, srtio3, mos2, particles), pixel sizes 5-40 pm, doses 0.05-5 x the preset default,
@@ -140,8 +140,7 @@ def detector_artefacts(rng: np.random.Generator, img: np.ndarray, target: np.nda
 def make_sample(rng: np.random.Generator, size: int = CROP):
     """One (normalised image, target) pair with detector artefacts, randomly flipped / transposed."""
     from simulator import Microscope
-
-    from .unet import normalise
+    from stem_live.locate.unet import normalise
 
     img, _, truth = Microscope(random_config(rng, size)).acquire()
     img, y = detector_artefacts(rng, img, target_map(img.shape, truth.columns_px))
@@ -178,7 +177,7 @@ def make_train_step(optimizer):
     import jax
     import optax
 
-    from .unet import make_model
+    from stem_live.locate.unet import make_model
 
     model = make_model(1)
 
@@ -206,7 +205,7 @@ def train(out_path, *, minutes: float = MINUTES, seed: int = 0, progress=print, 
     import jax
     import optax
 
-    from .unet import init_params, save_params
+    from stem_live.locate.unet import init_params, save_params
 
     t0 = time.perf_counter()
     budget = float(minutes) * 60.0
@@ -320,8 +319,7 @@ def calibrate_threshold(params=None, *, n_frames: int = 64, size: int = 256, see
     from scipy.spatial import cKDTree
 
     from simulator import Microscope
-
-    from .unet import locate_unet
+    from stem_live.locate.unet import locate_unet
 
     rng = np.random.default_rng(seed)
     per_frame = []  # F1 of every frame at every threshold
@@ -343,7 +341,7 @@ def calibrate_threshold(params=None, *, n_frames: int = 64, size: int = 256, see
     # columns drown the false positives of a sparse nanoparticle field
     f1 = np.mean(per_frame, axis=0)
     best = float(thresholds[int(np.argmax(f1))])
-    progress("  threshold calibration (F1, %d held-out frames): " % n_frames
+    progress(f"  threshold calibration (F1, {n_frames} held-out frames): "
              + ", ".join(f"{th:g}: {f:.4f}" for th, f in zip(thresholds, f1)) + f"; best {best:g}")
     return {"thresholds": [float(t) for t in thresholds], "f1": [float(f) for f in f1], "best": best}
 
@@ -368,7 +366,7 @@ def evaluate(params=None, *, threshold: float | None = None, seeds=(0, 1), progr
     """Held-out simulator frames (512x512, each preset at its default pixel size, dose and
     scan; seeds EVAL_SEED0 + s) and the real graphene image, at the detection ``threshold``
     (default ``unet.THRESHOLD``)."""
-    from .unet import THRESHOLD, locate_unet
+    from stem_live.locate.unet import THRESHOLD, locate_unet
 
     threshold = THRESHOLD if threshold is None else float(threshold)
 
@@ -430,7 +428,7 @@ def write_model_card(path: Path, m: dict) -> None:
         "  wall-clock budget.",
         f"- Seed {m['seed']}, batch {m['batch']} x {m['crop']}x{m['crop']}, {m['steps']} steps in "
         f"{m['train_minutes']} min on the 2-core CPU (shared with other jobs); final loss {m['final_loss']:.4f}.",
-        "- Reproduce: `python -m stem_live.locate.train_unet --out stem_live/locate/weights/unet.msgpack"
+        "- Reproduce: `python -m stem_live.lab.train_unet --out stem_live/locate/weights/unet.msgpack"
         f" --minutes {m.get('budget_minutes', m['train_minutes'])} --seed {m['seed']}`",
         "",
         "## Evaluation (held-out simulator seeds >= 1e6, 512x512, preset default pixel size, dose, scan)",
@@ -465,7 +463,7 @@ def write_model_card(path: Path, m: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stem_live.locate.train_unet",
+    ap = argparse.ArgumentParser(prog="python -m stem_live.lab.train_unet",
                                  description="train the U-Net column locator on simulated frames")
     ap.add_argument("--out", default=str(Path(__file__).parent / "weights" / "unet.msgpack"),
                     help="weights file to write (msgpack); MODEL.md is written next to it")
@@ -493,7 +491,7 @@ def main(argv=None) -> int:
 
 def reevaluate(out: Path) -> int:
     """``--eval-only``: the training record of ``out``'s metrics.json kept, its "eval" redone."""
-    from .unet import load_params
+    from stem_live.locate.unet import load_params
 
     metrics_path = out.with_name("metrics.json")
     try:

@@ -5,7 +5,7 @@ A *source* is one of:
 - a simulator preset name (``graphene``, ``particles``, ...): ``frames`` seeded frames of
   ``size`` px; columns at the simulator's true positions;
 - a recording or image: a TIFF stack, ImageJ TIFF or ``.npy`` (N, H, W) / (H, W), read with
-  ``stem_live.record.read_frames``; columns from ``stem_live.locate.locate_classical``
+  ``stem_live.io.read_frames``; columns from ``stem_live.locate.locate_classical``
   (spacing estimated unless ``spacing_px`` is given);
 - a patch stack ``.npy`` (N, S, S) with S <= 128 (``kind="frames"`` reads it as frames) or an ``.npz``
   holding ``patches`` (or ``x``, ``images``, ``data``, or its only 3-D array), optionally
@@ -18,8 +18,8 @@ Every error a user can cause raises :class:`SourceError` or
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -78,7 +78,7 @@ def _load_patch_file(p: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _frames_from_file(p: Path, frames: int | None):
-    from stem_live.record import RecordError, read_frames
+    from stem_live.io import RecordError, read_frames
 
     try:
         it = read_frames(p, pixel_size_nm=1.0, dwell_us=1.0, flyback_us=0.0)
@@ -112,8 +112,7 @@ def load_source(source, *, patch_size: int = 32, frames: int | None = None, size
     """Patches (N, S, S), masks, and where they come from: ``positions`` (N, 2) px and
     ``frame`` (N,) index (both None for a patch stack), ``truth`` (simulator) and ``what``."""
     from simulator import PRESETS
-
-    from .patches import extract_patches
+    from stem_live.rvae.patches import extract_patches
 
     say = progress or (lambda _m: None)
     if kind not in ("auto", "patches", "frames", "sim"):
@@ -179,8 +178,8 @@ def train_rvae_main(source, out_path, *, epochs: int = 20, batch_size: int = 128
 
     Further keyword arguments go to :class:`~stem_live.rvae.model.RVAEConfig` (e.g.
     ``canvas_size``, ``decoder_hidden``, ``encoder_features``)."""
-    from .model import RVAEConfig
-    from .train import CheckpointError, save_checkpoint, train
+    from stem_live.rvae.model import RVAEConfig
+    from stem_live.rvae.train import CheckpointError, save_checkpoint, train
 
     if out_path is None or str(out_path).strip() == "":
         raise CheckpointError("an output path is required (e.g. --out rvae.msgpack)")
@@ -213,8 +212,8 @@ def encode_rvae_main(source, checkpoint, out_npz, *, frames: int | None = None, 
                      progress: Callable[[str], None] | None = print) -> dict:
     """Encode ``source`` with a checkpoint; write ``out_npz`` with angle, angle_sigma, shift,
     shift_sigma, content, content_sigma (and positions, frame where known)."""
-    from .live import LiveEncoder
-    from .train import load_checkpoint
+    from stem_live.rvae.live import LiveEncoder
+    from stem_live.rvae.train import load_checkpoint
 
     if out_npz is None or str(out_npz).strip() == "":
         raise SourceError("an output path is required (e.g. --out latents.npz)")

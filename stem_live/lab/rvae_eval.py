@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -69,8 +69,7 @@ def auc(scores, labels) -> float:
 def simulated_patches(preset: str, seeds, *, size: int = 1024, patch_size: int = 32, **config):
     """Patches around the true columns of one frame per seed: (patches, masks, truths)."""
     from simulator import Microscope, MicroscopeConfig
-
-    from .patches import extract_patches
+    from stem_live.rvae.patches import extract_patches
 
     ps, ms, truths = [], [], []
     for sd in seeds:
@@ -111,8 +110,8 @@ def eval_particles(seed: int = 0, train_seconds: float = 300.0, *, frames: int =
                    progress: Callable[[str], None] | None = None) -> dict:
     """Train on ``frames`` seeded particle frames for at most ``train_seconds`` (and
     ``epochs``), score the angle on a held-out frame. Returns report keys."""
-    from .live import LiveEncoder
-    from .train import train
+    from stem_live.rvae.live import LiveEncoder
+    from stem_live.rvae.train import train
 
     train_seconds = min(float(train_seconds), 300.0)
     base = 1000 * int(seed)
@@ -143,8 +142,8 @@ def eval_dopants(seed: int = 0, *, si_fraction: float = 0.03, frames: int = 2, s
                  progress: Callable[[str], None] | None = None) -> dict:
     """Graphene with Si dopants: train on ``frames`` frames, AUC of the best content latent
     separating Si-centred from C-centred patches on a held-out frame."""
-    from .live import LiveEncoder
-    from .train import train
+    from stem_live.rvae.live import LiveEncoder
+    from stem_live.rvae.train import train
 
     base = 1000 * int(seed)
     cfg = {"si_fraction": si_fraction}
@@ -185,9 +184,9 @@ def bench_rvae(*, batch: int = 1024, train_patches: int = 10_000, train_epochs: 
     """
     import jax
 
-    from .live import LiveEncoder
-    from .model import RVAEConfig, init_params
-    from .train import train, train_step_fn
+    from stem_live.rvae.live import LiveEncoder
+    from stem_live.rvae.model import RVAEConfig, init_params
+    from stem_live.rvae.train import train, train_step_fn
 
     say = progress or (lambda _m: None)
     params = init_params(RVAEConfig(), seed)

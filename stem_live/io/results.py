@@ -65,7 +65,7 @@ class FrameRecord:
 def frame_record(frame, result, engine) -> FrameRecord:
     """The results of one frame processed by a gp-model ``engine`` (call right after
     ``engine.process``: the drift model is read as it is after this frame)."""
-    from .distortion.dewarp import undistort_positions
+    from stem_live.distortion.dewarp import undistort_positions
 
     gp = engine.drift_model
     if gp is None or result.line_drift_nm is None or result.columns is None:

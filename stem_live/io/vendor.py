@@ -2,9 +2,8 @@
 
 :func:`read_vendor_frames` turns the 2-D images in a vendor file (one image or a stack) into
 :class:`~stem_live.protocol.Frame` objects for replay and calibration; :func:`is_vendor_file`
-says whether a path is one of these formats (by its suffix). :func:`read_frames` and
-:func:`count_frames` dispatch: vendor files here, everything else to :mod:`stem_live.record`,
-so a caller (``ReplayInstrument``) needs one import to read both.
+says whether a path is one of these formats (by its suffix). :func:`stem_live.io.read_frames`
+and :func:`stem_live.io.count_frames` dispatch vendor files here.
 
 Formats (RosettaSciIO plug-in): ``.dm3`` / ``.dm4`` Gatan DigitalMicrograph
 (``digitalmicrograph``), ``.emd`` Velox or NCEM EMD (``emd``), ``.ser`` / ``.emi`` FEI TIA
@@ -28,10 +27,10 @@ What is read, where a file has it (everything else: options or a JSON sidecar, b
 
 These fields are looked up in the file's original metadata wherever it is kept, so a
 HyperSpy file saved from a Velox or DM file is read the same way. As in
-:func:`stem_live.record.read_frames`, a JSON sidecar ``<file>.json`` / ``<stem>.json`` fills in
+:func:`stem_live.io.read_frames`, a JSON sidecar ``<file>.json`` / ``<stem>.json`` fills in
 or overrides the file, and keyword options (``--pixel-size-nm``, ``--dwell-us``,
 ``--flyback-us``) override both. Missing pixel size, dwell or flyback raise
-:class:`~stem_live.record.RecordError` naming the field, where it was looked for and how to
+:class:`~stem_live.io.RecordError` naming the field, where it was looked for and how to
 give it. Every problem with a file is one line, never a RosettaSciIO traceback.
 
 Files with several signals (a Velox file with HAADF, DF and EDS): the first 2-D image signal
@@ -42,14 +41,22 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
-from stem_live import record
+from stem_live.io.metadata import (
+    OPTION_FLAGS,
+    RecordError,
+    check_shape,
+    convert_image,
+    guard_reading,
+    parse_options,
+    read_sidecar,
+)
 from stem_live.protocol import Frame
-from stem_live.record import RecordError
 
 #: file suffix -> RosettaSciIO plug-in module
 VENDOR_FORMATS: dict[str, str] = {
@@ -254,22 +261,23 @@ def _frame_interval(nav_axes: list[dict]) -> float | None:
 def _require(meta: Mapping[str, Any], path: Path) -> None:
     missing = [k for k in ("pixel_size_nm", "dwell_us", "flyback_us") if k not in meta]
     if missing:
-        flags = ", ".join(record._FLAGS[k] for k in missing)
+        flags = ", ".join(OPTION_FLAGS[k] for k in missing)
         where = "; ".join(f"{k} from {_WHERE[k]}" for k in missing)
         example = ", ".join(f'"{k}": ...' for k in missing)
         raise RecordError(f"{path.name}: {', '.join(missing)} not in the file (looked for {where}): pass {flags} "
                           f"or write a sidecar {path.with_suffix('.json').name} with {{{example}}}")
 
 
-def _open(path: Path, opts: Mapping[str, Any], signal: int | str | None) -> tuple[int, Callable[[], Iterator[Frame]]]:
+def _open(path: Path, opts: Mapping[str, Any], signal: int | str | None,
+          defaults: Mapping[str, Any] | None = None) -> tuple[int, Callable[[], Iterator[Frame]]]:
     sig = _pick(_load(path), signal, path)
     data = sig["data"]
     shape = tuple(int(s) for s in data.shape)
-    record._check_shape(shape[-2:], path.name)
+    check_shape(shape[-2:], path.name)
     n = int(math.prod(shape[:-2])) if len(shape) > 2 else 1
     if n == 0:
         raise RecordError(f"{path.name} holds no frames: give a non-empty stack")
-    record._convert(np.zeros(1, data.dtype), path.name)  # dtype check before reading pixels
+    convert_image(np.zeros(1, data.dtype), path.name)  # dtype check before reading pixels
     axes = _axes(sig)
     meta: dict[str, Any] = {}
     if len(axes) == len(shape):
@@ -282,9 +290,10 @@ def _open(path: Path, opts: Mapping[str, Any], signal: int | str | None) -> tupl
     meta.update(scan_metadata(sig.get("original_metadata") or {}, shape[-1]))
     if path.suffix.lower() == ".emd" and _title(sig):
         meta["detector"] = _title(sig)  # Velox names its image signals after the detector
-    side, _ = record._sidecar(path)
+    side, _ = read_sidecar(path)
     meta.update(side)
     meta.update(opts)
+    meta = {**(defaults or {}), **meta}
     _require(meta, path)
     return n, lambda: _frames(data, n, meta, path)
 
@@ -302,7 +311,7 @@ def _frames(data: Any, n: int, meta: Mapping[str, Any], path: Path) -> Iterator[
                           f"give one per frame or a single start time")
     for i in range(n):
         t = t0[i] if isinstance(t0, list) else t0 + i * interval
-        image = record._convert(np.array(flat[i]), f"{path.name} frame {i}")
+        image = convert_image(np.array(flat[i]), f"{path.name} frame {i}")
         yield Frame(seq=i, image=image, t_start=float(t), pixel_size_nm=(px[0], px[1]), dwell_us=dwell,
                     flyback_us=fly, scan_rotation_rad=float(meta.get("scan_rotation_rad", 0.0)),
                     beam_shift_nm=tuple(meta.get("beam_shift_nm", (0.0, 0.0))),
@@ -311,7 +320,8 @@ def _frames(data: Any, n: int, meta: Mapping[str, Any], path: Path) -> Iterator[
 
 def read_vendor_frames(path: str | os.PathLike, *, pixel_size_nm: float | tuple[float, float] | None = None,
                        dwell_us: float | None = None, flyback_us: float | None = None,
-                       signal: int | str | None = None) -> Iterator[Frame]:
+                       signal: int | str | None = None,
+                       defaults: Mapping[str, Any] | None = None) -> Iterator[Frame]:
     """Frames of a vendor file, in order: ``seq`` 0..N-1, ``t_start`` from the frame interval.
 
     The file and its metadata are checked now (:class:`RecordError` at call time); pixels are
@@ -320,8 +330,8 @@ def read_vendor_frames(path: str | os.PathLike, *, pixel_size_nm: float | tuple[
     p = Path(path)
     if not is_vendor_file(p):
         raise RecordError(f"{p.name} is not a vendor file: expected one of {', '.join(sorted(VENDOR_FORMATS))}")
-    _, factory = _open(p, record._options(pixel_size_nm, dwell_us, flyback_us), signal)
-    return record._guard(factory(), p)
+    _, factory = _open(p, parse_options(pixel_size_nm, dwell_us, flyback_us), signal, defaults)
+    return guard_reading(factory(), p)
 
 
 def count_vendor_frames(path: str | os.PathLike, *, signal: int | str | None = None) -> int:
@@ -330,18 +340,3 @@ def count_vendor_frames(path: str | os.PathLike, *, signal: int | str | None = N
     sig = _pick(_load(p), signal, p)
     shape = tuple(int(s) for s in sig["data"].shape)
     return int(math.prod(shape[:-2])) if len(shape) > 2 else 1
-
-
-# ============================================================================ dispatch
-
-
-def read_frames(path: str | os.PathLike, *, pixel_size_nm: float | tuple[float, float] | None = None,
-                dwell_us: float | None = None, flyback_us: float | None = None) -> Iterator[Frame]:
-    """:func:`read_vendor_frames` for vendor files, :func:`stem_live.record.read_frames` for the rest."""
-    fn = read_vendor_frames if is_vendor_file(path) else record.read_frames
-    return fn(path, pixel_size_nm=pixel_size_nm, dwell_us=dwell_us, flyback_us=flyback_us)
-
-
-def count_frames(path: str | os.PathLike) -> int:
-    """:func:`count_vendor_frames` for vendor files, :func:`stem_live.record.count_frames` for the rest."""
-    return count_vendor_frames(path) if is_vendor_file(path) else record.count_frames(path)

@@ -1,6 +1,6 @@
 """Locate + refine time per frame and accuracy against known positions, for both locators.
 
-    python -m stem_live.locate.bench            # 512 and 1024 px, prints a table
+    python -m stem_live.lab.bench_locate            # 512 and 1024 px, prints a table
     stem-live bench locate --size 512 1024      # the same inside the JSON report
 
 Frames are synthetic honeycombs (``synthetic.honeycomb`` + ``render_columns``: Gaussian
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -24,7 +24,7 @@ MATCH_FRAC = 0.3  # matching radius, fraction of the nearest-neighbour spacing
 
 def _frames(size: int, spacing_px: float, dose: float, seed: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Truth (N, 2) and ``n`` noisy renderings of one honeycomb (sigma 0.18 spacing)."""
-    from .synthetic import honeycomb, render_columns
+    from stem_live.lab.synthetic import honeycomb, render_columns
 
     rng = np.random.default_rng(seed)
     shape = (int(size), int(size))
@@ -39,7 +39,7 @@ def _frames(size: int, spacing_px: float, dose: float, seed: int, n: int) -> tup
 def score(found: np.ndarray, truth: np.ndarray, radius_px: float) -> tuple[float, float, float]:
     """(recall, precision, rmse_px) of ``found`` matched one-to-one to ``truth`` within
     ``radius_px``, matched as ``stem-live evaluate`` matches (``evaluate.match_columns``)."""
-    from ..evaluate import match_columns
+    from stem_live.lab.evaluate import match_columns
 
     found = np.asarray(found, np.float64).reshape(-1, 2)
     if len(found) == 0 or len(truth) == 0:
@@ -53,8 +53,8 @@ def _tracked(spacing_px: float) -> Callable[[np.ndarray], np.ndarray]:
     """The classical locator with a ``LatticePrior`` that learns from every frame it locates,
     as the engine runs it without a calibration (looking for the flyback every few frames;
     these frames do not drift, so it is never found and the search is paid throughout)."""
-    from ..lattice_prior import LatticePrior
-    from .classical import locate_classical
+    from stem_live.lattice_prior import LatticePrior
+    from stem_live.locate.classical import locate_classical
 
     lattice = LatticePrior(spacing_px, fit_flyback=True)
 
@@ -96,7 +96,7 @@ def _atomap_refiner(spacing_px: float, max_columns: int):
         import atomap.api as am
     except Exception:  # noqa: BLE001  (not installed, or its hyperspy stack fails to import)
         return None
-    from .classical import locate_classical
+    from stem_live.locate.classical import locate_classical
 
     def refine(img: np.ndarray) -> tuple[np.ndarray, float]:
         start = locate_classical(img, spacing_px, refine=False).positions
@@ -141,8 +141,8 @@ def bench_locate(sizes=(512, 1024), repeats: int = 20, *, spacing_px: float = 12
     "n_columns", "n_truth", "recall", "precision", "rmse_px", "repeats"}}}`` with "atomap" rows
     ``{"median_ms", "rmse_px", ...}`` or ``{"error"}``.
     """
-    from .classical import locate_classical
-    from .unet import locate_unet
+    from stem_live.locate.classical import locate_classical
+    from stem_live.locate.unet import locate_unet
 
     radius = MATCH_FRAC * spacing_px
     out: dict = {"classical": {}, "classical_tracked": {}, "unet": {}, "atomap": {}}

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from array import array
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -86,8 +86,7 @@ def _time(fn: Callable[[], object], repeats: int) -> dict:
 
 def _sim_frames(size: int, n: int, preset: str = "graphene", seed: int = 0) -> list:
     from simulator import Microscope, MicroscopeConfig
-
-    from .evaluate import frame_from_sim
+    from stem_live.lab.evaluate import frame_from_sim
 
     scope = Microscope(MicroscopeConfig(preset=preset, size=size, seed=seed))
     return [frame_from_sim(*scope.acquire()[:2]) for _ in range(n)]
@@ -98,32 +97,32 @@ def _sim_frames(size: int, n: int, preset: str = "graphene", seed: int = 0) -> l
 
 def bench_protocol(sizes=SIZES, repeats: int = 50) -> dict:
     """encode + decode of one frame message (zero-copy) per size."""
-    from . import protocol
+    from stem_live import protocol
 
     out = {}
     for size in sizes:
         f = protocol.Frame(seq=1, image=np.zeros((size, size), np.uint16))
-        out[str(size)] = _time(lambda: protocol.decode(protocol.encode(f)), repeats)
+        out[str(size)] = _time(lambda f=f: protocol.decode(protocol.encode(f)), repeats)
     return out
 
 
 def bench_register(sizes=SIZES, repeats: int = 20) -> dict:
     """The engine's per-frame work (rigid registration + prediction) per size."""
-    from .engine import Engine
+    from stem_live.engine import Engine
 
     out = {}
     for size in sizes:
         frames = _sim_frames(size, 2)
         eng = Engine()
         eng.process(frames[0])
-        out[str(size)] = _time(lambda: eng.process(frames[1]), repeats)
+        out[str(size)] = _time(lambda eng=eng, frames=frames: eng.process(frames[1]), repeats)
     return out
 
 
 def bench_locate(sizes=SIZES, repeats: int = 10) -> dict:
     """Both locators (and atomap where installed) at the sizes up to 1024 px (the U-Net takes
-    seconds beyond); see :mod:`stem_live.locate.bench`."""
-    from .locate.bench import bench_locate as _b
+    seconds beyond); see :mod:`stem_live.lab.bench_locate`."""
+    from stem_live.lab.bench_locate import bench_locate as _b
 
     return _b(sizes=tuple(s for s in sizes if s <= 1024), repeats=repeats)
 
@@ -131,8 +130,8 @@ def bench_locate(sizes=SIZES, repeats: int = 10) -> dict:
 def bench_track(sizes=SIZES, repeats: int = 20) -> dict:
     """``Tracker.update`` per frame on the simulator's drifting frames (columns located once,
     outside the clock), with the number of columns linked per frame."""
-    from .locate import estimate_spacing, locate_classical
-    from .track import Tracker
+    from stem_live.locate import estimate_spacing, locate_classical
+    from stem_live.track import Tracker
 
     out = {}
     for size in sizes:
@@ -144,7 +143,7 @@ def bench_track(sizes=SIZES, repeats: int = 20) -> dict:
         tr.update(cols[0])
         k = [0]
 
-        def step() -> None:
+        def step(tr=tr, cols=cols, k=k) -> None:
             k[0] += 1
             tr.update(cols[1 + k[0] % (len(cols) - 1)])
 
@@ -153,13 +152,13 @@ def bench_track(sizes=SIZES, repeats: int = 20) -> dict:
 
 
 def bench_gp(frames: int = 2000) -> dict:
-    from .distortion.bench import bench_gp as _b
+    from stem_live.lab.bench_gp import bench_gp as _b
 
     return _b(frames=frames)
 
 
 def bench_rvae() -> dict:
-    from .rvae.bench import bench_rvae as _b
+    from stem_live.lab.rvae_eval import bench_rvae as _b
 
     return _b()
 
@@ -167,7 +166,7 @@ def bench_rvae() -> dict:
 # ----------------------------------------------------------------------------- pipeline
 
 
-TARGET_HZ = {256: 20.0, 512: 10.0, 1024: 3.0, 2048: 1.0}  # the performance issue's end-to-end targets
+TARGET_HZ = {256: 20.0, 512: 10.0, 1024: 3.0, 2048: 1.0}  # end-to-end frame-rate targets (frames/s) per frame size
 OFFER_FACTOR = 1.25  # the pipeline offers 25 % more than the target: "keeps up" is then measured, not given
 
 
@@ -197,13 +196,13 @@ def pipeline_engine(model: str = "gp", rvae: bool = True, max_columns: int = 200
     """The engine as the pipeline benchmark runs it: ``model`` gp (locate, track, GP, policy)
     plus, with ``rvae``, the rVAE encoder on every column (seeded random weights: encoding
     costs the same as with trained ones; buckets compiled before the clock starts), encoding up
-    to ``max_columns`` columns a frame (the performance issue's load)."""
-    from .engine import Engine, EngineConfig
+    to ``max_columns`` columns a frame (the load the targets are set for)."""
+    from stem_live.engine import Engine, EngineConfig
 
     stage = None
     if rvae and model == "gp":
-        from .rvae.model import RVAEConfig, init_params
-        from .rvae.stage import RvaeStage
+        from stem_live.rvae.model import RVAEConfig, init_params
+        from stem_live.rvae.stage import RvaeStage
 
         stage = RvaeStage(init_params(RVAEConfig(), 0), warmup=False, max_columns=max_columns)
         stage.encoder.warmup()
@@ -226,8 +225,7 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
     median frame time and memory (flat over a long run: ``seconds=1800``).
     """
     from simulator import Microscope, MicroscopeConfig
-
-    from .service import EngineService
+    from stem_live.service import EngineService
 
     rate = float(rate_hz or OFFER_FACTOR * TARGET_HZ.get(size, 2.0))
     scope = Microscope(MicroscopeConfig(preset=preset, size=size))
@@ -239,7 +237,7 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
     engine = pipeline_engine(model, rvae)
     engine.arm()
     # the bench's own bookkeeping in flat arrays (8 bytes a value, not a Python float each): with
-    # lists a 30-minute run grew this process by 12 MB, mostly the bench's, not the engine's
+    # lists a 30-minute run grows this process by 12 MB, mostly the bench's, not the engine's
     stages: dict[str, array] = {}
     n_cols = array("d")
 
@@ -328,7 +326,7 @@ def publish(frames_ep: str, corr_ep: str, size: int, rate_hz: float, seconds: fl
     every correction it receives. Prints the number of frames sent."""
     import zmq
 
-    from . import protocol
+    from stem_live import protocol
 
     frames = _sim_frames(size, 12)
     order = list(range(len(frames))) + list(range(len(frames) - 2, 0, -1))
@@ -389,13 +387,13 @@ def bench_overload(size: int = 512, *, seconds: float = 60.0, factor: float = 5.
     """Frames published at ``factor`` x what the engine can process, for ``seconds``, after
     ``calm_seconds`` at half of it (the unloaded latency): the engine must keep taking the
     newest frame with bounded latency and flat memory, and count every skipped frame."""
-    from .service import EngineService
+    from stem_live.service import EngineService
 
     capacity = engine_capacity_fps(size, model, rvae)
     rate = factor * capacity
     frames_ep, corr_ep = _free_port_endpoint(), _free_port_endpoint()
     start_up = start_up_s  # the publisher's imports and pre-rendering happen during the calm phase
-    pub = subprocess.Popen([sys.executable, "-c", "import sys; from stem_live.bench import publish; "
+    pub = subprocess.Popen([sys.executable, "-c", "import sys; from stem_live.lab.bench import publish; "
                             "publish(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), "
                             "float(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7]))",
                             frames_ep, corr_ep, str(size), str(rate), str(seconds + 5), str(0.5 * capacity),
@@ -512,7 +510,7 @@ def summary_table(report: dict) -> str:
                 rows.append(f"{st:9s} {str(size):>5s} px  median {r['median_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms")
     loc = report.get("locate") or {}
     if loc and "error" not in loc:
-        from .locate.bench import table
+        from stem_live.lab.bench_locate import table
 
         rows.extend(f"locate    {line}" for line in table(loc).splitlines())
     gp = report.get("gp") or {}

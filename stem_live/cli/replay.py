@@ -1,0 +1,83 @@
+"""``stem-live replay``: a recording through the engine, losslessly and in order; optional per-frame results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+from stem_live.cli.common import Progress, UserError, engine_config, model_args, positive, wait_for_interrupt
+
+
+def cmd_replay(a: argparse.Namespace) -> int:
+    from instrument_adapters.base import EndOfStream
+    from instrument_adapters.replay import ReplayInstrument
+    from stem_live.engine import Engine
+    from stem_live.io import RecordError
+
+    writer = None
+    if a.results is not None:  # per-frame results need the columns and the GP: --results implies --model gp
+        from stem_live.io.results import ResultsWriter
+
+        if a.model == "rigid":
+            raise UserError("--results needs the column model (per-line drift, columns): use --model gp "
+                            "or leave --model out")
+        a.model = "gp"
+        try:
+            writer = ResultsWriter(a.results, info={"source": str(a.file), "model": "gp", "armed": True,
+                                                    "corrections_applied": False})
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    a.model = a.model or "rigid"
+    try:
+        inst = ReplayInstrument(a.file, pixel_size_nm=a.pixel_size_nm, dwell_us=a.dwell_us, flyback_us=a.flyback_us,
+                                realtime=a.realtime)
+    except (RecordError, OSError) as exc:
+        raise UserError(str(exc)) from None
+    engine = Engine(engine_config(a))
+    if writer is not None:
+        engine.arm()  # the corrections it would have sent are recorded; a recording cannot move: none is applied
+    prog = Progress()
+    stop = threading.Event()
+    wait_for_interrupt(stop)
+    n, t0 = 0, time.perf_counter()
+    total = len(inst)
+    try:
+        while not stop.is_set():
+            try:
+                frame = inst.acquire()
+            except EndOfStream:
+                break
+            except RecordError as exc:
+                raise UserError(str(exc)) from None
+            r = engine.process(frame)
+            if writer is not None:
+                writer.add(frame, r, engine)
+            n += 1
+            prog.line(f"[{n}/{total}] frame {r.seq}  drift [{r.drift_nm[0]:+.3f}, {r.drift_nm[1]:+.3f}] nm  "
+                      f"peak {r.peak:.2f}  {n / (time.perf_counter() - t0):.1f} fps")
+    finally:
+        prog.done()
+        if writer is not None:  # also after Ctrl-C or a bad frame: what was processed is kept
+            path = writer.close()
+            print(f"results of {len(writer)} frames ({writer.n_columns} columns) -> {path}", file=sys.stderr)
+    print(f"replayed {n} frames from {a.file} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Add this module's command(s) to the ``stem-live`` subparsers ``sub``."""
+    s = sub.add_parser("replay", help="play a recorded stack through the engine, losslessly and in order")
+    s.add_argument("file", type=Path)
+    s.add_argument("--pixel-size-nm", type=positive(float), default=None)
+    s.add_argument("--dwell-us", type=positive(float), default=None)
+    s.add_argument("--flyback-us", type=float, default=None)
+    s.add_argument("--realtime", action="store_true", help="reproduce the recorded frame timing")
+    s.add_argument("--results", type=Path, default=None, metavar="OUT.npz",
+                   help="write per-frame results (columns raw and undistorted, drift at every scan line with "
+                        "sigma, the corrections an armed engine would have sent); implies --model gp")
+    model_args(s)
+    s.set_defaults(func=cmd_replay, model=None)

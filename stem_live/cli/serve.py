@@ -1,0 +1,127 @@
+"""``stem-live sim`` and ``stem-live serve``: an instrument (simulated, replayed, Nion, AutoScript) on the frames/corrections endpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+from stem_live.cli.common import (
+    Progress,
+    UserError,
+    endpoint_args,
+    limits_args,
+    positive,
+    server_keys,
+    sim_args,
+    sim_config,
+    wait_for_interrupt,
+)
+
+
+def cmd_sim(a: argparse.Namespace) -> int:
+    from instrument_adapters.bridge import Bridge
+    from instrument_adapters.safety import Limits
+    from instrument_adapters.simulated import SimulatedInstrument
+
+    if a.prerender < 0:
+        raise UserError(f"--prerender must be >= 0, got {a.prerender}")
+    inst = SimulatedInstrument(sim_config(a), speed=a.speed or None, frames=a.count, prerender=a.prerender)
+    bridge = Bridge(inst, frames_endpoint=a.frames, corrections_endpoint=a.corrections, keys=server_keys(a),
+                    limits=Limits(max_step_nm=a.max_step_nm, max_excursion_nm=a.max_excursion_nm))
+    stop = threading.Event()
+    wait_for_interrupt(stop)
+    prog = Progress()
+    bridge.start()
+    print(f"simulated microscope: frames on {bridge.frames_endpoint}, corrections on {bridge.corrections_endpoint}"
+          " (Ctrl-C stops)", file=sys.stderr)
+    try:
+        while not stop.is_set() and not bridge.finished:
+            s = bridge.stats
+            b = inst.get_beam_shift()
+            prog.line(f"published {s.frames_published}  dropped {s.frames_dropped}  corrections {s.corrections_applied}"
+                      f" (clamped {s.corrections_clamped}, refused {s.corrections_refused})  "
+                      f"beam shift [{b[0]:+.3f}, {b[1]:+.3f}] nm")
+            stop.wait(0.5)
+    finally:
+        bridge.stop(restore=a.restore_on_exit)
+        prog.done()
+    return 0
+
+
+ADAPTERS = {"sim": "simulated", "replay": "replay", "nion": "nion", "autoscript": "autoscript"}
+
+
+def _adapter(name: str):
+    """The adapter module for ``--instrument NAME``: it provides add_args(parser) and from_args(args)."""
+    import importlib
+
+    return importlib.import_module(f"instrument_adapters.{ADAPTERS[name]}")
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from instrument_adapters.bridge import Bridge
+    from instrument_adapters.safety import Limits
+    from stem_live.io import RecordError
+
+    try:
+        inst = _adapter(a.instrument).from_args(a)
+    except RecordError as exc:  # replay of a bad file
+        raise UserError(str(exc)) from None
+    try:
+        bridge = Bridge(inst, frames_endpoint=a.frames, corrections_endpoint=a.corrections, keys=server_keys(a),
+                        limits=Limits(max_step_nm=a.max_step_nm, max_excursion_nm=a.max_excursion_nm))
+    except BaseException:
+        inst.close()
+        raise
+    stop = threading.Event()
+    wait_for_interrupt(stop)
+    prog = Progress()
+    bridge.start()
+    print(f"{a.instrument}: frames on {bridge.frames_endpoint}, corrections on {bridge.corrections_endpoint}"
+          " (Ctrl-C stops)", file=sys.stderr)
+    try:
+        while not stop.is_set() and not bridge.finished:
+            s = bridge.stats
+            b = inst.get_beam_shift()
+            err = f"  last error: {s.last_error}" if s.acquire_errors else ""
+            prog.line(f"published {s.frames_published}  dropped {s.frames_dropped}  corrections {s.corrections_applied}"
+                      f" (clamped {s.corrections_clamped}, refused {s.corrections_refused})  "
+                      f"beam shift [{b[0]:+.3f}, {b[1]:+.3f}] nm{err}")
+            stop.wait(0.5)
+    finally:
+        bridge.stop(restore=a.restore_on_exit)
+        inst.close()
+        prog.done()
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Add this module's command(s) to the ``stem-live`` subparsers ``sub``."""
+    s = sub.add_parser("sim", help="run the simulated microscope on the frames/corrections endpoints")
+    sim_args(s)
+    endpoint_args(s, "frames", "corrections")
+    limits_args(s)
+    s.add_argument("--speed", type=float, default=1.0, help="1 = real scan rate, 0 = as fast as possible")
+    s.add_argument("--frames", dest="count", type=positive(int), default=None, help="stop after N frames")
+    s.add_argument("--restore-on-exit", action="store_true", help="restore the starting beam shift on exit")
+    s.add_argument("--server-key", type=Path, default=None, help="CURVE: this instrument's NAME.key_secret")
+    s.add_argument("--allowed-keys", type=Path, default=None, help="CURVE: folder of allowed engines' NAME.key")
+    s.add_argument("--prerender", type=int, default=0, metavar="N",
+                   help="benchmarks: render N frames first, then stream them back and forth (corrections are "
+                        "acked but do not move the pre-rendered images)")
+    s.set_defaults(func=cmd_sim)
+
+    s = sub.add_parser("serve", help="serve an instrument (sim, replay, nion, autoscript) on the frames/corrections endpoints")
+    s.add_argument("--instrument", choices=tuple(ADAPTERS), default="sim", help="which adapter (default sim)")
+    for name in ADAPTERS:
+        _adapter(name).add_args(s)
+    endpoint_args(s, "frames", "corrections")
+    limits_args(s)
+    s.add_argument("--frames", dest="count", type=positive(int), default=None, help="stop after N frames")
+    s.add_argument("--restore-on-exit", action="store_true", help="restore the starting beam shift on exit")
+    s.add_argument("--server-key", type=Path, default=None, help="CURVE: this instrument's NAME.key_secret")
+    s.add_argument("--allowed-keys", type=Path, default=None, help="CURVE: folder of allowed engines' NAME.key")
+    s.set_defaults(func=cmd_serve)
