@@ -9,12 +9,13 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,gui,vendor,nion]'
+	$(PY) -m pip install --quiet -e '.[dev,gui,vendor,nion,batch]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
 
-# simulator + engine (+ monitor when there is a display); ARGS="--frames 200 --preset srtio3" to change it
+# simulator + engine (gp model, rVAE trained from scratch) + monitor when there is a display;
+# ARGS="--frames 60 --preset srtio3" (or "--model rigid", "--no-rvae") to change it
 demo: $(STAMP)
 	$(VENV)/bin/stem-live demo $(ARGS)
 

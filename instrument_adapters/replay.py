@@ -17,12 +17,15 @@ Bad files and missing metadata raise :class:`stem_live.io.RecordError` at constr
   requires of a stream.
 - A recording cannot move: ``set_beam_shift`` only stores the requested shift and
   ``get_beam_shift`` returns it. Frames keep the beam shift recorded with them.
-- ``len(replay)`` is the number of frames in one pass.
+- ``len(replay)`` is the number of frames in one pass. A recording that was cut off plays its
+  complete frames and logs one warning saying where it ends (``truncated_at``: how many).
+- Frames with a side below ``min_side`` px, colour images and non-image arrays are refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import threading
 import time
@@ -36,6 +39,8 @@ from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
 from stem_live.io import count_frames, read_frames
 from stem_live.protocol import Frame
 
+log = logging.getLogger(__name__)
+
 
 class ReplayInstrument(Instrument):
     """Frames from a recording, delivered losslessly and in order (optionally at recorded pace)."""
@@ -44,14 +49,17 @@ class ReplayInstrument(Instrument):
 
     def __init__(self, path: str | os.PathLike, *, pixel_size_nm: float | tuple[float, float] | None = None,
                  dwell_us: float | None = None, flyback_us: float | None = None, realtime: bool = False,
-                 loop: bool = False, speed: float = 1.0) -> None:
+                 loop: bool = False, speed: float = 1.0, min_side: int = 2, frame_interval_s: float | None = None,
+                 frame_gap_us: float | None = None) -> None:
         if not (isinstance(speed, (int, float)) and speed > 0 and np.isfinite(speed)):
             raise InstrumentError(f"replay speed must be a positive number, got {speed!r}")
         self.path = path
         self.realtime = bool(realtime)
         self.loop = bool(loop)
         self.speed = float(speed)
-        self._opts = dict(pixel_size_nm=pixel_size_nm, dwell_us=dwell_us, flyback_us=flyback_us)
+        self._opts = dict(pixel_size_nm=pixel_size_nm, dwell_us=dwell_us, flyback_us=flyback_us, min_side=min_side,
+                          on_truncated=self._truncated, frame_interval_s=frame_interval_s, frame_gap_us=frame_gap_us)
+        self.truncated_at: int | None = None  # complete frames of a recording that was cut off
         self._frames: Iterator[Frame] = read_frames(path, **self._opts)  # RecordError now, not later
         self._n = count_frames(path)
         self._shift = np.zeros(2)
@@ -64,6 +72,12 @@ class ReplayInstrument(Instrument):
         self._last: Frame | None = None    # last frame returned, as recorded
         self._wall0: float | None = None
         self._tend0 = 0.0
+
+    def _truncated(self, message: str) -> None:
+        """The reader stopped at an incomplete page: warn once (one line), remember where."""
+        if self.truncated_at is None:
+            self.truncated_at = self._in_pass
+            log.warning("%s", message)
 
     def __len__(self) -> int:
         return self._n
@@ -142,9 +156,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--replay-pixel-size-nm", type=float, default=None, metavar="NM")
     g.add_argument("--replay-dwell-us", type=float, default=None, metavar="US")
     g.add_argument("--replay-flyback-us", type=float, default=None, metavar="US")
+    g.add_argument("--replay-frame-period-s", type=float, default=None, metavar="S",
+                   help="frame start to start, where the file has no frame times")
+    g.add_argument("--replay-frame-gap-us", type=float, default=None, metavar="US",
+                   help="pause after each frame's scan, where the file has no frame times")
     g.add_argument("--replay-realtime", action="store_true", help="reproduce the recorded frame timing")
     g.add_argument("--replay-loop", action="store_true", help="start again after the last frame")
-    g.add_argument("--replay-speed", type=float, default=1.0, help="with --replay-realtime: faster than recorded")
+    g.add_argument("--replay-speed", type=float, default=1.0, help="with --replay-realtime: this many times faster than recorded")
 
 
 def from_args(args: argparse.Namespace) -> ReplayInstrument:
@@ -153,4 +171,5 @@ def from_args(args: argparse.Namespace) -> ReplayInstrument:
         raise InstrumentError("--instrument replay needs --replay-file FILE")
     return ReplayInstrument(args.replay_file, pixel_size_nm=args.replay_pixel_size_nm, dwell_us=args.replay_dwell_us,
                             flyback_us=args.replay_flyback_us, realtime=args.replay_realtime, loop=args.replay_loop,
-                            speed=args.replay_speed)
+                            speed=args.replay_speed, frame_interval_s=args.replay_frame_period_s,
+                            frame_gap_us=args.replay_frame_gap_us)

@@ -96,9 +96,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sim-preset", choices=PRESETS, default="graphene", help="specimen (default graphene)")
     g.add_argument("--sim-size", type=int, default=512, metavar="PX", help="frame side in pixels (default 512)")
     g.add_argument("--sim-drift-nm-per-min", type=float, default=None, metavar="NM", help="constant drift speed")
-    g.add_argument("--sim-dose", type=float, default=None, metavar="E_PER_A2", help="dose, electrons per square angstrom")
+    g.add_argument("--sim-dose", type=float, default=None, metavar="E_PER_A2", help="dose in electrons per square angstrom (default: the preset's)")
     g.add_argument("--sim-seed", type=int, default=0, help="random seed (default 0)")
-    g.add_argument("--sim-speed", type=float, default=1.0, help="1 = real scan rate, 0 = as fast as possible")
+    g.add_argument("--sim-speed", type=float, default=1.0, help="scan speed: 1 = real scan rate, 0 = as fast as possible")
 
 
 def from_args(args: argparse.Namespace) -> SimulatedInstrument:

@@ -6,6 +6,17 @@ d(t) = v t                                   constant thermal/mechanical drift
      + A sin(2 pi f t + phi) e_jitter        mains-frequency jitter (along the fast axis x)
      + sum_k H(t - t_k) delta_k              sudden jumps
 
+Presets (``DriftConfig.preset(name)``, ``DRIFT_PRESETS``; every value inside the ranges of
+``simulator.ranges``, sources in docs/drift-ranges.md):
+
+- ``settled``: a holder settled for an hour: 0.5 nm/min, OU 8 pm / 5 s, 5 pm mains;
+- ``fresh``: minutes after insertion or a tilt: 6 nm/min plus a 5 nm settling exponential
+  (60 s), i.e. 11 nm/min at t = 0; OU 30 pm / 2 s, 10 pm mains;
+- ``noisy-room``: settled stage in a room with vibration and stray fields: 1.5 nm/min,
+  OU 45 pm / 0.8 s, 25 pm mains.
+
+The mains frequency ``jitter_hz`` is 50 Hz unless set (60 Hz grids: ``jitter_hz=60``).
+
 Default magnitudes are those of an aberration-corrected STEM on a settled side-entry
 holder: specimen drift 0.5-5 nm/min after settling (1 nm/min here); mains (50 Hz)
 stray-field/vibration jitter of 5-20 pm amplitude on the fast scan axis (5 pm here);
@@ -25,7 +36,7 @@ import numpy as np
 
 from simulator._util import stream_rng
 
-__all__ = ["DriftConfig", "DriftModel"]
+__all__ = ["DRIFT_PRESETS", "DriftConfig", "DriftModel"]
 
 Jump = tuple[float, tuple[float, float]]
 
@@ -39,7 +50,8 @@ class DriftConfig:
     settle_nm, settle_tau_s: exponential settling of ``settle_nm`` along ``direction_rad``.
     ou_sigma_nm, ou_tau_s: stationary std (per axis) and correlation time of the OU walk.
     ou_dt_s: time step of the OU grid (interpolated linearly in between).
-    jitter_amp_nm, jitter_hz, jitter_axis_rad: sinusoidal jitter; axis 0 = along x.
+    jitter_amp_nm, jitter_hz, jitter_axis_rad: sinusoidal jitter (mains: jitter_hz 50 or
+        60 Hz); axis 0 = along x.
     jumps: ((time_s, (dy, dx)), ...) step changes of d at the given times.
     jump_nm, jump_time_s, jump_direction_rad: convenience for one extra jump.
     """
@@ -66,6 +78,14 @@ class DriftConfig:
         return cls(drift_nm_per_min=0.0, ou_sigma_nm=0.0, jitter_amp_nm=0.0)
 
     @classmethod
+    def preset(cls, name: str, **overrides) -> DriftConfig:
+        """A named drift preset (``DRIFT_PRESETS``: settled, fresh, noisy-room), any field
+        overridden by keyword (e.g. ``jitter_hz=60.0``)."""
+        if name not in DRIFT_PRESETS:
+            raise ValueError(f"unknown drift preset {name!r}; choose one of {', '.join(DRIFT_PRESETS)}")
+        return replace(cls(), **{**DRIFT_PRESETS[name], **overrides})
+
+    @classmethod
     def linear(cls, drift_nm_per_min: float = 1.0, direction_rad: float = 0.0) -> DriftConfig:
         """Constant velocity only (no OU, jitter or jumps)."""
         return replace(cls.none(), drift_nm_per_min=drift_nm_per_min, direction_rad=direction_rad)
@@ -85,6 +105,15 @@ class DriftConfig:
             a = self.jump_direction_rad
             out.append((float(self.jump_time_s), self.jump_nm * np.array([np.sin(a), np.cos(a)])))
         return sorted(out, key=lambda x: x[0])
+
+
+#: Named drift regimes (field values of ``DriftConfig``; fields not named keep their defaults).
+DRIFT_PRESETS: dict[str, dict[str, float]] = {
+    "settled": {"drift_nm_per_min": 0.5, "ou_sigma_nm": 0.008, "ou_tau_s": 5.0, "jitter_amp_nm": 0.005},
+    "fresh": {"drift_nm_per_min": 6.0, "settle_nm": 5.0, "settle_tau_s": 60.0, "ou_sigma_nm": 0.030,
+              "ou_tau_s": 2.0, "jitter_amp_nm": 0.010},
+    "noisy-room": {"drift_nm_per_min": 1.5, "ou_sigma_nm": 0.045, "ou_tau_s": 0.8, "jitter_amp_nm": 0.025},
+}
 
 
 class DriftModel:

@@ -32,6 +32,31 @@ from stem_live.register import Reference, make_reference, register
 
 log = logging.getLogger("stem_live.engine")
 
+#: the smallest frame side (px) the engine processes: below it no registration means anything
+MIN_FRAME_SIDE = 32
+
+
+class FrameRefused(ValueError):
+    """A frame that cannot be what it claims (see :func:`frame_problem`); never processed."""
+
+
+def frame_problem(image: np.ndarray, *, min_side: int = MIN_FRAME_SIDE) -> str | None:
+    """Why ``image`` cannot be a STEM frame, in a few words, or None: not 2-D (e.g. colour
+    channels), a side below ``min_side`` px, non-finite pixels, or every pixel the same."""
+    a = np.asarray(image)
+    if a.ndim != 2:
+        return f"not a 2-D image (shape {a.shape})"
+    if min(a.shape) < min_side:
+        return f"{a.shape[0]}x{a.shape[1]} px, smaller than {min_side} px a side"
+    if a.dtype.kind not in "uif":
+        return f"pixels of dtype {a.dtype.name}"
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        return "holds NaN or infinite pixels"
+    lo, hi = a.min(), a.max()
+    if lo == hi:
+        return f"constant (every pixel {lo:g}): detector off or beam blanked?"
+    return None
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -62,6 +87,17 @@ class EngineConfig:
     # offsets are fitted to this frame's columns). 30 frames, evaluate --model gp:
     # drift.rmse_pm 2.16 -> 2.08 (graphene), 2.39 -> 2.12 (SrTiO3)
     lattice_prior: bool = True
+    # gp model: mains frequency of the drift model's periodic term (Hz): None = detected from
+    # the stream (50, 60 or none), 0 = none, else that frequency
+    mains_hz: float | None = None
+    # gp model: learn the drift GP's hyperparameters from the stream (background fit every
+    # `hyperfit_every` frames, bounded; ``Engine.drift_hyperparameters()``); False keeps the
+    # defaults (or a calibration's values)
+    learn_hyperparameters: bool = True
+    hyperfit_every: int = 8
+    # False: the fit runs inside the frame that makes it due (replay, evaluate: reproducible
+    # results); True: in a background thread (live: no frame waits for it)
+    hyperfit_background: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,6 +117,12 @@ class FrameResult:
     line_sigma_nm: np.ndarray | None = None
     jump: bool = False
     latents: dict | None = None  # rVAE latents of every column, index-matched to ``columns`` (gp model + rVAE)
+    # the registration found no significant match (peak below ``min_peak``): no drift sample,
+    # no columns, no correction; ``drift_nm`` is the last measured drift
+    lost: bool = False
+    # gp model: the frame failed the columns' quality gate (noise, vacuum, blank, contamination):
+    # the reason; no drift sample and no correction from it
+    flagged: str = ""
 
 
 class Engine:
@@ -134,6 +176,8 @@ class Engine:
                 self.process(frame, encode=False)
         finally:
             self.armed = armed
+            if self._columns is not None and self._columns.learner is not None:
+                self._columns.learner.compile()   # the background fit's compilation, here, not live
             self.reset()
         return time.perf_counter() - t0
 
@@ -147,6 +191,18 @@ class Engine:
         """The gp model's online GP as of the last frame (``predict``: beam-shift-space drift, nm;
         ``distortion``: scan distortion, nm); None for the rigid model."""
         return None if self._columns is None else self._columns.gp
+
+    def drift_hyperparameters(self) -> dict | None:
+        """The gp model's drift hyperparameters as learnt so far (JSON-able: ``values`` in the
+        units of their names, ``mains_hz`` in use, fit counts); None for the rigid model."""
+        if self._columns is None:
+            return None
+        learner = self._columns.learner
+        if learner is not None:
+            return learner.summary()
+        gp = self._columns.gp
+        return {"values": gp.learnt_hyperparameters(), "mains_hz": gp.mains_hz if gp.mains_on else None,
+                "mains_mode": "set", "fits": 0, "accepted": 0, "running": False}
 
     def train(self, steps: int | None = None) -> str:
         """Start background rVAE fine-tuning (never waits for it); a one-line message.
@@ -192,7 +248,8 @@ class Engine:
         unknown = set(params) - set(cur)
         if unknown:
             raise ValueError(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(cur)}")
-        cur.update({k: type(cur[k])(v) for k, v in params.items()})
+        cur.update({k: v if v is None else (float if cur[k] is None else type(cur[k]))(v)
+                    for k, v in params.items()})
         self.config = EngineConfig(**cur)
         self._hist = deque(self._hist, maxlen=max(2, self.config.history))
 
@@ -214,6 +271,9 @@ class Engine:
         ``encode=False`` leaves out the rVAE stage, so that a caller can send the correction
         first and then call :meth:`encode` (the service does: a correction never waits for
         the rVAE)."""
+        problem = frame_problem(frame.image)
+        if problem is not None:
+            raise FrameRefused(f"frame {frame.seq} refused: {problem}")
         t0 = time.perf_counter()
         px = np.asarray(frame.pixel_size_nm, dtype=np.float64)
         beam = np.asarray(frame.beam_shift_nm, dtype=np.float64)
@@ -232,8 +292,10 @@ class Engine:
             pred_px = np.zeros(2) if pred is None else (pred - self._ref_offset_nm - (beam - self._ref_beam_nm)) / px
             shift_px, peak = register(self._ref, reg_image, predicted=tuple(pred_px))
         t1 = time.perf_counter()
-        locked = peak >= self.config.min_peak
+        locked = bool(np.isfinite(peak) and peak >= self.config.min_peak)
         drift = self._ref_offset_nm + shift_px * px + (beam - self._ref_beam_nm)
+        if not locked:  # a lost frame: what it would say is no measurement
+            drift = self._last_drift()
         if locked:
             self._hist.append((t_mid, drift))
             if np.hypot(*shift_px) > self.config.rereference_frac * min(reg_image.shape):
@@ -241,11 +303,16 @@ class Engine:
         correction = None
         timings = {"register": (t1 - t0) * 1e3}
         col = None
-        if self._columns is not None:
+        if self._columns is not None and locked:
             # apparent shift vs the very first frame, as a hint for the tracker
             hint = (drift - (beam - self._b0_nm)) / px
             col = self._columns.process(frame, image, hint, timings)
-        if self.armed and locked:
+            if col.flagged:  # no credible columns: the registration's shift is no measurement either
+                if self._hist and self._hist[-1][0] == t_mid:
+                    self._hist.pop()
+                drift = self._last_drift()
+        flagged = "" if col is None else col.flagged
+        if self.armed and locked and not flagged:
             if col is not None and col.decision is not None and col.decision.apply:
                 correction = self._make(frame, col.decision.beam_shift_nm, col.decision.reason)
             else:
@@ -256,10 +323,10 @@ class Engine:
         timings["total"] = (time.perf_counter() - t0) * 1e3
         self.last = FrameResult(seq=frame.seq, t_mid=t_mid, shift_px=shift_px, drift_nm=drift, peak=peak,
                                 locked=locked, correction=correction, timings_ms=timings,
-                                columns=None if col is None else col.columns,
+                                columns=None if col is None or flagged else col.columns,
                                 line_drift_nm=None if col is None else col.line_drift_nm,
                                 line_sigma_nm=None if col is None else col.line_sigma_nm,
-                                jump=False if col is None else col.jump)
+                                jump=False if col is None else col.jump, lost=not locked, flagged=flagged)
         return self.encode(frame, self.last) if encode else self.last
 
     def encode(self, frame: Frame, result: FrameResult, *, between: Callable[[], object] | None = None
@@ -338,6 +405,7 @@ class Engine:
             "locked": None if last is None else last.locked,
             "drift_nm": None if last is None else [float(v) for v in last.drift_nm],
             "rvae": None if self.rvae is None else self.rvae.status(),
+            "drift_hyperparameters": self.drift_hyperparameters(),
         }
 
 
@@ -348,6 +416,7 @@ class ColumnResult:
     line_sigma_nm: np.ndarray | None
     decision: object | None
     jump: bool
+    flagged: str = ""   # the quality gate's reason where the columns are not credible
 
 
 class ColumnModel:
@@ -355,6 +424,7 @@ class ColumnModel:
 
     def __init__(self, config: EngineConfig) -> None:
         from stem_live.distortion import CorrectionPolicy, OnlineDriftGP
+        from stem_live.distortion.hyperfit import HyperLearner
         from stem_live.track import Tracker
 
         self.config = config
@@ -362,13 +432,24 @@ class ColumnModel:
         self.tracker = Tracker(spacing_px=self.spacing_px, history=64)
         # one padded GP size per session (512 sample groups: about 4 frames of 512 lines), so
         # that no frame after the first waits for a compilation
-        self.gp = OnlineDriftGP(window_frames=config.gp_window_frames, min_groups=512, max_groups=512)
+        # (mains: a set frequency, or 50 Hz until the stream says 60 or none; 0: no periodic term)
+        mains = 50.0 if config.mains_hz is None else (float(config.mains_hz) or None)
+        self.gp = OnlineDriftGP(window_frames=config.gp_window_frames, min_groups=512, max_groups=512,
+                                mains_hz=mains)
         self.calibration = None
         if config.calibration:  # drift velocity as the GP's prior mean, scan scale/shear taken out of the samples
             from stem_live.calibration import load_cached
 
             self.calibration = load_cached(config.calibration)
+            hyper = self.calibration.meta.get("hyperparameters") or {}
+            if hyper:  # the calibration's fitted values: the warm start of the online fit
+                self.gp.set_hyperparameters(**{k: v for k, v in hyper.items() if k in self.gp.learnt_hyperparameters()})
             self.gp = self.calibration.wrap_gp(self.gp)
+        self.learner = None
+        if config.learn_hyperparameters:
+            self.learner = HyperLearner(self.gp, every_frames=config.hyperfit_every,
+                                        mains="auto" if config.mains_hz is None else config.mains_hz,
+                                        background=config.hyperfit_background)
         self.policy = CorrectionPolicy(gain=config.gain, deadband_nm=config.deadband_nm,
                                        max_sigma_nm=config.max_sigma_nm)
         self.deskew_min_frames = 2  # GP frames needed before the tracker gets de-skewed positions
@@ -376,6 +457,7 @@ class ColumnModel:
         # every `probe_refresh_frames`; in between the fit takes it as known (one free fit of the
         # brightest columns less per frame, and no frame-to-frame jitter of the width)
         self.probe_refresh_frames = 32
+        self.quality_every = 10   # frames between quality-gate checks of a steady stream
         self._probe_sigma_px: float | None = None
         self._located = 0
         self.lattice = None  # LatticePrior, made once the spacing is known (config.lattice_prior)
@@ -411,6 +493,10 @@ class ColumnModel:
                          amp * frame.pixel_size_nm[1] * 1e3, decay * frame.dwell_us)
         self._located += 1
         self._probe_sigma_px = cols.meta.get("probe_sigma_px", known)
+        reason = self._quality(img, cols)
+        if reason:
+            timings.update(locate=(time.perf_counter() - t0) * 1e3)
+            return ColumnResult(cols, None, None, None, False, flagged=reason)
         t1 = time.perf_counter()
         # the tracker and the drift model take the line-averaged positions: the random part of
         # each scan line's offset, which the de-jitter puts back, is noise to a drift model
@@ -427,6 +513,19 @@ class ColumnModel:
         t3 = time.perf_counter()
         timings.update(locate=(t1 - t0) * 1e3, track=(t2 - t1) * 1e3, gp=(t3 - t2) * 1e3)
         return ColumnResult(cols, line_mean, line_sd, decision, jump)
+
+    def _quality(self, img: np.ndarray, cols) -> str:
+        """The quality gate's reason where this frame's columns are not credible, else "". The
+        gate (10-40 ms) runs on the first frames, every ``quality_every`` frames, and whenever
+        far fewer columns are found than the tracker's reference holds."""
+        from stem_live.locate.quality import credible
+
+        n_ref = len(self.tracker.reference_ids)
+        due = self._located <= 3 or self._located % self.quality_every == 0 or len(cols) < 0.5 * n_ref
+        if not due:
+            return ""
+        ok, reason = credible(cols, img, spacing_px=self.spacing_px)
+        return "" if ok else reason
 
     def _measured_flyback(self, frame: Frame) -> tuple[float, float] | None:
         """The lattice's flyback measurement (px), valid while the pixel size and dwell stay the
@@ -469,6 +568,8 @@ class ColumnModel:
         if self.calibration is not None:
             obs = self.calibration.correct_observations(obs, frame.beam_shift_nm)
         jump = self.policy.observe(self.gp, obs)
+        if self.learner is not None:
+            self.learner.after_frame()   # starts a background fit when one is due; never waits
         # the model at every line (the mean is O(1) a point in state-space form; a coarser grid
         # would alias the 50 Hz term, a period of ~20 lines)
         line_mean, line_sd = self.gp.predict(frame.line_times())

@@ -4,6 +4,7 @@ writes every frame to a TIFF stack as it arrives (:class:`~stem_live.io.StackWri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -23,14 +24,15 @@ log = logging.getLogger(__name__)
 def record_stream(endpoint: str, path: str | os.PathLike, *, frames: int | None = None,
                   timeout_s: float | None = None, progress: Callable[[int, Frame], None] | None = None,
                   stop: threading.Event | None = None, overwrite: bool = False,
-                  stats: dict[str, int] | None = None) -> int:
+                  stats: dict[str, int] | None = None, on_wait: Callable[[float], None] | None = None) -> int:
     """Subscribe to a frames PUB ``endpoint`` and record every frame to ``path``.
 
     Stops after ``frames`` frames, when no valid frame arrived for ``timeout_s`` seconds, or
     when ``stop`` is set. Invalid messages (and non-frame messages) are skipped, counted and
     logged in one line each. ``progress(n_written, frame)`` runs after each frame is flushed.
     ``stats`` (optional dict) receives ``written``, ``invalid`` and ``missed`` (gaps in seq).
-    Returns the number of frames written.
+    ``on_wait(seconds)`` runs about once a second while no frame has arrived yet. Returns the
+    number of frames written; with none, ``path`` is removed again (no empty stack is left).
     """
     import zmq  # noqa: PLC0415 - only the streaming path needs ZeroMQ
 
@@ -53,7 +55,7 @@ def record_stream(endpoint: str, path: str | os.PathLike, *, frames: int | None 
         poller.register(sock, zmq.POLLIN)
         last_seq: dict[str, int] = {}
         with StackWriter(path, overwrite=overwrite) as writer:
-            idle_since = time.monotonic()
+            idle_since = started = waited = time.monotonic()
             while frames is None or writer.count < frames:
                 if stop is not None and stop.is_set():
                     break
@@ -61,6 +63,9 @@ def record_stream(endpoint: str, path: str | os.PathLike, *, frames: int | None 
                     log.info("no frame for %.1f s on %s: stopping", timeout_s, endpoint)
                     break
                 if not poller.poll(50):
+                    if on_wait is not None and writer.count == 0 and time.monotonic() - waited >= 1.0:
+                        waited = time.monotonic()
+                        on_wait(waited - started)
                     continue
                 try:
                     msg = recv(sock, flags=zmq.NOBLOCK)
@@ -86,7 +91,10 @@ def record_stream(endpoint: str, path: str | os.PathLike, *, frames: int | None 
                 idle_since = time.monotonic()
                 if progress is not None:
                     progress(writer.count, msg)
-            return writer.count
+        if writer.count == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return writer.count
     finally:
         sock.close(0)
         ctx.term()

@@ -16,18 +16,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from stem_live import protocol
-from stem_live.engine import Engine, FrameResult
+from stem_live.engine import Engine, FrameRefused, FrameResult
 from stem_live.heap import SETTLE_AFTER_FRAMES, settle_heap
 from stem_live.protocol import Ack, Command, Frame, Maps, ProtocolError, Reply
 from stem_live.security import ClientKeys, is_loopback
+from stem_live.service_state import Counters, LatestSlot, Recorder, worth_logging
 
 log = logging.getLogger("stem_live.service")
 
@@ -35,131 +34,12 @@ MAPS_ENDPOINT = "tcp://127.0.0.1:5557"
 COMMANDS_ENDPOINT = "tcp://127.0.0.1:5558"
 
 
-@dataclass
-class Counters:
-    """Stream health, shared between threads (ints only: updates are atomic enough)."""
-
-    received: int = 0
-    processed: int = 0
-    skipped: int = 0  # frames never processed: overwritten while busy, or gaps in seq
-    rejected: int = 0
-    corrections_sent: int = 0
-    acks: int = 0
-    acks_clamped: int = 0
-    acks_refused: int = 0
-    failed: int = 0  # frames the engine raised on (logged; the stream goes on)
-    rvae_skipped: int = 0  # processed frames the rVAE thread had no time to encode
-    rvae_ms: deque = field(default_factory=lambda: deque(maxlen=256))
-    last_reject: str = ""
-    last_ack_error: str = ""
-    last_error: str = ""
-    latency_ms: deque = field(default_factory=lambda: deque(maxlen=256))  # frame arrival -> correction sent
-    frame_ms: deque = field(default_factory=lambda: deque(maxlen=256))
-    stamps: deque = field(default_factory=lambda: deque(maxlen=64))  # processing end times, for fps
-
-    def fps(self) -> float:
-        if len(self.stamps) < 2:
-            return 0.0
-        return (len(self.stamps) - 1) / max(self.stamps[-1] - self.stamps[0], 1e-9)
-
-    def as_dict(self) -> dict:
-        lat, fm = list(self.latency_ms), list(self.frame_ms)
-        return {
-            "received": self.received, "processed": self.processed, "skipped": self.skipped,
-            "rejected": self.rejected, "corrections_sent": self.corrections_sent, "acks": self.acks,
-            "acks_clamped": self.acks_clamped, "acks_refused": self.acks_refused, "fps": round(self.fps(), 3),
-            "latency_p50_ms": _pct(lat, 50), "latency_p99_ms": _pct(lat, 99), "frame_ms_p50": _pct(fm, 50),
-            "last_reject": self.last_reject, "last_ack_error": self.last_ack_error,
-            "failed": self.failed, "last_error": self.last_error, "rvae_skipped": self.rvae_skipped,
-        }
-
-
 # how often an idle helper thread (receiver, commands, rVAE) wakes to check for stop: every
 # wake-up takes the GIL from the frame thread (1024 px, 10 Hz: latency p50 / p99 106 / 158 ms;
 # 2 Hz: 93 / 130 ms); stop() waits up to this long
 IDLE_POLL_MS = 500
-
-
-def _worth_logging(count: int) -> bool:
-    """Log the first 20 of a kind, then every 1000th: a flood is counted, not logged line by line."""
-    return count <= 20 or count % 1000 == 0
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 3) if values else None
-
-
-class LatestSlot:
-    """A one-item hand-off between two threads that keeps only the newest item: ``put`` over
-    an item not yet taken replaces it (and says so: the caller counts it as skipped)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: object | None = None
-
-    def put(self, item: object) -> bool:
-        """Store ``item``; True when it replaced one that was never taken."""
-        with self._cond:
-            replaced = self._item is not None
-            self._item = item
-            self._cond.notify()
-        return replaced
-
-    def take(self, timeout_s: float) -> object | None:
-        """The newest item (emptying the slot), waiting up to ``timeout_s``; None if none came."""
-        with self._cond:
-            if self._item is None:
-                self._cond.wait(timeout_s)
-            item, self._item = self._item, None
-        return item
-
-    @property
-    def full(self) -> bool:
-        """An item is waiting (a snapshot: another thread may take or replace it next)."""
-        return self._item is not None
-
-    def wake(self) -> None:
-        """Wake a thread waiting in ``take`` (on stop)."""
-        with self._cond:
-            self._cond.notify_all()
-
-
-class Recorder:
-    """Start/stop recording processed frames to a TIFF stack (used by the ``record`` command)."""
-
-    def __init__(self) -> None:
-        self._writer = None
-        self.path: Path | None = None
-        self.frames = 0
-        self.error = ""
-
-    @property
-    def active(self) -> bool:
-        return self._writer is not None
-
-    def start(self, path: Path) -> None:
-        from stem_live.io import StackWriter
-
-        self.stop()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = StackWriter(path)
-        self.path, self.frames, self.error = path, 0, ""
-
-    def write(self, frame: Frame) -> None:
-        if self._writer is None:
-            return
-        try:
-            self._writer.write(frame)
-            self.frames += 1
-        except Exception as exc:  # disk full etc.: stop recording, keep the stream going
-            self.error = str(exc)
-            log.error("recording stopped: %s", exc)
-            self.stop()
-
-    def stop(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+# frames stopping for longer than this (or 3 frame times, whichever is longer) disarm the correction
+SILENCE_S = 2.0
 
 
 class EngineService:
@@ -232,6 +112,56 @@ class EngineService:
         self.maps_endpoint = self._maps.getsockopt_string(zmq.LAST_ENDPOINT)
         self.commands_endpoint = self._rep.getsockopt_string(zmq.LAST_ENDPOINT)
         self._last_maps = 0.0
+        self._started_at = time.monotonic()
+        self._last_frame_at: float | None = None  # monotonic arrival of the newest frame
+        self.last_beam_nm: tuple[int, tuple[float, float]] | None = None  # (seq, beam shift nm) of the newest frame
+        self._frame_interval_s = 0.0  # the newest frame's scan time (s)
+        self.banner = ""  # what the operator must know now (silence disarmed the correction); "" when all is well
+        self._last_heartbeat = 0.0
+
+    # ------------------------------------------------------------------ silence
+
+    def silence_limit_s(self) -> float:
+        """Seconds without a frame after which the stream counts as stopped: 2 s or 3 frame times."""
+        return max(SILENCE_S, 3.0 * self._frame_interval_s)
+
+    def waiting(self) -> str | None:
+        """One line while no frame arrives (before the first, or after the stream stopped); None while frames flow."""
+        now = time.monotonic()
+        if self._last_frame_at is None:
+            return f"waiting for frames from {self.frames_endpoint} ({now - self._started_at:.0f} s)"
+        silent = now - self._last_frame_at
+        if silent <= self.silence_limit_s():
+            return None
+        return f"no frames from {self.frames_endpoint} for {silent:.0f} s" + (f"; {self.banner}" if self.banner else "")
+
+    def _check_silence(self) -> None:
+        """(worker, between frames) Disarm when the frames stopped while armed; publish a heartbeat
+        ``maps`` (no arrays; ``info["banner"]``) once a second while no frames arrive."""
+        line = self.waiting()
+        if line is None:
+            return
+        if self._last_frame_at is not None and self.engine.armed:
+            with self._lock:
+                self.engine.disarm()
+            self.banner = ("correction DISARMED: the frames stopped; it stays disarmed until the operator arms it "
+                           "again (monitor Arm, or the arm command)")
+            log.warning("no frames from %s for %.1f s: %s", self.frames_endpoint,
+                        time.monotonic() - self._last_frame_at, self.banner)
+        now = time.monotonic()
+        if now - self._last_heartbeat >= 1.0:
+            self._last_heartbeat = now
+            self._heartbeat(self.waiting() or line)
+
+    def _heartbeat(self, line: str) -> None:
+        import zmq
+
+        msg = Maps(seq=max(self._last_seq or 0, 0), metrics={"armed": float(self.engine.armed)},
+                   info={"heartbeat": True, "banner": line})
+        try:
+            protocol.send(self._maps, msg, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -264,7 +194,7 @@ class EngineService:
     def _reject(self, reason: str) -> None:
         self.counters.rejected += 1
         self.counters.last_reject = reason
-        if _worth_logging(self.counters.rejected):
+        if worth_logging(self.counters.rejected):
             log.warning("rejected message (%d so far): %s", self.counters.rejected, reason)
 
     def _receive_loop(self) -> None:
@@ -292,6 +222,9 @@ class EngineService:
                     self._reject(f"expected a frame on the frames socket, got {type(msg).__name__.lower()}")
                     continue
                 self.counters.received += 1
+                self._last_frame_at = time.monotonic()
+                self._frame_interval_s = msg.frame_time_s
+                self.last_beam_nm = (msg.seq, tuple(map(float, msg.beam_shift_nm)))
                 self._count_gap(msg.seq)
                 if self._frames.put((msg, time.perf_counter())):
                     self.counters.skipped += 1  # overwritten: the engine only takes the newest frame
@@ -312,6 +245,7 @@ class EngineService:
                 self._read_acks(dealer)
                 item = self._frames.take(0.05)
                 if item is None:
+                    self._check_silence()
                     continue
                 frame, arrived = item
                 self._frame_idle.clear()
@@ -337,6 +271,13 @@ class EngineService:
         try:
             with self._lock:
                 result = self.engine.process(frame, encode=False)
+        except FrameRefused as exc:  # never processed, counted, kept in a recording; the stream goes on
+            self.counters.refused += 1
+            self.counters.last_refused = str(exc)
+            if worth_logging(self.counters.refused):
+                log.warning("%s (%d refused so far)", exc, self.counters.refused)
+            self.recorder.write(frame)
+            return
         except Exception as exc:  # noqa: BLE001  (a bad frame must not stop the stream)
             self._engine_failed(frame, exc)
             return
@@ -386,7 +327,7 @@ class EngineService:
         """Count and log (rate-limited, one line) a frame the engine raised on; keep its pixels."""
         self.counters.failed += 1
         self.counters.last_error = f"{stage} failed on frame {frame.seq}: {type(exc).__name__}: {exc}"
-        if _worth_logging(self.counters.failed):
+        if worth_logging(self.counters.failed):
             log.error("%s (%d so far); the stream goes on", self.counters.last_error, self.counters.failed)
         if stage == "engine":
             self.recorder.write(frame)  # nothing recorded is lost, even when the analysis fails
@@ -402,6 +343,11 @@ class EngineService:
             elif seq <= last:
                 log.warning("frame seq went back from %d to %d: the instrument restarted its stream", last, seq)
         self._last_seq = seq
+
+    @property
+    def start_beam_nm(self) -> np.ndarray | None:
+        """Beam shift (nm) during the first frame processed; None before it."""
+        return None if self._start_beam_nm is None else self._start_beam_nm.copy()
 
     def restore_beam(self, timeout_s: float = 5.0) -> bool:
         """Disarm, then send the beam back to where it was during the first frame processed.
@@ -484,7 +430,8 @@ class EngineService:
         metrics = {
             "fps": c["fps"], "skipped": c["skipped"], "rejected": c["rejected"],
             "latency_p50_ms": c["latency_p50_ms"], "latency_p99_ms": c["latency_p99_ms"],
-            "armed": float(self.engine.armed), "peak": result.peak,
+            "armed": float(self.engine.armed), "peak": result.peak, "lost": float(result.lost), "flagged": float(bool(result.flagged)),
+            "refused": c["refused"],
             **{f"stage_{k}_ms": round(v, 3) for k, v in result.timings_ms.items()},
         }
         arrays = {"preview": preview, "drift_nm": np.asarray(result.drift_nm, np.float64)}
@@ -511,7 +458,7 @@ class EngineService:
         if result.line_drift_nm is not None and result.line_sigma_nm is not None:
             arrays.update(self._gp_arrays(frame, result, step))
         return Maps(seq=frame.seq, arrays=arrays,
-                    metrics=metrics, info={"t_mid": result.t_mid, "preview_step": step,
+                    metrics=metrics, info={"t_mid": result.t_mid, "preview_step": step, "banner": self.banner,
                                            "pixel_size_nm": list(frame.pixel_size_nm),
                                            **({} if latent_seq is None else {"latent_seq": latent_seq})})
 
@@ -548,6 +495,7 @@ class EngineService:
         with self._lock:
             st = self.engine.status()
         st["counters"] = self.counters.as_dict()
+        st["banner"] = self.banner
         st["recording"] = {"active": self.recorder.active, "path": str(self.recorder.path or ""),
                            "frames": self.recorder.frames, "error": self.recorder.error}
         return st
@@ -558,6 +506,7 @@ class EngineService:
             if cmd.cmd == "arm":
                 with self._lock:
                     self.engine.arm()
+                self.banner = ""
                 msg = "correction armed"
             elif cmd.cmd == "disarm":
                 with self._lock:

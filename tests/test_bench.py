@@ -71,3 +71,29 @@ def test_locate_bench_scores_both_locators_against_the_truth():
         assert "not installed" in r["atomap"]["128"]["error"]
     table = summary_table({"locate": r, "machine": {}})
     assert "classical   128 px" in table and "unet        128 px" in table and "atomap" in table
+
+
+def test_startup_bench_reports_cold_and_warm(monkeypatch, tmp_path):
+    """``bench startup``: two starts of the same command on one cache folder, emptied first (the
+    processes themselves are replaced by a stand-in: the real ones compile for a minute)."""
+    import stem_live.lab.bench_startup as bs
+
+    calls = []
+
+    def fake(argv, *, env=None, **_kw):
+        cache = env["STEM_LIVE_JAX_CACHE"]
+        tmp_path.joinpath("c").mkdir(exist_ok=True)  # as JAX does
+        calls.append((argv, cache, sorted(p.name for p in tmp_path.joinpath("c").glob("*"))))
+        tmp_path.joinpath("c", f"entry{len(calls)}").write_bytes(b"x" * 200_000)
+        return {"seconds": 40.0 if len(calls) == 1 else 3.0}
+
+    monkeypatch.setattr(bs, "time_to_first_frame", fake)
+    monkeypatch.setattr(bs, "write_recording", lambda path, **_kw: path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "stale").write_bytes(b"old")
+    rep = bs.bench_startup(size=128, cache_dir=tmp_path / "c")
+    assert rep["cold"] == {"seconds": 40.0} and rep["warm"] == {"seconds": 3.0} and rep["cache_mb"] == 0.4
+    (argv1, cache1, seen1), (argv2, cache2, seen2) = calls
+    assert argv1 == argv2 and "replay" in argv1 and argv1[-2:] == ["--model", "gp"]
+    assert cache1 == cache2 == str(tmp_path / "c") and seen1 == [] and seen2 == ["entry1"]  # cold: emptied first
+    assert "cold 40.0 s, warm 3.0 s" in bs.startup_table(rep)

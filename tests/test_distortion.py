@@ -233,3 +233,57 @@ def test_capped_window_compiles_one_size_only():
     assert sizes == {512} and 400 <= gp.snapshot.n_groups <= 512
     mean, sd = gp.predict(0.4 * 3 + np.array([0.05, 0.1]))
     assert np.all(np.abs(mean[:, 0] - 0.05 * (1.25 + np.array([0.0, 0.05]))) < 0.01) and np.all(np.isfinite(sd))
+
+
+def test_is_abrupt_tells_a_step_from_a_ramp_and_a_wander():
+    """A 50 pm step among 5 pm noise is abrupt; a ramp of the same total change and a random
+    wander (no step) are not."""
+    from stem_live.distortion.policy import is_abrupt
+
+    rng = np.random.default_rng(0)
+    n, s = 64, 40
+    noise = rng.normal(0, 0.005, (n, 2))
+    step = noise.copy()
+    step[s:, 0] += 0.05
+    assert is_abrupt(step, s, np.array([0.05, 0.0]))
+    ramp = noise + np.linspace(0, 0.05, n)[:, None] * np.array([1.0, 0.0])
+    assert not is_abrupt(ramp, s, np.array([0.02, 0.0]))
+    wander = noise + np.cumsum(rng.normal(0, 0.01, (n, 2)), axis=0)
+    assert not is_abrupt(wander, int(np.argmax(np.abs(np.diff(wander[:, 0])))) + 1, np.array([0.03, 0.0]))
+
+
+@pytest.mark.parametrize("drift", [
+    DriftConfig(drift_nm_per_min=20.0),                                                   # fast, steady
+    DriftConfig(ou_sigma_nm=0.06, ou_tau_s=0.5),                                          # strong, quick wander
+    DriftConfig(drift_nm_per_min=1.5, ou_sigma_nm=0.045, ou_tau_s=0.8, jitter_amp_nm=0.025),  # noisy room
+], ids=["fast", "wander", "noisy-room"])
+def test_no_false_jump_on_drift_the_model_did_not_expect(drift):
+    """Drift the default hyperparameters do not expect changes the residuals gradually: no
+    jump is called (without the abruptness test the wander cases call 2-4 per 14 frames)."""
+    _, frames = _session(12, scan=ScanConfig(), drift=drift, seed=1)
+    gp = OnlineDriftGP(window_frames=20, max_samples=4000, min_groups=1024)
+    policy = CorrectionPolicy()
+    flags = [policy.observe(gp, obs) for obs, _tr, _meta in frames]
+    assert not any(flags), [k for k, f in enumerate(flags) if f]
+
+
+@pytest.mark.parametrize("size_nm,seed,frac", [(0.1, 1, 0.6), (0.3, 3, 0.9), (1.0, 1, 0.6), (3.0, 2, 0.15)])
+def test_jumps_of_all_sizes_relock_within_two_frames(size_nm, seed, frac):
+    """A jump inside frame 6 (or seen first in frame 7, where the samples after it in frame 6
+    moved too far to be matched) is detected once; the targets for frames 8 and 9 are within
+    15 pm of the truth. The samples before the jump are kept, moved by the step."""
+    scope0 = Microscope(MicroscopeConfig(preset="graphene", size=SIZE))
+    ft = scope0.frame_time_s
+    drift = DriftConfig(jump_nm=size_nm, jump_time_s=(6 + frac) * ft, jump_direction_rad=0.5 + seed)
+    _, frames = _session(10, scan=ScanConfig(), drift=drift, seed=seed)
+    gp = OnlineDriftGP(window_frames=20, max_samples=4000, min_groups=1024)
+    policy = CorrectionPolicy()
+    flags, decisions = [], []
+    for obs, _tr, meta in frames:
+        flags.append(policy.observe(gp, obs))
+        decisions.append(policy.correction(gp, meta.t_start + ft, ft, (0.0, 0.0)))
+    assert [k for k, f in enumerate(flags) if f] in ([6], [7])
+    for k in (8, 9):
+        dec = decisions[k - 1]
+        assert dec.apply, dec.reason
+        assert np.hypot(*(dec.beam_shift_nm - frames[k][1].drift_nm[SIZE // 2])) < 0.015

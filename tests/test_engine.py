@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -170,3 +172,25 @@ def test_warm_up_leaves_no_trace_of_its_frames():
         if a.correction is not None:
             np.testing.assert_allclose(b.correction.beam_shift_nm, a.correction.beam_shift_nm, atol=1e-9)
     assert fresh.frames == warm.frames == len(stream)
+
+
+def test_gp_engine_flags_a_frame_without_credible_columns():
+    """A noise frame in the middle of a graphene stream fails the columns' quality gate: it is
+    flagged with the reason, adds no drift sample, sends no correction and has no column list;
+    the next real frame is processed as usual."""
+    from simulator import Microscope, MicroscopeConfig
+    from stem_live.lab.evaluate import frame_from_sim
+
+    scope = Microscope(MicroscopeConfig(preset="graphene", size=192, seed=3))
+    eng = Engine(EngineConfig(model="gp"))
+    eng.arm()
+    frames = [frame_from_sim(*scope.acquire()[:2]) for _ in range(4)]
+    for f in frames[:3]:
+        assert not eng.process(f).flagged
+    hist = len(eng._hist)
+    noise = np.random.default_rng(0).poisson(5.0, frames[3].image.shape).astype(np.uint16)
+    r = eng.process(replace(frames[3], image=noise))
+    assert r.flagged and r.correction is None and r.columns is None
+    assert len(eng._hist) == hist
+    after = eng.process(frames[3])
+    assert not after.flagged and after.columns is not None and len(after.columns) > 100

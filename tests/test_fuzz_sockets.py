@@ -111,7 +111,8 @@ def test_engine_frames_socket():
             time.sleep(0.002)  # live mode keeps at most a few messages queued: a flood would be dropped, not counted
         _wait(lambda: svc.counters.rejected == len(bad))
         assert svc.counters.received == 0  # none accepted
-        protocol.send(pub, Frame(seq=7, image=np.zeros((8, 8), np.uint16)))
+        image = np.random.default_rng(7).integers(0, 1000, (64, 64)).astype(np.uint16)   # a frame the engine takes
+        protocol.send(pub, Frame(seq=7, image=image))
         _wait(lambda: svc.counters.processed == 1)
     finally:
         svc.stop()

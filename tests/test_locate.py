@@ -671,3 +671,35 @@ def test_flyback_fit_reports_its_error_in_pixels_and_refits_only_where_needed():
     for bad, text in (((2.0, 1.0), "monotone"), ((1.0, float("inf")), "monotone"), ((1.0, 2.0, 3.0), "two numbers")):
         with pytest.raises(ValueError, match=text):
             locate_classical(clean, 12.0, refine=False, flyback_px=bad)
+
+
+# ----------------------------------------------------------------------------- dopant neighbours
+@pytest.mark.parametrize("dose", [20.0, 80.0])
+def test_the_c_neighbours_of_si_dopants_are_kept(dose):
+    """Graphene with substitutional Si (Z-contrast (14 / 6)^1.7 = 4.2 x a C column) and columns
+    as wide as a real probe makes them (sigma 0.3 x the bond): the band-pass alone loses the C
+    atoms bonded to a Si (its smoothed tail and negative halo swamp them: recall of those about
+    0.88 at dose 20); the residual pass finds them, and nothing else is added."""
+    from stem_live.lab.synthetic import honeycomb, render_columns
+
+    rng = np.random.default_rng(1)
+    sp, shape = 12.0, (256, 256)
+    truth = honeycomb(shape, sp, angle_rad=0.3, origin=(3.3, 1.7), margin_px=-0.5)
+    inner = np.flatnonzero(np.min(np.minimum(truth, 255 - truth), axis=1) > 2 * sp)
+    si = np.zeros(len(truth), bool)
+    si[rng.choice(inner, 8, replace=False)] = True
+    img = render_columns(shape, truth, sigma_px=0.3 * sp, amplitude=np.where(si, 4.2, 1.0), background=0.3,
+                         dose=dose, rng=rng)
+    d = np.linalg.norm(truth[:, None] - truth[si][None], axis=-1)
+    neighbour = np.any((d > 0) & (d < 1.3 * sp), axis=1) & ~si
+    assert neighbour.sum() == 24
+    for residual_pass, want in ((True, 0.99), (False, None)):
+        cols = locate_classical(img, sp, residual_pass=residual_pass)
+        r, c = match(cols.positions, truth, 0.3 * sp)
+        hit = np.zeros(len(truth), bool)
+        hit[c] = True
+        print(f"dose {dose} residual pass {residual_pass}: neighbours {hit[neighbour].mean():.3f}, "
+              f"recall {hit.mean():.4f}, precision {len(r) / len(cols):.4f}")
+        if want:
+            assert hit[neighbour].mean() >= want
+            assert hit.mean() >= 0.99 and len(r) / len(cols) >= 0.99

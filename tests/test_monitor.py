@@ -490,3 +490,14 @@ def test_train_control_reaches_the_gp_engine_and_status_shows_the_rvae(qtbot, gp
     assert st["steps_done"] == 30 and not st["training"] and st["available"] and np.isfinite(st["last_loss"])
     assert ctl.rvae_label.text().startswith("rVAE v1: encoding · 30 steps, loss")
     qtbot.waitUntil(lambda: lp.svc.counters.processed > n + 2, timeout=5000)  # the stream went on
+
+
+def test_drift_model_text_shows_what_the_engine_learnt():
+    from stem_live.monitor.window import drift_model_text
+
+    st = {"values": {"sigma_long_nm": 0.0331, "ell_long_s": 3.03, "sigma_short_nm": 0.005, "ell_short_s": 0.03,
+                     "sigma_mains_nm": 0.012}, "mains_hz": 60.0, "mains_mode": "auto", "fits": 5, "accepted": 4}
+    text = drift_model_text(st)
+    assert "wander 33 pm / 3 s" in text and "mains 60 Hz 12 pm (auto)" in text and "4/5 fits" in text
+    assert "no mains" in drift_model_text({**st, "mains_hz": None})
+    assert drift_model_text(None) == "drift model: rigid (no GP)"

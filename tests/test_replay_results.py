@@ -71,6 +71,8 @@ def test_results_against_the_simulator_truth(recording, tmp_path, capsys, keep_s
     assert not list(tmp_path.glob(".*partial"))
     r = load_results(out)
     assert r["info"]["model"] == "gp" and r["info"]["frames"] == N_FRAMES and not r["info"]["corrections_applied"]
+    hyper = r["info"]["drift_hyperparameters"]     # the drift GP's learnt values, carried along
+    assert 0 < hyper["values"]["sigma_long_nm"] < 1 and hyper["mains_hz"] in (None, 50.0, 60.0)
     rows, cols = CFG.shape
     assert r["drift_nm"].shape == r["drift_sigma_nm"].shape == (N_FRAMES, rows, 2)
     assert list(r["seq"]) == list(range(N_FRAMES)) and list(r["rows"]) == [rows] * N_FRAMES

@@ -157,15 +157,19 @@ def test_bad_frames_are_rejected_and_the_stream_goes_on():
     svc.start()
     try:
         time.sleep(0.3)
-        img = np.zeros((16, 16), np.uint16)
+        img = np.random.default_rng(0).poisson(100, (64, 64)).astype(np.uint16)
         pub.send_multipart([b"not json"])
         pub.send_multipart(protocol.encode(Frame(seq=0, image=img))[:1])  # buffer missing
         protocol.send(pub, protocol.Correction(id=1, beam_shift_nm=(0, 0), for_seq=0))  # wrong type
-        protocol.send(pub, Frame(seq=1, image=img))
+        protocol.send(pub, Frame(seq=1, image=np.zeros((64, 64), np.uint16)))  # valid message, constant: refused
         t0 = time.monotonic()
+        while svc.counters.refused < 1 and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        protocol.send(pub, Frame(seq=2, image=img))
         while svc.counters.processed < 1 and time.monotonic() - t0 < 5:
             time.sleep(0.01)
         assert svc.counters.rejected == 3
+        assert svc.counters.refused == 1 and "frame 1 refused: constant" in svc.counters.last_refused
         assert svc.counters.processed == 1
     finally:
         svc.stop()
@@ -230,7 +234,7 @@ def test_latest_slot_keeps_the_newest_and_reports_what_it_replaced():
     import threading
     import time
 
-    from stem_live.service import LatestSlot
+    from stem_live.service_state import LatestSlot
 
     slot = LatestSlot()
     t0 = time.perf_counter()

@@ -564,3 +564,158 @@ def test_position_crlb_matches_the_isolated_gaussian_and_rises_with_neighbours()
     assert position_crlb_px(noisy, alone)[0] > 1.05 * position_crlb_px(cfg, alone)[0]
     bright = replace(cfg, dose_e_per_A2=4 * cfg.dose)
     assert position_crlb_px(bright, alone)[0] == pytest.approx(0.5 * position_crlb_px(cfg, alone)[0], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- drift presets and ranges
+def test_drift_defaults_are_unchanged():
+    """Existing results depend on the defaults: 1 nm/min, OU 15 pm / 8 s, 5 pm of 50 Hz mains."""
+    d = DriftConfig()
+    assert (d.drift_nm_per_min, d.ou_sigma_nm, d.ou_tau_s, d.jitter_amp_nm, d.jitter_hz, d.settle_nm) == \
+        (1.0, 0.015, 8.0, 0.005, 50.0, 0.0)
+
+
+def test_drift_presets_differ_as_documented_and_sit_inside_the_ranges():
+    """settled: slowest and quietest; fresh: fastest, with settling; noisy-room: the largest, fastest
+    wander and mains. Every value inside simulator.ranges.RANGES (fresh's rate at t = 0 with its
+    settling too); 60 Hz by override; an unknown name is a clear error."""
+    from simulator.drift import DRIFT_PRESETS
+    from simulator.ranges import RANGES
+
+    p = {name: DriftConfig.preset(name) for name in ("settled", "fresh", "noisy-room")}
+    assert set(DRIFT_PRESETS) == set(p)
+    s, f, n = p["settled"], p["fresh"], p["noisy-room"]
+    assert s.drift_nm_per_min < n.drift_nm_per_min < f.drift_nm_per_min
+    assert f.settle_nm > 0 and s.settle_nm == n.settle_nm == 0
+    assert s.ou_sigma_nm < f.ou_sigma_nm < n.ou_sigma_nm and s.ou_tau_s > f.ou_tau_s > n.ou_tau_s
+    assert s.jitter_amp_nm < f.jitter_amp_nm < n.jitter_amp_nm
+    for d in p.values():
+        assert d.jitter_hz == 50.0
+        v0 = d.drift_nm_per_min + 60.0 * d.settle_nm / d.settle_tau_s        # nm/min at t = 0
+        assert RANGES["drift_nm_per_min"].contains(d.drift_nm_per_min) and RANGES["drift_nm_per_min"].contains(v0)
+        assert RANGES["ou_sigma_pm"].contains(d.ou_sigma_nm * 1e3) and RANGES["ou_tau_s"].contains(d.ou_tau_s)
+        assert RANGES["mains_pm"].contains(d.jitter_amp_nm * 1e3)
+    assert DriftConfig.preset("noisy-room", jitter_hz=60.0).jitter_hz == 60.0
+    # the settling shows: fresh moves faster in its first seconds than its constant velocity alone
+    m = DriftModel(replace(f, ou_sigma_nm=0.0, jitter_amp_nm=0.0), seed=0)
+    assert np.hypot(*m(np.array([6.0]))[0]) > 1.4 * f.drift_nm_per_min / 10.0
+    with pytest.raises(ValueError, match="unknown drift preset"):
+        DriftConfig.preset("windy")
+
+
+def test_ranges_cover_every_listed_parameter_with_a_source():
+    """The issue's list (velocity 0.3-20 nm/min, OU 5-60 pm / 0.3-10 s, mains 0-30 pm, flyback
+    0-30 pm / 5-100 us, frame gap 0-0.5 s, dwell 0.5-20 us, pixel 5-30 pm, dose 0.3-3x), each with
+    a source; log-uniform exactly where a range spans a decade or more; the defaults inside."""
+    from simulator.ranges import CHOICES, RANGES
+
+    expect = {"drift_nm_per_min": (0.3, 20), "ou_sigma_pm": (5, 60), "ou_tau_s": (0.3, 10), "mains_pm": (0, 30),
+              "flyback_pm": (0, 30), "flyback_tau_us": (5, 100), "frame_gap_s": (0, 0.5), "dwell_us": (0.5, 20),
+              "pixel_pm": (5, 30), "dose_factor": (0.3, 3)}
+    for name, (lo, hi) in expect.items():
+        assert (RANGES[name].low, RANGES[name].high) == (lo, hi), name
+    assert "line_jitter_pm" in RANGES and set(CHOICES["mains_hz"].options) == {50.0, 60.0}
+    assert set(CHOICES["specimen"].options) == {"graphene", "srtio3", "mos2"}
+    assert min(CHOICES["size"].options) == 256 and max(CHOICES["size"].options) == 1024
+    for name, r in RANGES.items():
+        assert r.source and r.low < r.high, name
+        assert r.log_uniform == (r.low > 0 and r.high / r.low >= 10.0), name
+    d, sc, m = DriftConfig(), ScanConfig(), MicroscopeConfig()
+    assert RANGES["drift_nm_per_min"].contains(d.drift_nm_per_min)
+    assert RANGES["ou_sigma_pm"].contains(d.ou_sigma_nm * 1e3) and RANGES["ou_tau_s"].contains(d.ou_tau_s)
+    assert RANGES["flyback_pm"].contains(sc.flyback_amp_nm * 1e3) and RANGES["flyback_tau_us"].contains(sc.flyback_tau_us)
+    assert RANGES["line_jitter_pm"].contains(sc.line_jitter_nm * 1e3) and RANGES["dwell_us"].contains(m.dwell_us)
+    assert RANGES["flyback_time_us"].contains(m.flyback_us)
+
+
+def test_range_draws_are_log_uniform_where_stated():
+    """Kolmogorov-Smirnov: log of a log-uniform range's draws is uniform, a uniform range's draws are."""
+    from scipy import stats
+
+    from simulator.ranges import RANGES
+
+    rng = np.random.default_rng(0)
+    for name in ("drift_nm_per_min", "ou_tau_s", "dwell_us", "mains_pm", "pixel_pm"):
+        r = RANGES[name]
+        v = np.array([r.draw(rng) for _ in range(2000)])
+        assert v.min() >= r.low and v.max() <= r.high
+        if r.log_uniform:
+            u = (np.log(v) - np.log(r.low)) / (np.log(r.high) - np.log(r.low))
+            assert stats.kstest((v - r.low) / (r.high - r.low), "uniform").pvalue < 1e-6, name
+        else:
+            u = (v - r.low) / (r.high - r.low)
+        assert stats.kstest(u, "uniform").pvalue > 1e-3, name
+
+
+def test_scenarios_are_seeded_and_inside_the_ranges():
+    """Same (seed, index), same scenario; another seed, other scenarios; scenario i of a long
+    matrix is scenario i of a short one; every drawn value inside its range or choice; the dwell
+    cap keeps a frame under MAX_FRAME_S; the config carries the scenario's values."""
+    from dataclasses import fields
+
+    from simulator.ranges import CHOICES, MAX_FRAME_S, RANGES, draw_scenarios
+
+    a, b = draw_scenarios(60, 11), draw_scenarios(60, 11)
+    assert a == b and draw_scenarios(3, 11) == a[:3] and draw_scenarios(60, 12) != a
+    names = {f.name for f in fields(a[0])}
+    for s in a:
+        for n in names & set(RANGES):
+            v = getattr(s, n)
+            assert RANGES[n].contains(v) or (n in ("jump_nm",) and v == 0.0), (n, v)
+        assert s.specimen in CHOICES["specimen"].options and s.size in CHOICES["size"].options
+        assert s.mains_hz in (50.0, 60.0)
+        assert s.size**2 * s.dwell_us * 1e-6 <= MAX_FRAME_S + 1e-9
+    assert {s.specimen for s in a} == {"graphene", "srtio3", "mos2"} and {s.mains_hz for s in a} == {50.0, 60.0}
+    assert any(s.mains_pm == 0 for s in a) and any(s.jump_nm > 0 for s in a)
+    s = a[0]
+    cfg = s.config(20)
+    assert cfg.preset == s.specimen and cfg.shape == (s.size, s.size) and cfg.seed == s.seed
+    assert cfg.pixel_size[0] == pytest.approx(s.pixel_pm * 1e-3) and cfg.dwell_us == s.dwell_us
+    assert cfg.drift.jitter_hz == s.mains_hz and cfg.drift.jitter_amp_nm == pytest.approx(s.mains_pm * 1e-3)
+    assert cfg.drift.ou_sigma_nm == pytest.approx(s.ou_sigma_pm * 1e-3) and cfg.frame_gap_s == s.frame_gap_s
+    assert cfg.scan.flyback_amp_nm == pytest.approx(s.flyback_pm * 1e-3)
+    assert cfg.dose == pytest.approx(s.dose_factor * MicroscopeConfig(preset=s.specimen).dose)
+
+
+def _mains_fit_pm(t: np.ndarray, x_nm: np.ndarray, hz: float) -> float:
+    """Amplitude (pm) of a sinusoid at ``hz`` in x(t), fitted with a cubic trend per frame."""
+    segs = np.cumsum(np.r_[0, np.diff(t) > 1e-3])                 # frames: a gap or new frame splits
+    cols = [np.sin(2 * np.pi * hz * t), np.cos(2 * np.pi * hz * t)]
+    for k in np.unique(segs):
+        m = segs == k
+        tc = np.where(m, t - t[m].mean(), 0.0)
+        cols += [m * tc**p for p in range(4)]
+    coef = np.linalg.lstsq(np.stack(cols, 1), x_nm, rcond=None)[0]
+    return float(np.hypot(coef[0], coef[1])) * 1e3
+
+
+def test_drawn_scenarios_plant_their_mains_in_the_truth():
+    """A drawn scenario without mains has none in the truth; a 60 Hz one has its spectral peak
+    at 60 Hz (not 50) on the fast axis only, with the drawn amplitude. Tall narrow frames, so
+    that a few frames span several mains periods."""
+    from simulator.ranges import draw_scenarios
+
+    drawn = draw_scenarios(60, 3)
+    quiet_ = next(s for s in drawn if s.mains_pm == 0)
+    loud = next(s for s in drawn if s.mains_hz == 60.0 and s.mains_pm > 10)
+
+    def truth_xy(s):
+        cfg = replace(s.config(3), rows=1500, cols=16, dwell_us=2.0, flyback_us=100.0)
+        scope = Microscope(cfg)
+        ts, ds = [], []
+        for _ in range(3):
+            _, _, tr = scope.acquire()
+            ts.append(tr.line_times_s)
+            ds.append(tr.drift_nm)
+        return np.concatenate(ts), np.concatenate(ds)
+
+    freqs = np.arange(30.0, 100.0, 1.0)
+    t, d = truth_xy(quiet_)
+    band = np.array([_mains_fit_pm(t, d[:, 1], f) for f in freqs])    # the OU wander's level
+    for hz in (50.0, 60.0):                                            # no line above its neighbours
+        near = band[(np.abs(freqs - hz) <= 8) & (freqs != hz)]
+        assert band[freqs == hz][0] < min(3.0 * np.median(near) + 0.5, 3.0), (hz, band[freqs == hz], near)
+    t, d = truth_xy(loud)
+    assert _mains_fit_pm(t, d[:, 1], 60.0) == pytest.approx(loud.mains_pm, rel=0.1)
+    assert _mains_fit_pm(t, d[:, 1], 50.0) < 0.2 * loud.mains_pm and _mains_fit_pm(t, d[:, 0], 60.0) < 3.0
+    peak = freqs[np.argmax([_mains_fit_pm(t, d[:, 1], f) for f in freqs])]
+    assert abs(peak - 60.0) <= 1.0

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from stem_live.cli.common import Progress, UserError, positive
+from stem_live.cli.common import Progress, UserError, frame_timing_args, positive
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
@@ -57,7 +57,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
             try:
                 total = count_frames(a.file)
                 frames = read_frames(a.file, pixel_size_nm=a.pixel_size_nm, dwell_us=a.dwell_us,
-                                     flyback_us=a.flyback_us)
+                                     flyback_us=a.flyback_us, frame_interval_s=a.frame_period_s,
+                                     frame_gap_us=a.frame_gap_us)
                 run = calibrate_frames(frames, lattice, max_frames=a.count, total=min(total, a.count or total),
                                        source=str(a.file), refit_steps=a.refit_steps,
                                        max_samples=a.max_samples, progress=progress)
@@ -95,6 +96,7 @@ def add_parser(sub) -> None:
     s.add_argument("--pixel-size-nm", type=positive(float), default=None, help="file: pixel size if it has none")
     s.add_argument("--dwell-us", type=positive(float), default=None, help="file: pixel dwell if it has none")
     s.add_argument("--flyback-us", type=float, default=None, help="file: line flyback if it has none")
+    frame_timing_args(s)
     s.add_argument("--refit-steps", type=int, default=60,
                    help="optimiser steps of the GP hyperparameter fit (0: keep the defaults; faster)")
     s.add_argument("--max-samples", type=positive(int), default=24000,

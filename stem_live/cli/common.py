@@ -26,6 +26,31 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- helpers
 
 
+def available_bytes() -> int | None:
+    """Memory available to a new computation (bytes): /proc/meminfo MemAvailable, else the
+    physical memory; None where neither is known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(need_bytes: int, what: str, fix: str, *, available: int | None = None) -> None:
+    """UserError before work that cannot fit: ``what`` needs about ``need_bytes``, more than
+    the memory available (``available``, default :func:`available_bytes`); ``fix`` says what to change."""
+    have = available_bytes() if available is None else available
+    if have is not None and need_bytes > have:
+        raise UserError(f"{what} needs about {need_bytes / 1e9:.1f} GB of memory, {have / 1e9:.1f} GB is available: "
+                        f"{fix}")
+
+
 class Progress:
     """One live line per event on a terminal (carriage return), one line each otherwise."""
 
@@ -64,8 +89,10 @@ def sim_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--preset", choices=PRESETS, default="graphene", help="specimen (default graphene)")
     p.add_argument("--size", type=positive(int), default=512, help="frame side in pixels (default 512)")
-    p.add_argument("--drift-nm-per-min", type=float, default=None, help="constant drift speed (nm/min)")
-    p.add_argument("--dose", type=positive(float), default=None, help="dose, electrons per square angstrom")
+    p.add_argument("--drift-nm-per-min", type=float, default=None, metavar="NM_PER_MIN",
+                   help="constant drift speed in nm/min (default: the simulator's drift model)")
+    p.add_argument("--dose", type=positive(float), default=None, metavar="E_PER_A2",
+                   help="dose in electrons per square angstrom (default: the preset's, 5e5 for graphene, 1e5 for srtio3 and mos2, 5e4 for particles)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
@@ -89,9 +116,10 @@ def endpoint_args(p: argparse.ArgumentParser, *names: str) -> None:
 
 
 def limits_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-step-nm", type=positive(float), default=0.5, help="largest beam move per correction")
-    p.add_argument("--max-excursion-nm", type=positive(float), default=10.0,
-                   help="largest distance from the starting beam shift")
+    p.add_argument("--max-step-nm", type=positive(float), default=0.5, metavar="NM",
+                   help="safety limit: largest beam move per correction, nm")
+    p.add_argument("--max-excursion-nm", type=positive(float), default=10.0, metavar="NM",
+                   help="safety limit: largest distance from the starting beam shift, nm")
 
 
 def wait_for_interrupt(stop: threading.Event) -> None:
@@ -130,8 +158,9 @@ def format_result(r, counters: dict) -> str:
             f"  {counters['fps']:.1f} fps  skipped {counters['skipped']}  rejected {counters['rejected']}{corr}")
 
 
-def engine_config(a: argparse.Namespace):
-    """EngineConfig from ``--model`` and ``--rvae`` (run, demo)."""
+def engine_config(a: argparse.Namespace, *, live: bool = True):
+    """EngineConfig from ``--model``, ``--rvae``, ``--calibration``, ``--mains-hz`` (run, demo,
+    replay); ``live`` False: the drift model's hyperparameter fits run inline (reproducible)."""
     from stem_live.engine import EngineConfig
 
     if a.rvae is not None and a.model != "gp":
@@ -140,7 +169,8 @@ def engine_config(a: argparse.Namespace):
         raise UserError("--calibration is used by the column model: add --model gp")
     return EngineConfig(model=a.model, rvae_checkpoint="" if a.rvae is None else str(a.rvae),
                         calibration="" if a.calibration is None else str(a.calibration),
-                        lattice_prior=not getattr(a, "independent_frames", False))
+                        lattice_prior=not getattr(a, "independent_frames", False),
+                        mains_hz=getattr(a, "mains_hz", None), hyperfit_background=live)
 
 
 def model_args(p: argparse.ArgumentParser) -> None:
@@ -155,6 +185,29 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--independent-frames", action="store_true",
                    help="(with --model gp) locate every frame on its own, not with the lattice of the frames "
                         "before it as the prior (the positions sent on are then each frame's own measurement)")
+    p.add_argument("--mains-hz", type=_mains, default=None, metavar="auto|0|50|60",
+                   help="(with --model gp) the mains frequency of the drift model's periodic term: auto (detected "
+                        "from the stream: 50 Hz, 60 Hz or none), 0 (none), or a frequency in Hz (default auto)")
+
+
+def _mains(text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        hz = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto, 0, 50 or 60") from None
+    if not (hz == 0 or 1.0 <= hz <= 1000.0):
+        raise argparse.ArgumentTypeError(f"{text}: a mains frequency is 0 (none) or 1-1000 Hz, usually 50 or 60")
+    return hz
+
+
+def frame_timing_args(p: argparse.ArgumentParser) -> None:
+    """Frame times for files that have none (``.npy``, plain TIFF, vendor files without a time axis)."""
+    p.add_argument("--frame-period-s", type=positive(float), default=None, metavar="S",
+                   help="file without frame times: frame start to start (s); default: frames back to back")
+    p.add_argument("--frame-gap-us", type=float, default=None, metavar="US",
+                   help="file without frame times: the pause after each frame's scan (us); default 0")
 
 
 def has_display() -> bool:

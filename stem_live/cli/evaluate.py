@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from stem_live.cli.common import Progress, positive, sim_args
+from stem_live.cli.common import Progress, check_memory, positive, sim_args
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from stem_live.lab.evaluate import evaluate
 
     prog = Progress()
+    if a.matrix:
+        return _matrix(a, prog)
+    # the simulator and the engine hold ~100 bytes a pixel of a frame (6.3 GB at 8192 px)
+    check_memory(100 * a.size ** 2, f"evaluate --size {a.size}", "use a smaller --size")
     report = evaluate(preset=a.preset, size=a.size, frames=a.count,
                       drift_nm_per_min=3.0 if a.drift_nm_per_min is None else a.drift_nm_per_min,
                       dose=a.dose, seed=a.seed, model=a.model, jump_nm=a.jump_nm, baseline=not a.no_baseline,
@@ -33,6 +38,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(text)
     if a.json:
         Path(a.json).write_text(text + "\n")
+    print(summary(report), file=sys.stderr)
+    return 0
+
+
+def _matrix(a: argparse.Namespace, prog: Progress) -> int:
+    """``--matrix N``: N drawn scenarios (``stem_live.lab.matrix``); one progress line each."""
+    from stem_live.lab.matrix import run_matrix
+
+    report = run_matrix(a.matrix, a.seed, model=a.model, progress=prog.line)
+    prog.done()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if a.json:
+        Path(a.json).write_text(text + "\n")
     return 0
 
 
@@ -47,7 +66,40 @@ def add_parser(sub) -> None:
     s.add_argument("--no-baseline", action="store_true", help="skip the baseline tracker run")
     s.add_argument("--rvae", action="store_true",
                    help="also train and score the rVAE (particles: angle recovery; graphene: Si dopants)")
+    s.add_argument("--matrix", type=positive(int), default=0, metavar="N",
+                   help="N scenarios drawn (with --seed) from the literature ranges of drift and scan "
+                        "(simulator/ranges.py, docs/drift-ranges.md), each run open loop, closed loop and "
+                        "baseline; --preset/--size/--frames/--dose/--drift-nm-per-min are ignored")
     s.add_argument("--json", type=Path, default=None, help="also write the report here")
     s.add_argument("--calibration", type=Path, default=None, metavar="JSON",
                    help="engine uses this `stem-live calibrate` result (with --model gp)")
     s.set_defaults(func=cmd_evaluate)
+
+
+def summary(report: dict) -> str:
+    """A few lines a person reads beside the JSON: the image motion closed loop against open
+    loop, the baseline tracker and the oracle floor (pm); the columns' error against the
+    Cramer-Rao bound; the drift model's error."""
+    def pm(nm: float | None) -> str:
+        return "n/a" if nm is None else f"{nm * 1e3:.1f} pm"
+
+    ol, cl = report.get("open_loop", {}), report.get("closed_loop", {})
+    base = (report.get("baseline") or {}).get("residual_rms_nm")
+    floor = cl.get("oracle_floor_nm")
+    closed, opened = cl.get("residual_rms_nm"), ol.get("residual_rms_nm")
+    lines = [f"image motion RMS: closed loop {pm(closed)}, open loop {pm(opened)}"
+             + (f" ({closed / opened:.0%} of it)" if closed is not None and opened else "")
+             + f", baseline tracker {pm(base)}, oracle floor {pm(floor)}"]
+    if closed is not None and base:
+        lines.append(f"  closed loop vs baseline: {'better' if closed < base else 'WORSE'} "
+                     f"({closed / base:.2f}x the baseline's motion)")
+    cols = report.get("columns") or {}
+    if "rmse_px" in cols:
+        bound = cols.get("crlb_px")
+        ratio = f", {cols['rmse_px'] / bound:.1f}x the Cramer-Rao bound {bound:.3f} px" if bound else ""
+        lines.append(f"columns: recall {cols.get('recall')}, precision {cols.get('precision')}, "
+                     f"position RMSE {cols['rmse_px']:.3f} px ({cols.get('rmse_pm')} pm){ratio}")
+    drift = report.get("drift") or {}
+    if "rmse_pm" in drift:
+        lines.append(f"drift model: RMSE {drift['rmse_pm']} pm per scan line (open loop, after one constant offset)")
+    return "\n".join(lines)

@@ -9,16 +9,29 @@ import threading
 import time
 from pathlib import Path
 
-from stem_live.cli.common import Progress, UserError, engine_config, model_args, positive, wait_for_interrupt
+from stem_live.cli.common import (
+    Progress,
+    UserError,
+    engine_config,
+    frame_timing_args,
+    model_args,
+    positive,
+    wait_for_interrupt,
+)
 
 
 def cmd_replay(a: argparse.Namespace) -> int:
     from instrument_adapters.base import EndOfStream
     from instrument_adapters.replay import ReplayInstrument
-    from stem_live.engine import Engine
+    from stem_live.engine import Engine, FrameRefused
     from stem_live.io import RecordError
+    from stem_live.io.metadata import MIN_ANALYSIS_SIDE
 
     writer = None
+    if a.report is not None and a.results is None:
+        raise UserError("--report draws the per-frame results: add --results OUT.npz")
+    if a.report is not None and a.report.suffix.lower() != ".png":
+        raise UserError(f"--report {a.report}: the figure is a PNG, name it .png")
     if a.results is not None:  # per-frame results need the columns and the GP: --results implies --model gp
         from stem_live.io.results import ResultsWriter
 
@@ -34,16 +47,17 @@ def cmd_replay(a: argparse.Namespace) -> int:
     a.model = a.model or "rigid"
     try:
         inst = ReplayInstrument(a.file, pixel_size_nm=a.pixel_size_nm, dwell_us=a.dwell_us, flyback_us=a.flyback_us,
-                                realtime=a.realtime)
+                                realtime=a.realtime, min_side=MIN_ANALYSIS_SIDE, frame_interval_s=a.frame_period_s,
+                                frame_gap_us=a.frame_gap_us)
     except (RecordError, OSError) as exc:
         raise UserError(str(exc)) from None
-    engine = Engine(engine_config(a))
+    engine = Engine(engine_config(a, live=False))
     if writer is not None:
         engine.arm()  # the corrections it would have sent are recorded; a recording cannot move: none is applied
     prog = Progress()
     stop = threading.Event()
     wait_for_interrupt(stop)
-    n, t0 = 0, time.perf_counter()
+    n, refused, lost, flagged, last_refusal, t0 = 0, 0, 0, 0, "", time.perf_counter()
     total = len(inst)
     try:
         while not stop.is_set():
@@ -53,18 +67,35 @@ def cmd_replay(a: argparse.Namespace) -> int:
                 break
             except RecordError as exc:
                 raise UserError(str(exc)) from None
-            r = engine.process(frame)
-            if writer is not None:
-                writer.add(frame, r, engine)
             n += 1
-            prog.line(f"[{n}/{total}] frame {r.seq}  drift [{r.drift_nm[0]:+.3f}, {r.drift_nm[1]:+.3f}] nm  "
-                      f"peak {r.peak:.2f}  {n / (time.perf_counter() - t0):.1f} fps")
+            try:
+                r = engine.process(frame)
+            except FrameRefused as exc:  # never processed; the replay goes on
+                refused, last_refusal = refused + 1, str(exc).split(": ", 1)[-1]
+                prog.line(f"[{n}/{total}] {exc}")
+                continue
+            lost += int(r.lost)
+            flagged += int(bool(r.flagged))
+            if writer is not None and not r.lost and not r.flagged:
+                writer.add(frame, r, engine)
+            what = (f"lost: no significant match (peak {r.peak:.2f} < {engine.config.min_peak:g})" if r.lost else
+                    f"flagged: {r.flagged}" if r.flagged else
+                    f"drift [{r.drift_nm[0]:+.3f}, {r.drift_nm[1]:+.3f}] nm  peak {r.peak:.2f}")
+            prog.line(f"[{n}/{total}] frame {r.seq}  {what}  {n / (time.perf_counter() - t0):.1f} fps")
     finally:
         prog.done()
         if writer is not None:  # also after Ctrl-C or a bad frame: what was processed is kept
             path = writer.close()
             print(f"results of {len(writer)} frames ({writer.n_columns} columns) -> {path}", file=sys.stderr)
-    print(f"replayed {n} frames from {a.file} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            if a.report is not None and len(writer):
+                from stem_live.io.figures import replay_figure
+                from stem_live.io.results import load_results
+
+                print(f"report -> {replay_figure(load_results(path), a.report)['path']}", file=sys.stderr)
+    if n and refused == n:
+        raise UserError(f"{a.file}: all {n} frames refused ({last_refusal}): give a recording of STEM images")
+    extra = "".join(f", {k} {v}" for k, v in (("refused", refused), ("lost", lost), ("flagged", flagged)) if v)
+    print(f"replayed {n} frames from {a.file} in {time.perf_counter() - t0:.1f} s{extra}", file=sys.stderr)
     return 0
 
 
@@ -75,9 +106,13 @@ def add_parser(sub) -> None:
     s.add_argument("--pixel-size-nm", type=positive(float), default=None)
     s.add_argument("--dwell-us", type=positive(float), default=None)
     s.add_argument("--flyback-us", type=float, default=None)
+    frame_timing_args(s)
     s.add_argument("--realtime", action="store_true", help="reproduce the recorded frame timing")
     s.add_argument("--results", type=Path, default=None, metavar="OUT.npz",
                    help="write per-frame results (columns raw and undistorted, drift at every scan line with "
                         "sigma, the corrections an armed engine would have sent); implies --model gp")
+    s.add_argument("--report", type=Path, default=None, metavar="OUT.png",
+                   help="(with --results) a one-page figure: drift with its GP band and the corrections, columns "
+                        "per frame, the learnt drift hyperparameters")
     model_args(s)
     s.set_defaults(func=cmd_replay, model=None)

@@ -48,6 +48,10 @@ def cmd_sim(a: argparse.Namespace) -> int:
     finally:
         bridge.stop(restore=a.restore_on_exit)
         prog.done()
+        s = bridge.stats  # after the bridge stopped: the true totals
+        print(f"sim: published {s.frames_published} frames, dropped {s.frames_dropped}, corrections "
+              f"{s.corrections_applied} (clamped {s.corrections_clamped}, refused {s.corrections_refused})",
+              file=sys.stderr)
     return 0
 
 
@@ -95,6 +99,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         bridge.stop(restore=a.restore_on_exit)
         inst.close()
         prog.done()
+        s = bridge.stats  # after the bridge stopped: the true totals
+        print(f"{a.instrument}: published {s.frames_published} frames, dropped {s.frames_dropped}, corrections "
+              f"{s.corrections_applied} (clamped {s.corrections_clamped}, refused {s.corrections_refused})",
+              file=sys.stderr)
     return 0
 
 
@@ -104,7 +112,7 @@ def add_parser(sub) -> None:
     sim_args(s)
     endpoint_args(s, "frames", "corrections")
     limits_args(s)
-    s.add_argument("--speed", type=float, default=1.0, help="1 = real scan rate, 0 = as fast as possible")
+    s.add_argument("--speed", type=float, default=1.0, help="scan speed: 1 = real scan rate, 0 = as fast as possible")
     s.add_argument("--frames", dest="count", type=positive(int), default=None, help="stop after N frames")
     s.add_argument("--restore-on-exit", action="store_true", help="restore the starting beam shift on exit")
     s.add_argument("--server-key", type=Path, default=None, help="CURVE: this instrument's NAME.key_secret")

@@ -6,8 +6,8 @@ Model, per sample k (see :mod:`.observations` for the sign conventions)::
     disp_k = d(t_k) - S(pos_k) + eps_k,      eps_k ~ N(0, sigma_k^2 + sigma_white^2)
 
 * ``d(t) = c + v (t - t_c) + f_long(t) + f_short(t)``: offset and velocity with broad
-  Gaussian priors, and two Matern-3/2 processes (a slow wander on seconds, a fast one on
-  tens of ms). The two components (y, x) share one kernel and one factorisation (a
+  Gaussian priors, an Ornstein-Uhlenbeck (exponential kernel) wander on seconds and a
+  Matern-3/2 process on tens of ms. The two components (y, x) share one kernel and one factorisation (a
   "parallel" GP, arXiv:2005.10507): same hyperparameters, two right-hand sides.
 * ``S(pos)``: scan distortion, linear in its coefficients (Gaussian priors)::
 
@@ -28,9 +28,11 @@ outputs) with the coefficients marginalised by Woodbury (a 5x5 system).
 State is bounded: a sliding window of the last ``window_frames`` frames (thinned to at
 most ``max_samples`` samples), padded to a few fixed sizes so nothing recompiles.
 Hyperparameters (amplitudes, length scales, white noise, flyback tau) are fitted by
-``refit()`` (optax Adam on the negative log marginal likelihood, one jit-compiled loop);
-``refit`` may run in a background thread: ``add``/``predict`` use an immutable snapshot
-that is swapped atomically and never wait for a refit.
+``refit()`` (:mod:`.hyperfit`: bounded type-II maximum likelihood) on the window, or on
+the longer ``history`` of frames (:class:`~.hyperfit.HyperLearner`, a background thread);
+``add``/``predict`` use an immutable snapshot that is swapped atomically and never wait
+for a fit. The mains frequency of the SHO term can change (``set_mains``) without a
+recompilation: each snapshot carries the frequency it was conditioned with.
 
 All JAX work runs in float64 (``jax.enable_x64`` as a context, not globally) on the CPU.
 """
@@ -39,255 +41,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from stem_live.distortion.gp_jax import _BOUNDS, _N_BASIS, BASIS, BOUNDS, HYPER_NAMES, _bucket, _functions, _jax  # noqa: F401
 from stem_live.distortion.observations import Observations
 
-__all__ = ["OnlineDriftGP", "GPSnapshot", "HYPER_NAMES"]
+__all__ = ["OnlineDriftGP", "GPSnapshot", "HYPER_NAMES", "BOUNDS"]
 
-#: hyperparameters, all fitted in log space
-HYPER_NAMES = ("sigma_long_nm", "ell_long_s", "sigma_short_nm", "ell_short_s",
-               "sigma_white_nm", "flyback_tau_s", "sigma_mains_nm", "mains_q", "sigma_line_nm")
-#: allowed ranges (clipped in the fit)
-_BOUNDS = {"sigma_long_nm": (1e-4, 1.0), "ell_long_s": (0.2, 100.0),
-           "sigma_short_nm": (1e-5, 1.0), "ell_short_s": (1e-3, 2.0),
-           "sigma_white_nm": (1e-5, 0.1), "flyback_tau_s": (1e-6, 1e-3),
-           "sigma_mains_nm": (1e-6, 0.1), "mains_q": (0.5, 1e4), "sigma_line_nm": (1e-6, 0.05)}
-#: basis: offset, velocity, a_y*, a_*x, flyback
-BASIS = ("offset", "velocity", "y", "x", "flyback")
-_N_BASIS = len(BASIS)
-_PAD_SIZES = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-_PAD_VAR = 1e8
 _MEAN_CHUNKS = (16, 1024)  # padded sizes of the prediction (each compiles once per window size)
 _N_VAR = 32            # points of the posterior-sd grid computed with each conditioning
-
-
-
-def _jax():
-    import jax
-    return jax
-
-
-# ----------------------------------------------------------------------------- jax code
-_FN: dict = {}
-
-
-def _functions():
-    """Build (once) the jit-compiled functions; imports jax/tinygp lazily.
-
-    Exact grouping: samples scanned within ``group_s`` of each other (one or two lines)
-    are taken to see the same GP drift value. Per group, the likelihood factorises exactly
-    into the weighted group mean (which sees d(t_g) + mean(phi) beta) and the within-group
-    deviations (which see only (phi - mean(phi)) beta). The deviations give a Gaussian
-    posterior on beta (prior for the GP stage); the GP runs over group means only, so its
-    O(N) scan has a few points per line instead of one per column.
-    """
-    if _FN:
-        return _FN
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from tinygp.kernels import quasisep as qs
-
-    lo = np.log(np.array([_BOUNDS[k][0] for k in HYPER_NAMES]))
-    hi = np.log(np.array([_BOUNDS[k][1] for k in HYPER_NAMES]))
-
-    def unpack(theta):
-        return jnp.exp(jnp.clip(theta, lo, hi))
-
-    def features(tau, t, pos_nm, centre_nm, t_line):
-        """Basis phi (n, 5): the model is disp = phi @ beta + GP (signs folded in)."""
-        fb = jnp.exp(-jnp.maximum(t_line, 0.0) / tau)
-        return jnp.stack([jnp.ones_like(t), t, -(pos_nm[:, 0] - centre_nm[0]),
-                          -(pos_nm[:, 1] - centre_nm[1]), -fb], axis=1)
-
-    def time_kernel(h, omega):
-        k = qs.Matern32(scale=h[1], sigma=h[0]) + qs.Matern32(scale=h[3], sigma=h[2])
-        if omega is not None:
-            k = k + qs.SHO(omega=omega, quality=h[7], sigma=h[6])
-        return k
-
-    def stages(theta, data, prior_var, omega):
-        """Both stages: within-group beta posterior, then the GP factor over groups."""
-        h = unpack(theta)
-        G = data["tg"].shape[0]
-        gid = data["gid"]
-        w = data["mask"] / (data["var"] + h[4] ** 2)                 # (R,)
-        phi = features(h[5], data["t"], data["pos"], data["centre"], data["tline"])
-        y = data["y"]
-        seg = lambda v: jax.ops.segment_sum(v, gid, num_segments=G)  # noqa: E731
-        Wg = seg(w)
-        Wg_safe = jnp.where(Wg > 0, Wg, 1.0)
-        ybar = seg(w[:, None] * y) / Wg_safe[:, None]                # (G, 2)
-        pbar = seg(w[:, None] * phi) / Wg_safe[:, None]              # (G, 5)
-        yd = y - ybar[gid]
-        pd = phi - pbar[gid]
-        H = (w[:, None] * pd).T @ pd                                  # (5, 5)
-        g = (w[:, None] * pd).T @ yd                                  # (5, 2)
-        Syy = jnp.sum(w[:, None] * yd * yd, axis=0)                   # (2,)
-        P = jnp.diag(1.0 / prior_var) + H
-        Pc = jnp.linalg.cholesky(P)
-        mu = jax.scipy.linalg.cho_solve((Pc, True), g)                # (5, 2)
-        n_raw = jnp.sum(data["mask"])
-        gmask = (Wg > 0).astype(y.dtype)
-        n_grp = jnp.sum(gmask)
-        logdet_P = 2.0 * jnp.sum(jnp.log(jnp.diag(Pc)))
-        ll_within = (-0.5 * jnp.sum(Syy - jnp.sum(g * mu, axis=0))
-                     + 2 * (-0.5 * jnp.sum(jnp.log(prior_var)) - 0.5 * logdet_P)
-                     + 2 * 0.5 * (jnp.sum(jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), 0.0))
-                                  - jnp.sum(jnp.where(Wg > 0, jnp.log(Wg_safe), 0.0)))
-                     - (n_raw - n_grp) * np.log(2 * np.pi))
-        # GP stage over the group means: r = d(t_g) + pbar (beta - mu) + noise, with
-        # beta - mu ~ N(0, P^-1) marginalised by Woodbury (the scan only carries the
-        # stationary GP state; well conditioned), one factorisation for both outputs.
-        tg = data["tg"]
-        K = time_kernel(h, omega).to_symm_qsm(tg)
-        nv = jnp.where(Wg > 0, 1.0 / Wg_safe + h[8] ** 2, _PAD_VAR)
-        K = qs.SymmQSM(diag=qs.DiagQSM(d=K.diag.d + nv), lower=K.lower)
-        L = K.cholesky()
-        Phi = pbar * gmask[:, None]
-        r = (ybar - pbar @ mu) * gmask[:, None]                      # (G, 2)
-        Z = L.solve(jnp.concatenate([r, Phi], axis=1))               # one scan for both
-        Zr, Zp = Z[:, :2], Z[:, 2:]                                  # (G, 2), (G, 5)
-        M = P + Zp.T @ Zp
-        Mc = jnp.linalg.cholesky(M)
-        c = Zp.T @ Zr                                                # (5, 2)
-        delta = jax.scipy.linalg.cho_solve((Mc, True), c)            # posterior beta - mu
-        logdet = jnp.sum(jnp.log(L.diag.d) * gmask)
-        logdet_M = 2.0 * jnp.sum(jnp.log(jnp.diag(Mc)))
-        ll_gp = (-0.5 * jnp.sum(jnp.sum(Zr * Zr, axis=0) - jnp.sum(c * delta, axis=0))
-                 - 2.0 * logdet - (logdet_M - logdet_P) - n_grp * np.log(2 * np.pi))
-        return dict(h=h, L=L, Zr=Zr, Zp=Zp, Mc=Mc, delta=delta, mu=mu, Phi=Phi, r=r, ll=ll_within + ll_gp)
-
-    def nll(theta, data, prior_var, omega, theta0):
-        # MAP: a weak log-normal prior (sd 1.5 in log) around the initial values
-        n = jnp.maximum(jnp.sum(data["mask"]), 1.0)
-        return (-stages(theta, data, prior_var, omega)["ll"]
-                + 0.5 * jnp.sum(((theta - theta0) / 1.5) ** 2)) / n
-
-    def dense(M):
-        """A (nested) tinygp Block as a dense block-diagonal array."""
-        if hasattr(M, "blocks"):
-            return jax.scipy.linalg.block_diag(*(dense(b) for b in M.blocks))
-        return M
-
-    def mean_states(kern, tg, alpha):
-        """State-space form of the posterior mean sum_g k(t, t_g) alpha_g (tinygp's
-        GeneralQSM product with the two scans done once per conditioning): forward states
-        F[g] = sum_{g' <= g} (transition g' -> g) h alpha_g', backward states B[g] likewise
-        from the right. A test time then costs O(1) (see ``ss_mean``)."""
-        a = jax.vmap(lambda x1, x2: dense(kern.transition_matrix(x1, x2)))(
-            jnp.append(tg[0], tg[:-1]), tg)                              # (G, J, J)
-        h2 = jax.vmap(kern.observation_model)(tg)                        # (G, J)
-        pinf = dense(kern.stationary_covariance())
-        pu = h2 @ pinf
-
-        def fwd(f, d):
-            q, a_, x = d
-            f = a_ @ f + jnp.outer(q, x)
-            return f, f
-
-        _, F = jax.lax.scan(fwd, jnp.zeros((h2.shape[1], alpha.shape[1])), (h2, a, alpha))
-
-        def bwd(c, d):
-            f, ap = c
-            p, a_, x = d
-            f = ap.T @ f + jnp.outer(p, x)
-            return (f, a_), f
-
-        _, B = jax.lax.scan(bwd, (jnp.zeros((h2.shape[1], alpha.shape[1])), a[0]), (pu, a, alpha),
-                            reverse=True)
-        return F, B
-
-    def ss_mean(state, t_test, omega):
-        """GP part of the posterior mean at t_test from the precomputed states: O(m)."""
-        kern = time_kernel(state["h"], omega)
-        tg, F, B = state["tg"], state["F"], state["B"]
-        G = tg.shape[0]
-        idx = jnp.searchsorted(tg, t_test, side="right") - 1
-        pinf = dense(kern.stationary_covariance())
-        h1 = jax.vmap(kern.observation_model)(t_test)                     # (m, J)
-        i0 = jnp.clip(idx, 0, G - 1)
-        i1 = jnp.clip(idx + 1, 0, G - 1)
-        pl = jax.vmap(lambda h, x0, x1: (h @ pinf) @ dense(kern.transition_matrix(x0, x1)))(
-            h1, tg[i0], t_test)
-        qu = jax.vmap(lambda h, x0, x1: dense(kern.transition_matrix(x0, x1)) @ h)(
-            h1, t_test, tg[i1])
-        lower = jnp.where((idx >= 0)[:, None], jnp.einsum("mj,mjk->mk", pl, F[i0]), 0.0)
-        upper = jnp.where((idx < G - 1)[:, None], jnp.einsum("mj,mjk->mk", qu, B[i1]), 0.0)
-        return lower + upper
-
-    def cross_cov(kern, tg, t_test):
-        """K(tg, t_test) (G, m) through the quasiseparable form: O((G + m) m), no dense
-        kernel evaluation (t_test sorted)."""
-        return kern.to_general_qsm(tg, t_test) @ jnp.eye(t_test.shape[0])
-
-    def variance(state, t_test, omega):
-        """Posterior variance of d(t) at sorted t_test, with the uncertainty of the linear
-        terms (Rasmussen & Williams eq. 2.42): one quasiseparable solve with m columns."""
-        h, L = state["h"], state["L"]
-        m = t_test.shape[0]
-        phi_s = jnp.zeros((m, _N_BASIS)).at[:, 0].set(1.0).at[:, 1].set(t_test)
-        A = L.solve(cross_cov(time_kernel(h, omega), state["tg"], t_test))
-        Rm = phi_s.T - state["Zp"].T @ A                             # (5, m)
-        V = jax.scipy.linalg.solve_triangular(state["Mc"], Rm, lower=True)
-        kss = h[0] ** 2 + h[2] ** 2
-        if omega is not None:
-            kss = kss + h[6] ** 2
-        return jnp.maximum(kss - jnp.sum(A * A, axis=0) + jnp.sum(V * V, axis=0), 1e-14)
-
-    @jax.jit
-    def condition(theta, data, prior_var, omega):
-        st = stages(theta, data, prior_var, omega)
-        L, Mc = st["L"], st["Mc"]
-        beta = st["mu"] + st["delta"]
-        # K^-1 (r - Phi delta), reusing the forward solves: L^-1 (r - Phi delta) = Zr - Zp delta
-        alpha = L.transpose().solve(st["Zr"] - st["Zp"] @ st["delta"])   # (G, 2)
-        beta_cov = jax.scipy.linalg.cho_solve((Mc, True), jnp.eye(Mc.shape[0]))
-        F, B = mean_states(time_kernel(st["h"], omega), data["tg"], alpha)
-        state = {"h": st["h"], "L": L, "beta": beta, "beta_cov": beta_cov,
-                 "Zp": st["Zp"], "Mc": Mc, "tg": data["tg"], "ll": st["ll"], "F": F, "B": B,
-                 "tvar": data["tvar"]}
-        # the posterior sd on a grid over the newest frame and the next two (interpolated
-        # by ``predict``): computed here, in the same call, once per conditioning
-        state["svar"] = jnp.sqrt(variance(state, data["tvar"], omega))
-        return state
-
-    @jax.jit
-    def predict(state, t_test, omega):
-        """Drift d(t) at sorted t_test and its sd (exact; one solve with m columns)."""
-        m = t_test.shape[0]
-        phi_s = jnp.zeros((m, _N_BASIS)).at[:, 0].set(1.0).at[:, 1].set(t_test)
-        mean = phi_s @ state["beta"] + ss_mean(state, t_test, omega)
-        return mean, jnp.sqrt(variance(state, t_test, omega))
-
-    @jax.jit
-    def predict_mean(state, t_test, omega):
-        """The posterior mean alone, from the state-space form: O(m) after conditioning."""
-        m = t_test.shape[0]
-        phi_s = jnp.zeros((m, _N_BASIS)).at[:, 0].set(1.0).at[:, 1].set(t_test)
-        return phi_s @ state["beta"] + ss_mean(state, t_test, omega)
-
-    def make_fit(steps, lr):
-        opt = optax.adam(lr)
-
-        @jax.jit
-        def fit(theta, data, prior_var, omega, fixed, theta0):
-            def body(carry, _):
-                th, st = carry
-                val, g = jax.value_and_grad(nll)(th, data, prior_var, omega, theta0)
-                g = jnp.where(jnp.isfinite(g) & (fixed == 0), g, 0.0)
-                upd, st = opt.update(g, st, th)
-                return (optax.apply_updates(th, upd), st), val
-
-            (th, _), vals = jax.lax.scan(body, (theta, opt.init(theta)), None, length=steps)
-            return th, vals
-        return fit
-
-    _FN.update(condition=condition, predict=predict, predict_mean=predict_mean, make_fit=make_fit, fits={})
-    return _FN
 
 
 # ----------------------------------------------------------------------------- python API
@@ -308,11 +72,7 @@ class GPSnapshot:
     mean_state: dict | None = None   # the few arrays ``predict_mean`` needs (cheap to pass per call)
     tvar: np.ndarray | None = None   # times (rel. to tc) of the posterior-sd grid, host copy
     svar: np.ndarray | None = None   # posterior sd on that grid (nm)
-
-
-def _bucket(n: int, minimum: int) -> int:
-    n = max(int(n), minimum)
-    return next((p for p in _PAD_SIZES if p >= n), int(np.ceil(n / 32768) * 32768))
+    omega: float | None = None       # mains angular frequency (rad/s) it was conditioned with
 
 
 class OnlineDriftGP:
@@ -338,6 +98,8 @@ class OnlineDriftGP:
     max_groups: the padded group count is capped here (None: no cap): a window with more
         groups is trimmed, oldest frames first, then coarser groups within one frame, so a
         session compiles one size and no later frame waits for a compilation.
+    history_s: frames of the last this many seconds are kept in ``history`` (the data of
+        the background hyperparameter fit, :class:`~.hyperfit.HyperLearner`).
     """
 
     def __init__(self, window_frames: int = 20, max_samples: int = 4000, *,
@@ -348,7 +110,7 @@ class OnlineDriftGP:
                  sigma_mains_nm: float = 0.003, mains_q: float = 50.0, sigma_line_nm: float = 0.001,
                  prior_sd: tuple[float, float, float, float, float] = (0.3, 0.1, 0.05, 0.05, 0.05),
                  centre_px: tuple[float, float] | None = None, fit_distortion: bool = True,
-                 min_groups: int = 256, max_groups: int | None = None):
+                 min_groups: int = 256, max_groups: int | None = None, history_s: float = 12.0):
         if window_frames < 1 or max_samples < 16 or group_s <= 0:
             raise ValueError("need window_frames >= 1, max_samples >= 16 and group_s > 0")
         self.window_frames = int(window_frames)
@@ -365,9 +127,9 @@ class OnlineDriftGP:
                   sigma_line_nm=sigma_line_nm)
         self._theta = np.log(np.array([h0[k] for k in HYPER_NAMES], dtype=float))
         self._theta0 = self._theta.copy()
-        # fitted by refit(): all but the slow length scale and the SHO quality (a few
-        # seconds of data cannot pin them down), and the SHO amplitude when it is off
-        fixed = {"ell_long_s", "mains_q"} | ({"sigma_mains_nm"} if self._omega is None else set())
+        # fitted by refit(): all but the SHO quality (the mains line is narrower than the
+        # frequency resolution of a window), and the SHO amplitude when it is off
+        fixed = {"mains_q"} | ({"sigma_mains_nm"} if self._omega is None else set())
         self._fixed = np.array([k in fixed for k in HYPER_NAMES], dtype=float)
         pv = np.asarray(prior_sd, dtype=float) ** 2
         if not fit_distortion:
@@ -376,10 +138,13 @@ class OnlineDriftGP:
         self._centre_px = None if centre_px is None else np.asarray(centre_px, dtype=float)
         self._pixel_size = np.ones(2)
         self._frames: deque[Observations] = deque()
+        self.history_s = float(history_s)
+        self.history: deque[Observations] = deque()   # frames of the last history_s (guarded by _lock)
         self._lock = threading.Lock()          # guards the window and _theta
         self._snap = GPSnapshot(self._theta.copy(), None, np.zeros(2), 0.0, 0)
         self.timings_ms: dict[str, float] = {}
         self.n_refits = 0
+        self.mains_on = self._omega is not None
 
     # ------------------------------------------------------------------ window
     @property
@@ -413,13 +178,22 @@ class OnlineDriftGP:
         """Forget every sample (hyperparameters are kept)."""
         with self._lock:
             self._frames.clear()
+            self.history.clear()
             self._snap = GPSnapshot(self._theta.copy(), None, np.zeros(2), 0.0, 0)
 
-    def relock(self, t_from_s: float) -> None:
-        """Drop every sample scanned before ``t_from_s`` (after a jump) and recondition."""
+    def relock(self, t_from_s: float, step_nm=None) -> None:
+        """After a jump at ``t_from_s``: without ``step_nm``, drop every sample scanned before it;
+        with the step (y, x) nm, keep them moved by the step, so the velocity and the wander
+        learnt before the jump carry on. Reconditions."""
+        def cut(f: Observations) -> Observations:
+            if step_nm is None:
+                return f.select(f.t_s >= t_from_s)
+            before = (f.t_s < t_from_s)[:, None]
+            return replace(f, disp_nm=f.disp_nm + before * np.asarray(step_nm, dtype=float).reshape(1, 2))
+
         with self._lock:
-            kept = [f.select(f.t_s >= t_from_s) for f in self._frames]
-            self._frames = deque(f for f in kept if len(f))
+            self._frames = deque(g for g in map(cut, self._frames) if len(g))
+            self.history = deque(g for g in map(cut, self.history) if len(g))
             data = self._window_data()
             theta = self._theta.copy()
         self._snap = self._condition(theta, data)
@@ -439,6 +213,9 @@ class OnlineDriftGP:
             self._frames.append(obs)
             while len(self._frames) > self.window_frames:
                 self._frames.popleft()
+            self.history.append(obs)
+            while self.history and self.history[0].t_s.max() < obs.t_s.max() - self.history_s:
+                self.history.popleft()
             data = self._window_data()
             theta = self._theta.copy()
         t1 = time.perf_counter()
@@ -526,8 +303,8 @@ class OnlineDriftGP:
         fn = _functions()
         with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
             for m in _MEAN_CHUNKS:
-                fn["predict_mean"](snap.mean_state, np.zeros(m), self._omega)
-            jax.block_until_ready(fn["predict"](snap.state, np.zeros(16), self._omega))
+                fn["predict_mean"](snap.mean_state, np.zeros(m), snap.omega)
+            jax.block_until_ready(fn["predict"](snap.state, np.zeros(16), snap.omega))
 
     @staticmethod
     def _jdata(data: dict) -> dict:
@@ -538,14 +315,15 @@ class OnlineDriftGP:
             return GPSnapshot(theta.copy(), None, np.zeros(2), 0.0, 0)
         jax = _jax()
         fn = _functions()
+        omega = self._omega
         with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
-            st = fn["condition"](theta, self._jdata(data), self._prior_var, self._omega)
+            st = fn["condition"](theta, self._jdata(data), self._prior_var, omega)
             beta = np.asarray(st["beta"])
             bsd = np.sqrt(np.maximum(np.diag(np.asarray(st["beta_cov"])), 0.0))
             mean_state = {k: st[k] for k in ("h", "beta", "tg", "F", "B")}
         return GPSnapshot(theta.copy(), st, data["_y_mean"], data["_tc"], data["_n"], data["_ng"],
                           data["_frames"], data["_t_range"], beta, np.stack([bsd, bsd], axis=1),
-                          mean_state, np.asarray(st["tvar"]), np.asarray(st["svar"]))
+                          mean_state, np.asarray(st["tvar"]), np.asarray(st["svar"]), omega)
 
     # ------------------------------------------------------------------ prediction
     def predict(self, t_s) -> tuple[np.ndarray, np.ndarray]:
@@ -571,7 +349,7 @@ class OnlineDriftGP:
                 tt = rel[a:a + _MEAN_CHUNKS[-1]]
                 mp = next(b for b in _MEAN_CHUNKS if b >= len(tt))
                 tp = np.concatenate([tt, np.full(mp - len(tt), tt[-1])])
-                means.append(np.asarray(fn["predict_mean"](snap.mean_state, tp, self._omega))[:len(tt)])
+                means.append(np.asarray(fn["predict_mean"](snap.mean_state, tp, snap.omega))[:len(tt)])
             tv = snap.tvar
             if rel.min() >= tv[0] and rel.max() <= tv[-1]:
                 # the sd grid over the newest frame and the next two, from the conditioning
@@ -581,7 +359,7 @@ class OnlineDriftGP:
                 # sd varies slowly between samples
                 tk = np.sort(rel) if m <= 16 else np.linspace(rel.min(), rel.max(), 16)
                 tp = np.concatenate([tk, np.full(16 - len(tk), tk[-1])])
-                sk = np.asarray(fn["predict"](snap.state, tp, self._omega)[1])[:len(tk)]
+                sk = np.asarray(fn["predict"](snap.state, tp, snap.omega)[1])[:len(tk)]
                 sd = np.interp(rel, tk, sk)
         mean = np.concatenate(means) + snap.y_mean
         return mean, np.stack([sd, sd], axis=1)
@@ -623,34 +401,66 @@ class OnlineDriftGP:
                 "sd_flyback_amp_nm": float(s[4, 1])}
 
     # ------------------------------------------------------------------ hyperparameters
-    def refit(self, steps: int = 50, lr: float = 0.05) -> dict:
-        """Fit the hyperparameters on the current window (optax Adam on the negative log
-        marginal likelihood, one jit-compiled loop), then swap them in atomically.
-        Safe to call from a background thread while ``add``/``predict`` go on."""
-        t0 = time.perf_counter()
+    @property
+    def mains_hz(self) -> float | None:
+        """Frequency of the SHO (mains) term in use (Hz); None: off."""
+        return None if self._omega is None else self._omega / (2 * np.pi)
+
+    @property
+    def learnt_theta(self) -> np.ndarray:
+        """log-hyperparameters (``HYPER_NAMES`` order) the next conditioning will use."""
         with self._lock:
-            data = self._window_data()
-            theta = self._theta.copy()
-        if data is None:
-            return {"steps": 0, "ok": False}
-        jax = _jax()
-        fn = _functions()
-        key = (int(steps), float(lr))
-        if key not in fn["fits"]:
-            fn["fits"][key] = fn["make_fit"](int(steps), float(lr))
-        with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
-            th, vals = fn["fits"][key](theta, self._jdata(data), self._prior_var, self._omega,
-                                       self._fixed, self._theta0)
-            th, vals = np.asarray(th), np.asarray(vals)
-        if not np.all(np.isfinite(th)):
-            return {"steps": int(steps), "ok": False}
+            return self._theta.copy()
+
+    def learnt_hyperparameters(self) -> dict[str, float]:
+        """The hyperparameters (units of their names) the next conditioning will use."""
+        return dict(zip(HYPER_NAMES, np.exp(self.learnt_theta).tolist()))
+
+    def set_theta(self, theta: np.ndarray) -> None:
+        """Use ``theta`` (log, ``HYPER_NAMES`` order, clipped to the bounds) from the next
+        conditioning on (``add`` / ``relock``); never waits for, nor recomputes, a model."""
         lo = np.log([_BOUNDS[k][0] for k in HYPER_NAMES])
         hi = np.log([_BOUNDS[k][1] for k in HYPER_NAMES])
-        th = np.clip(th, lo, hi)
         with self._lock:
-            self._theta = th
-            data = self._window_data()          # the window may have moved meanwhile
-        self._snap = self._condition(th, data)
-        self.n_refits += 1
-        return {"steps": int(steps), "ok": True, "nll_start": float(vals[0]), "nll_end": float(vals[-1]),
-                "ms": (time.perf_counter() - t0) * 1e3, **self.hyperparameters}
+            self._theta = np.clip(np.asarray(theta, dtype=float), lo, hi)
+
+    def set_hyperparameters(self, *, warm_start: bool = True, **values: float) -> None:
+        """Set hyperparameters by name (``HYPER_NAMES``, units of the names), e.g. from a
+        calibration; ``warm_start`` also makes them the centre of the fit's weak prior."""
+        unknown = set(values) - set(HYPER_NAMES)
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)}; known: {HYPER_NAMES}")
+        th = self.learnt_theta
+        for k, v in values.items():
+            if v is not None and np.isfinite(v) and v > 0:
+                th[HYPER_NAMES.index(k)] = np.log(float(v))
+        self.set_theta(th)
+        if warm_start:
+            self._theta0 = self.learnt_theta
+
+    def set_mains(self, hz: float | None) -> None:
+        """Mains frequency of the SHO term (Hz) from the next conditioning on; None or 0: off
+        (its amplitude pinned at the lower bound: no recompilation, unlike a GP built with
+        ``mains_hz=None``). A GP built without the term keeps it off."""
+        i = HYPER_NAMES.index("sigma_mains_nm")
+        if self._omega is None:
+            return
+        th = self.learnt_theta
+        if hz:
+            self._omega = float(2 * np.pi * hz)
+            self._fixed[i] = 0.0
+            if th[i] <= np.log(_BOUNDS["sigma_mains_nm"][0]) + 1e-9:
+                th[i] = self._theta0[i]
+        else:
+            self._fixed[i] = 1.0
+            th[i] = np.log(_BOUNDS["sigma_mains_nm"][0])
+        self.set_theta(th)
+        self.mains_on = bool(hz)
+
+    def refit(self, steps: int = 50, lr: float = 0.05, **kw) -> dict:
+        """Fit the hyperparameters on the current window and recondition (see
+        :func:`~.hyperfit.refit` for ``max_step``, ``data``, ``recondition``). Safe to call
+        from a background thread while ``add``/``predict`` go on."""
+        from stem_live.distortion.hyperfit import refit
+
+        return refit(self, steps=steps, lr=lr, **kw)

@@ -11,13 +11,13 @@ reference positions (``b(t) = d(t) - d_ref + b_ref``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from stem_live.distortion.observations import Observations
 
-__all__ = ["CorrectionPolicy", "CorrectionDecision"]
+__all__ = ["CorrectionPolicy", "CorrectionDecision", "is_abrupt"]
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,44 @@ class CorrectionDecision:
     jump_detected: bool = False
 
 
+def is_abrupt(res: np.ndarray, s: int, step: np.ndarray, *, window: int = 6, n_sigma: float = 6.0,
+              fraction: float = 0.6) -> bool:
+    """Is the change of the time-ordered residuals ``res`` (n, 2) (nm) at sample ``s`` a step?
+
+    ``D(j)`` = mean of the ``window`` samples from j on minus the mean of the ``window`` before
+    j (nm, 2-vector), for every j with full windows. A step at s has ``|D(s)|`` near the step
+    size and far above the spread of ``D`` elsewhere (1.4826 x the median absolute ``D``
+    outside s +- window, per axis); a drift the model did not predict, or a wander, changes
+    the residual gradually, so its ``D`` is alike everywhere."""
+    n = len(res)
+    w = int(max(1, min(window, s, n - s)))
+    if w < 2 or n < 4 * w:
+        return bool(np.hypot(*step) > 0)  # too few samples to judge the shape: the size test decides
+    cs = np.vstack([np.zeros((1, 2)), np.cumsum(res, axis=0)])
+    j = np.arange(w, n - w + 1)
+    d = (cs[j + w] - cs[j]) / w - (cs[j] - cs[j - w]) / w  # (m, 2) local change at each j
+    d_s = (cs[s + w] - cs[s]) / w - (cs[s] - cs[s - w]) / w
+    away = np.abs(j - s) > w
+    if away.sum() < 4:
+        return bool(np.hypot(*d_s) >= fraction * np.hypot(*step))
+    spread = 1.4826 * np.median(np.abs(d[away]), axis=0)    # (2,) robust sd of the local change
+    z = np.hypot(*(d_s / np.maximum(spread, 1e-9))) / np.sqrt(2.0)
+    return bool(z > n_sigma and np.hypot(*d_s) >= fraction * np.hypot(*step))
+
+
 @dataclass
 class CorrectionPolicy:
     """gain: fraction of the predicted correction applied; deadband_nm: smaller steps are
     not sent; max_sigma_nm: no correction while the GP is less sure than this;
     jump_nm / jump_sigma: a block of a frame whose median residual exceeds
     max(jump_nm, jump_sigma * predicted sigma), and stays so to the end of the frame, is a
-    jump; n_blocks: blocks per frame (time-ordered); max_test: at most this many of a frame's
-    samples (evenly spread in time) are tested for a jump."""
+    jump candidate; n_blocks: blocks per frame (time-ordered); max_test: at most this many of
+    a frame's samples (evenly spread in time) are tested for a jump.
+    abrupt_sigma: a candidate is a jump only if it is abrupt: the change of the residual across
+    its time (means of ``abrupt_window`` samples on either side) exceeds ``abrupt_sigma`` times
+    the robust spread of the same local change elsewhere in the frame (so a wander or a velocity
+    the model did not expect, which changes the residual gradually, is not a jump), and is at
+    least ``abrupt_fraction`` of the fitted step."""
 
     gain: float = 1.0
     deadband_nm: float = 0.002
@@ -51,6 +81,9 @@ class CorrectionPolicy:
     n_blocks: int = 8
     min_block: int = 5
     max_test: int = 64
+    abrupt_sigma: float = 6.0
+    abrupt_window: int = 6
+    abrupt_fraction: float = 0.6
     jumps: list = field(default_factory=list)   # (frame, t_jump_s, step_nm) history
     jump_detected: bool = False
 
@@ -90,6 +123,14 @@ class CorrectionPolicy:
         right = np.sum((cs[-1] - cs[:-1]) ** 2, axis=1) / (n - k)
         sse = cs2[-1] - left - right
         s = lo + int(np.argmin(sse)) + 1 if n > 1 else lo
+        if b0 == 0 and np.hypot(*np.median(res[:s], axis=0)) > 0.5 * np.hypot(*np.median(res[s:], axis=0)):
+            s = 0  # the samples before the split are off as well: the jump came before the frame
+        step = np.median(res[s:], axis=0) - (np.median(res[:s], axis=0) if s > 0 else 0.0)
+        # every block off: the step came before this frame's first tested sample (between
+        # frames, or in lines without columns); otherwise it must be abrupt where it is
+        if b0 > 0 and not is_abrupt(res, s, step, window=self.abrupt_window, n_sigma=self.abrupt_sigma,
+                                    fraction=self.abrupt_fraction):
+            return False, np.nan, np.zeros(2)
         t_jump = float(obs.t_s[order][s])
         return True, t_jump, np.median(res[s:], axis=0)
 
@@ -99,8 +140,11 @@ class CorrectionPolicy:
         self.jump_detected = bool(jump)
         if jump:
             self.jumps.append((int(obs.frame[0]) if len(obs) else -1, t_jump, step))
-            gp.relock(t_jump)                       # forget everything before the jump
-            gp.add(obs.select(obs.t_s >= t_jump))
+            # the samples before the jump are kept, moved by the step: the velocity and the wander
+            # learnt before it carry on, and the model is on the new level at once
+            gp.relock(t_jump, step_nm=step)
+            before = (obs.t_s < t_jump)[:, None]
+            gp.add(replace(obs, disp_nm=obs.disp_nm + before * np.asarray(step, dtype=float).reshape(1, 2)))
         else:
             gp.add(obs)
         return self.jump_detected

@@ -9,6 +9,7 @@ them. :func:`read_images` reads the pixels only, for analyses that need no scan 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -20,8 +21,10 @@ import numpy as np
 from stem_live.io.metadata import (
     PIXELS_ONLY,
     RecordError,
+    check_colour_stack,
     check_shape,
     convert_image,
+    frame_times,
     guard_reading,
     parse_number,
     parse_options,
@@ -42,10 +45,12 @@ from stem_live.io.vendor import count_vendor_frames, is_vendor_file, read_vendor
 from stem_live.protocol import Frame
 
 NPY_MAGIC = b"\x93NUMPY"
+log = logging.getLogger(__name__)
 
 
 def _open_npy(path: Path) -> np.ndarray:
     a = np.load(path, mmap_mode="r", allow_pickle=False)
+    check_colour_stack(a.shape, a.dtype, path.name)
     if a.ndim == 2:
         a = a[None]
     if a.ndim != 3:
@@ -57,15 +62,9 @@ def _array_frames(data: np.ndarray, meta: dict[str, Any], path: Path) -> Iterato
     n, rows, cols = data.shape
     px = meta["pixel_size_nm"]
     dwell, fly = meta["dwell_us"], meta["flyback_us"]
-    frame_time = rows * (cols * dwell + fly) * 1e-6
-    interval = meta.get("frame_interval_s", frame_time)
-    t0 = meta.get("t_start", 0.0)
-    if isinstance(t0, list) and len(t0) != n:
-        raise RecordError(f"{path.name}: sidecar t_start lists {len(t0)} times for {n} frames: "
-                          f"give one per frame or a single start time")
+    times = frame_times(n, rows * (cols * dwell + fly) * 1e-6, meta, path)
     for i in range(n):
-        t = t0[i] if isinstance(t0, list) else t0 + i * interval
-        yield Frame(seq=i, image=convert_image(np.array(data[i]), f"{path.name} frame {i}"), t_start=float(t),
+        yield Frame(seq=i, image=convert_image(np.array(data[i]), f"{path.name} frame {i}"), t_start=float(times[i]),
                     pixel_size_nm=px, dwell_us=dwell, flyback_us=fly,
                     scan_rotation_rad=meta.get("scan_rotation_rad", 0.0),
                     beam_shift_nm=meta.get("beam_shift_nm", (0.0, 0.0)),
@@ -92,10 +91,11 @@ def _frame_from_meta(meta: dict, image: np.ndarray, opts: Mapping[str, Any], whe
         raise RecordError(f"{where} has damaged metadata ({exc}): the recording is corrupt") from None
 
 
-def _our_frames(path: Path, opts: Mapping[str, Any]) -> Iterator[Frame]:
+def _our_frames(path: Path, opts: Mapping[str, Any], on_truncated: Callable[[str], None] | None = None
+                ) -> Iterator[Frame]:
     with open(path, "rb") as fh:
         t = TiffIndex(fh, os.fstat(fh.fileno()).st_size, path.name)
-        for i, (meta, image, _) in enumerate(our_pages(t, path.name, data=True)):
+        for i, (meta, image, _) in enumerate(our_pages(t, path.name, data=True, on_truncated=on_truncated)):
             yield _frame_from_meta(meta, image, opts, f"{path.name} page {i}")
 
 
@@ -120,9 +120,11 @@ def _sniff(path: Path) -> str:
     raise RecordError(f"{path.name} is neither a TIFF stack nor a .npy array: give a .tif or .npy file")
 
 
-def _open(path: Path, opts: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
-          ) -> tuple[int, Callable[[], Iterator[Frame]]]:
-    """Validate ``path`` (``defaults`` fill in what neither the file, its sidecar nor ``opts`` give) and return (number of frames or -1 where not counted, a frame iterator factory)."""
+def _open(path: Path, opts: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, *, min_side: int = 2,
+          on_truncated: Callable[[str], None] | None = None) -> tuple[int, Callable[[], Iterator[Frame]]]:
+    """Validate ``path`` (``defaults`` fill in what neither the file, its sidecar nor ``opts`` give;
+    frame sides below ``min_side`` px are refused) and return (number of frames or -1 where not
+    counted, a frame iterator factory). ``on_truncated(message)``: see :func:`read_frames`."""
     kind = _sniff(path)
     try:
         if kind == "tiff":
@@ -132,9 +134,11 @@ def _open(path: Path, opts: Mapping[str, Any], defaults: Mapping[str, Any] | Non
                 if state == "incomplete":
                     raise no_frame_error(path)
                 if state == "ours":
-                    if next(our_pages(t, path.name, data=False), None) is None:
+                    first = next(our_pages(t, path.name, data=False), None)
+                    if first is None:
                         raise no_frame_error(path)
-                    return -1, lambda: _our_frames(path, opts)  # counting would walk every page
+                    check_shape(tuple(first[2]), path.name, min_side=min_side)
+                    return -1, lambda: _our_frames(path, opts, on_truncated)  # counting would walk every page
             data, meta = open_foreign_tiff(path)
         else:
             data = _open_npy(path)
@@ -142,7 +146,7 @@ def _open(path: Path, opts: Mapping[str, Any], defaults: Mapping[str, Any] | Non
             convert_image(np.zeros(1, data.dtype), path.name)
         if data.shape[0] == 0:
             raise RecordError(f"{path.name} holds no frames: give a non-empty stack")
-        check_shape(tuple(data.shape[1:]), path.name)
+        check_shape(tuple(data.shape[1:]), path.name, min_side=min_side)
         side, _ = read_sidecar(path)
         meta.update(side)
         meta.update(opts)
@@ -160,25 +164,37 @@ def _open(path: Path, opts: Mapping[str, Any], defaults: Mapping[str, Any] | Non
                           f"stack (TIFF, ImageJ TIFF, .npy)") from None
 
 
+def _warn_truncated(message: str) -> None:
+    log.warning("%s", message)
+
+
 def read_frames(path: str | os.PathLike, *, pixel_size_nm: float | tuple[float, float] | None = None,
-                dwell_us: float | None = None, flyback_us: float | None = None) -> Iterator[Frame]:
+                dwell_us: float | None = None, flyback_us: float | None = None, min_side: int = 2,
+                on_truncated: Callable[[str], None] | None = None, frame_interval_s: float | None = None,
+                frame_gap_us: float | None = None) -> Iterator[Frame]:
     """Frames of a recording, in order. The file is checked now (RecordError at call time);
     frames are read lazily as the iterator is consumed.
 
     Our own recordings give back the frames exactly as written (a truncated one: every
     complete page). Files without per-frame metadata get ``seq`` 0..N-1 and ``t_start``
     ``i * frame_interval_s`` (ImageJ ``finterval`` or sidecar) or else ``i * frame time``.
-    Options override values from the file and its sidecar.
+    Options override values from the file and its sidecar (``frame_interval_s``: start to start;
+    ``frame_gap_us``: the pause after each frame's scan; our own recordings keep their own times).
+    Frames with a side below ``min_side``
+    px (an analysis passes ``MIN_ANALYSIS_SIDE``), colour images and stacks of more than 3
+    dimensions are refused. A recording cut off mid-page ends at its last complete frame and
+    ``on_truncated(message)`` is called with one line saying where (default: a logged warning).
     """
     p = Path(path)
-    opts = parse_options(pixel_size_nm, dwell_us, flyback_us)
+    opts = parse_options(pixel_size_nm, dwell_us, flyback_us, frame_interval_s, frame_gap_us)
     if is_vendor_file(p):
-        return read_vendor_frames(p, **opts)
-    _, factory = _open(p, opts)
+        return read_vendor_frames(p, pixel_size_nm=pixel_size_nm, dwell_us=dwell_us, flyback_us=flyback_us,
+                                  frame_interval_s=frame_interval_s, frame_gap_us=frame_gap_us)
+    _, factory = _open(p, opts, min_side=min_side, on_truncated=on_truncated or _warn_truncated)
     return guard_reading(factory(), p)
 
 
-def read_images(path: str | os.PathLike) -> np.ndarray:
+def read_images(path: str | os.PathLike, *, min_side: int = 2) -> np.ndarray:
     """The images of any file :func:`read_frames` reads, as one (N, H, W) array (dtype as stored,
     or float32), for analyses that need the pixels only: a missing pixel size, dwell or flyback
     is not an error here. RecordError (one line) for a file that cannot be read."""
@@ -186,9 +202,11 @@ def read_images(path: str | os.PathLike) -> np.ndarray:
     if is_vendor_file(p):
         frames = read_vendor_frames(p, defaults=PIXELS_ONLY)
     else:
-        _, factory = _open(p, {}, PIXELS_ONLY)
+        _, factory = _open(p, {}, PIXELS_ONLY, min_side=min_side, on_truncated=_warn_truncated)
         frames = guard_reading(factory(), p)
     images = [f.image for f in frames]
+    if images and min_side > 2:
+        check_shape(tuple(images[0].shape), p.name, min_side=min_side)
     if not images:
         raise no_frame_error(p)
     return np.stack(images)

@@ -11,6 +11,7 @@ is refused with a :class:`RecordError` that says what to do.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -25,6 +26,8 @@ MARKER = "stem_live"
 #: dtypes converted to float32 on reading
 CONVERTIBLE = ("int8", "int16", "int32", "uint32", "float16", "float64")
 
+
+log = logging.getLogger("stem_live.io")
 
 class RecordError(Exception):
     """A recording cannot be written or a file cannot be read; the one-line text says what to do."""
@@ -65,14 +68,51 @@ LIMITS = {"dwell_us": (1e-6, 1e6), "flyback_us": (0.0, 1e7)}
 OPTION_FLAGS = {"pixel_size_nm": "--pixel-size-nm", "dwell_us": "--dwell-us", "flyback_us": "--flyback-us"}
 
 
-def parse_options(pixel_size_nm: Any, dwell_us: Any, flyback_us: Any) -> dict[str, Any]:
+def parse_options(pixel_size_nm: Any, dwell_us: Any, flyback_us: Any, frame_interval_s: Any = None,
+                  frame_gap_us: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if pixel_size_nm is not None:
         out["pixel_size_nm"] = parse_pair(pixel_size_nm, "pixel_size_nm", "the options", positive=True)
     for key, v in (("dwell_us", dwell_us), ("flyback_us", flyback_us)):
         if v is not None:
             out[key] = parse_number(v, key, "the options", *LIMITS[key])
+    if frame_interval_s is not None and frame_gap_us is not None:
+        raise RecordError("give the frame timing once: --frame-period-s (start to start) or --frame-gap-us "
+                          "(end of one frame to the start of the next)")
+    if frame_interval_s is not None:
+        out["frame_interval_s"] = parse_number(frame_interval_s, "frame period (s)", "the options", 1e-6, 1e6)
+    if frame_gap_us is not None:
+        out["frame_gap_us"] = parse_number(frame_gap_us, "frame gap (us)", "the options", 0.0, 1e12)
     return out
+
+
+def frame_times(n: int, frame_time_s: float, meta: Mapping[str, Any], path: Path) -> np.ndarray:
+    """(n,) start times (s) of a stack's frames: the file's or sidecar's own (``t_start`` per
+    frame, or a frame interval), else a ``frame_gap_us`` after each frame's scan, else back to
+    back (``frame_time_s`` apart: said once in the log, since a real scan pauses between frames
+    and the drift model needs the true times)."""
+    t0 = meta.get("t_start", 0.0)
+    if isinstance(t0, list):
+        if len(t0) != n:
+            raise RecordError(f"{path.name}: sidecar t_start lists {len(t0)} times for {n} frames: "
+                              f"give one per frame or a single start time")
+        return np.asarray(t0, dtype=float)
+    if "frame_interval_s" in meta:
+        interval = float(meta["frame_interval_s"])
+    elif "frame_gap_us" in meta:
+        interval = frame_time_s + 1e-6 * float(meta["frame_gap_us"])
+    else:
+        interval = frame_time_s
+        key = str(Path(path).resolve())
+        if n > 1 and key not in _ASSUMED:
+            _ASSUMED.add(key)
+            log.warning("%s has no frame times: frames assumed back to back (%.4g s apart); give "
+                        "--frame-period-s or --frame-gap-us if the scan paused between frames", path.name,
+                        frame_time_s)
+    return float(t0) + interval * np.arange(n)
+
+
+_ASSUMED: set[str] = set()   # files whose frames were assumed back to back (said once per file)
 
 
 def sidecar_paths(path: Path) -> list[Path]:
@@ -138,9 +178,30 @@ def convert_image(a: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
-def check_shape(shape: tuple[int, ...], what: str) -> None:
-    if len(shape) != 2 or not all(2 <= s <= MAX_IMAGE_SIDE for s in shape):
-        raise RecordError(f"{what}: frames must be 2-D with sides in [2, {MAX_IMAGE_SIDE}], got {shape}")
+#: the smallest frame side (px) an analysis (replay, locate, calibrate) accepts: below it no
+#: registration or column fit means anything
+MIN_ANALYSIS_SIDE = 32
+
+
+def check_shape(shape: tuple[int, ...], what: str, *, min_side: int = 2) -> None:
+    """RecordError (one line) unless ``shape`` is that of a 2-D frame with sides in
+    [``min_side``, MAX_IMAGE_SIDE] px; a trailing axis of 3 or 4 is named as colour channels."""
+    if len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) >= min_side:
+        raise RecordError(f"{what}: frames of shape {shape} look like colour (RGB) images: "
+                          f"save a greyscale image (one value per pixel)")
+    if len(shape) != 2:
+        raise RecordError(f"{what}: frames must be 2-D images, got {len(shape)} dimensions {shape}")
+    if not all(min_side <= s <= MAX_IMAGE_SIDE for s in shape):
+        raise RecordError(f"{what}: frame sides must be in [{min_side}, {MAX_IMAGE_SIDE}] px, got {shape}")
+
+
+def check_colour_stack(shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
+    """A (H, W, 3|4) uint8 array, or an (N, H, W, 3|4) stack, is colour, not N frames: RecordError."""
+    colour = (len(shape) == 3 and shape[-1] in (3, 4) and np.dtype(dtype) == np.uint8 and min(shape[:2]) >= 8) \
+        or (len(shape) == 4 and shape[-1] in (3, 4))
+    if colour:
+        raise RecordError(f"{what} holds a colour (RGB) image of shape {shape}: save it as greyscale "
+                          f"(one value per pixel), e.g. the mean over the last axis")
 
 
 # ============================================================================ reading: foreign

@@ -23,7 +23,9 @@ the columns of all frames together):
   ``columns_class``.
 - ``correction_nm`` (F, 2): the beam-shift target the armed engine would have sent after
   the frame (NaN where it sent none); ``correction_sent`` (F,) bool, ``correction_reason`` (F,).
-- ``locked``, ``jump`` (F,) bool; ``info``: JSON text (source, model, units, frames).
+- ``locked``, ``jump`` (F,) bool; ``info``: JSON text (source, model, units, frames, and
+  ``drift_hyperparameters``: the drift GP's learnt hyperparameters and mains frequency as of
+  the last frame, ``Engine.drift_hyperparameters()``).
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ class ResultsWriter:
     def add(self, frame, result, engine) -> FrameRecord:
         rec = frame_record(frame, result, engine)
         self.records.append(rec)
+        hyper = getattr(engine, "drift_hyperparameters", None)
+        if hyper is not None:
+            self.info["drift_hyperparameters"] = hyper()
         return rec
 
     def arrays(self) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ import logging
 import math
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +146,17 @@ def _page_meta(t: TiffIndex, tags) -> dict[str, Any]:
     return meta
 
 
-def our_pages(t: TiffIndex, name: str, *, data: bool) -> Iterator[tuple[dict, np.ndarray | None, tuple]]:
-    """(metadata, image or None, shape) for every complete page of one of our recordings."""
+def truncation_message(name: str, complete: int) -> str:
+    """One line: where a recording that was cut off ends."""
+    return (f"{name} is truncated: it ends after {complete} complete frame(s) (page {complete + 1} is cut off: "
+            f"recording interrupted?); only those {complete} are used")
+
+
+def our_pages(t: TiffIndex, name: str, *, data: bool, on_truncated: Callable[[str], None] | None = None
+              ) -> Iterator[tuple[dict, np.ndarray | None, tuple]]:
+    """(metadata, image or None, shape) for every complete page of one of our recordings;
+    where the chain links to a page that is missing or incomplete, ``on_truncated`` gets
+    :func:`truncation_message` (without it, the stop is logged at INFO level)."""
     offset, seen, index = t.first, set(), 0
     while offset:
         if offset in seen:
@@ -169,11 +178,10 @@ def our_pages(t: TiffIndex, name: str, *, data: bool) -> Iterator[tuple[dict, np
                 image = np.frombuffer(buf, dtype=dt).reshape(shape)
                 if dt.byteorder not in ("=", "|", "<" if sys.byteorder == "little" else ">"):
                     image = image.astype(dt.newbyteorder("="))
-        except _Incomplete:
-            log.info("%s: stopped at page %d, which is incomplete (recording interrupted?)", name, index)
-            return
-        except (struct.error, OSError, ValueError) as exc:
-            log.info("%s: stopped at page %d (%s)", name, index, exc)
+        except (_Incomplete, struct.error, OSError, ValueError) as exc:
+            log.info("%s: stopped at page %d, which is incomplete (%s)", name, index, type(exc).__name__)
+            if on_truncated is not None:
+                on_truncated(truncation_message(name, index))
             return
         yield meta, image, shape
         offset, index = nxt, index + 1

@@ -52,6 +52,7 @@ from stem_live.io.metadata import (
     RecordError,
     check_shape,
     convert_image,
+    frame_times,
     guard_reading,
     parse_options,
     read_sidecar,
@@ -303,16 +304,10 @@ def _frames(data: Any, n: int, meta: Mapping[str, Any], path: Path) -> Iterator[
     flat = data.reshape((n, rows, cols)) if data.ndim != 3 else data
     px = tuple(float(v) for v in meta["pixel_size_nm"])
     dwell, fly = float(meta["dwell_us"]), float(meta["flyback_us"])
-    frame_time = rows * (cols * dwell + fly) * 1e-6
-    interval = meta.get("frame_interval_s", frame_time)
-    t0 = meta.get("t_start", 0.0)
-    if isinstance(t0, list) and len(t0) != n:
-        raise RecordError(f"{path.name}: sidecar t_start lists {len(t0)} times for {n} frames: "
-                          f"give one per frame or a single start time")
+    times = frame_times(n, rows * (cols * dwell + fly) * 1e-6, meta, path)
     for i in range(n):
-        t = t0[i] if isinstance(t0, list) else t0 + i * interval
         image = convert_image(np.array(flat[i]), f"{path.name} frame {i}")
-        yield Frame(seq=i, image=image, t_start=float(t), pixel_size_nm=(px[0], px[1]), dwell_us=dwell,
+        yield Frame(seq=i, image=image, t_start=float(times[i]), pixel_size_nm=(px[0], px[1]), dwell_us=dwell,
                     flyback_us=fly, scan_rotation_rad=float(meta.get("scan_rotation_rad", 0.0)),
                     beam_shift_nm=tuple(meta.get("beam_shift_nm", (0.0, 0.0))),
                     stream=str(meta.get("stream", path.stem)), detector=str(meta.get("detector", "HAADF")))
@@ -320,8 +315,8 @@ def _frames(data: Any, n: int, meta: Mapping[str, Any], path: Path) -> Iterator[
 
 def read_vendor_frames(path: str | os.PathLike, *, pixel_size_nm: float | tuple[float, float] | None = None,
                        dwell_us: float | None = None, flyback_us: float | None = None,
-                       signal: int | str | None = None,
-                       defaults: Mapping[str, Any] | None = None) -> Iterator[Frame]:
+                       signal: int | str | None = None, defaults: Mapping[str, Any] | None = None,
+                       frame_interval_s: float | None = None, frame_gap_us: float | None = None) -> Iterator[Frame]:
     """Frames of a vendor file, in order: ``seq`` 0..N-1, ``t_start`` from the frame interval.
 
     The file and its metadata are checked now (:class:`RecordError` at call time); pixels are
@@ -330,7 +325,8 @@ def read_vendor_frames(path: str | os.PathLike, *, pixel_size_nm: float | tuple[
     p = Path(path)
     if not is_vendor_file(p):
         raise RecordError(f"{p.name} is not a vendor file: expected one of {', '.join(sorted(VENDOR_FORMATS))}")
-    _, factory = _open(p, parse_options(pixel_size_nm, dwell_us, flyback_us), signal, defaults)
+    _, factory = _open(p, parse_options(pixel_size_nm, dwell_us, flyback_us, frame_interval_s, frame_gap_us), signal,
+                          defaults)
     return guard_reading(factory(), p)
 
 

@@ -22,6 +22,13 @@ Report keys (a contract: later work adds keys, never changes these):
   ``columns.tracked_*`` (``recall``, ``precision``, ``rmse_px``, ``rmse_inner_px``,
   ``rmse_second_half_px``): the same frames located with the lattice of the frames before each
   as the prior (``lattice_prior.LatticePrior``, causal: frame k knows frames 0..k-1 only).
+- ``drift.rmse_pm`` (gp model): per-line drift RMSE of the open-loop run against the truth, one
+  constant offset removed; ``gp.update_ms``; ``gp.hyperparameters``: what the engine learnt
+  from the stream by the end of the open-loop run (``Engine.drift_hyperparameters()``: the
+  kernel's amplitudes (nm) and time scales (s), the mains frequency in use, fit counts).
+
+:func:`evaluate_config` runs the same on any ``MicroscopeConfig`` and returns the sessions too;
+``stem-live evaluate --matrix`` (:mod:`stem_live.lab.matrix`) runs it on drawn scenarios.
 """
 
 from __future__ import annotations
@@ -170,6 +177,10 @@ class SessionResult:
     corrections: int
     clamped: int
     kept: list = field(default_factory=list)  # (image, meta, truth) of the first ``keep_frames`` frames
+    drift_err_frame: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # (lines,) frame of each drift_err row
+    jump_detected: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (frames,) engine reported a jump
+    true_jump_frames: tuple[int, ...] = ()  # frames in which a true jump first shows (scan or gap before it)
+    hyperparameters: dict | None = None  # the drift GP's learnt hyperparameters at the end (gp model)
 
     @property
     def residual_rms_nm(self) -> float:
@@ -197,7 +208,9 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
         engine.arm()
     limits = Limits()
     start = np.asarray(scope.beam_shift_nm, dtype=np.float64).copy()
-    apparent, times, kept, errs, gp_ms = [], [], [], [], []
+    apparent, times, kept, errs, gp_ms, err_frame, detected = [], [], [], [], [], [], []
+    true_jumps: list[int] = []
+    t_prev_end = -np.inf
     n_corr = n_clamped = 0
     jump_frame = None
     jumps = [t for t, _ in config.drift.jumps] + ([config.drift.jump_time_s] if config.drift.jump_nm else [])
@@ -205,6 +218,10 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
         image, meta, truth = scope.acquire()
         if jump_frame is None and jumps and truth.line_times_s[-1] >= min(jumps):
             jump_frame = k
+        t_end = meta.t_start + meta.rows * meta.line_time_s
+        if any(t_prev_end < tj <= t_end for tj in jumps):
+            true_jumps.append(k)
+        t_prev_end = t_end
         if k < keep_frames:
             kept.append((image, meta, truth))
         apparent.append(np.mean(np.asarray(truth.drift_nm) - np.asarray(truth.beam_shift_nm), axis=0))
@@ -213,10 +230,12 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
         t0 = time.perf_counter()
         res = engine.process(frame_from_sim(image, meta))
         times.append((time.perf_counter() - t0) * 1e3)
+        detected.append(bool(res.jump))
         if res.line_drift_nm is not None:
             # the model works in beam-shift space (d - d_ref + b_ref); with no corrections sent,
             # that is the drift itself up to one constant, which drift_rmse removes
             errs.append(np.asarray(res.line_drift_nm) - np.asarray(truth.drift_nm))
+            err_frame.append(np.full(len(errs[-1]), k))
             gp_ms.append(res.timings_ms.get("gp", np.nan))
         if res.correction is not None:
             d = clamp_target(np.asarray(res.correction.beam_shift_nm), np.asarray(scope.beam_shift_nm), start, limits)
@@ -229,7 +248,21 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
     app = np.array(apparent)
     return SessionResult(residual_nm=app - app[0], engine_ms=np.array(times), corrections=n_corr, clamped=n_clamped,
                          kept=kept, drift_err_nm=np.concatenate(errs) if errs else np.zeros((0, 2)),
-                         gp_ms=np.array(gp_ms), jump_frame=jump_frame)
+                         gp_ms=np.array(gp_ms), jump_frame=jump_frame,
+                         drift_err_frame=np.concatenate(err_frame) if err_frame else np.zeros(0, int),
+                         jump_detected=np.array(detected, bool), true_jump_frames=tuple(true_jumps),
+                         hyperparameters=engine.drift_hyperparameters())
+
+
+def _rounded(x):
+    """``x`` (nested dicts, lists, numbers) with floats to 6 significant digits, for the JSON report."""
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v) for v in x]
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    return x
 
 
 def oracle_residual_rms_nm(config: object, frames: int) -> float:
@@ -293,10 +326,34 @@ def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, dr
     cfg = MicroscopeConfig(preset=preset, size=size, seed=seed, drift=drift)
     if dose is not None:
         cfg = replace(cfg, dose_e_per_A2=dose)
-    ec = EngineConfig(model=model, calibration=calibration)
+    head = {"preset": preset, "size": size, "frames": frames, "drift_nm_per_min": drift_nm_per_min,
+            "dose_e_per_A2": cfg.dose, "seed": seed}
+    run = evaluate_config(cfg, frames, model=model, baseline=baseline, calibration=calibration, progress=progress)
+    return {**head, **run.report}
+
+
+@dataclass(frozen=True)
+class ConfigRun:
+    """One configuration's report body (every key of :func:`evaluate` after the header) and its
+    sessions (``baseline`` None when skipped)."""
+
+    report: dict
+    open_loop: SessionResult
+    closed: SessionResult
+    baseline: SessionResult | None
+
+
+def evaluate_config(cfg: object, frames: int, *, model: str = "rigid", baseline: bool = True,
+                    calibration: str = "", columns: bool = True, keep_frames: int = 10,
+                    progress: Callable[[str, int, int], None] | None = None) -> ConfigRun:
+    """Open loop, closed loop and (``baseline``) the baseline tracker on one ``MicroscopeConfig``.
+    ``columns``: score the locator on the first ``keep_frames`` open-loop frames (those frames
+    are kept in ``open_loop.kept`` either way)."""
+    ec = EngineConfig(model=model, calibration=calibration, hyperfit_background=False)  # reproducible
+    rows = cfg.shape[0]
     t0 = time.perf_counter()
     open_loop = run_session(cfg, frames, armed=False, engine_config=ec, progress=progress, label="open loop",
-                            keep_frames=10)
+                            keep_frames=keep_frames)
     closed = run_session(cfg, frames, armed=True, engine_config=ec, progress=progress, label="closed loop")
     # the drift trackers users have today: cross-correlation against a reference frame and a
     # linear drift rate from the last three frames, applied once per frame
@@ -308,16 +365,16 @@ def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, dr
                              "linear drift rate from the last 3 frames, one beam shift per frame"}
     if model == "gp":
         line_frames = 3  # the GP's first frames are conditioned on almost nothing: not scored
-        extra["drift"] = {"rmse_pm": round(drift_rmse_pm(open_loop.drift_err_nm, line_frames * size), 3),
+        extra["drift"] = {"rmse_pm": round(drift_rmse_pm(open_loop.drift_err_nm, line_frames * rows), 3),
                           "scored": "open loop, per line, after removing one constant offset; "
                                     f"frames {line_frames}..{frames - 1}"}
         g = closed.gp_ms[5:] if len(closed.gp_ms) > 5 else closed.gp_ms
-        extra["gp"] = {"update_ms": {"median": round(float(np.nanmedian(g)), 2), "max": round(float(np.nanmax(g)), 2)}}
-    if jump_nm:
-        extra["jump"] = {"nm": jump_nm, "at_frame": closed.jump_frame, "recovery_frames": recovery_frames(closed)}
-    return {
-        "preset": preset, "size": size, "frames": frames, "drift_nm_per_min": drift_nm_per_min,
-        "dose_e_per_A2": cfg.dose, "seed": seed,
+        extra["gp"] = {"update_ms": {"median": round(float(np.nanmedian(g)), 2), "max": round(float(np.nanmax(g)), 2)},
+                       "hyperparameters": _rounded(open_loop.hyperparameters)}
+    if cfg.drift.jump_nm:
+        extra["jump"] = {"nm": cfg.drift.jump_nm, "at_frame": closed.jump_frame,
+                         "recovery_frames": recovery_frames(closed)}
+    report = {
         "frames_processed": int(frames),
         "frames_dropped": 0,
         "engine_fps": round(float(1e3 / np.median(closed.engine_ms)), 2),
@@ -328,8 +385,10 @@ def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, dr
                         "corrections": closed.corrections, "clamped": closed.clamped,
                         "ratio_to_open_loop": round(closed.residual_rms_nm / max(open_loop.residual_rms_nm, 1e-12), 4),
                         "oracle_floor_nm": round(oracle_residual_rms_nm(cfg, frames), 5)},
-        "columns": column_metrics(open_loop.kept, cfg, calibration=calibration) if preset != "particles" else {},
+        "columns": (column_metrics(open_loop.kept, cfg, calibration=calibration)
+                    if columns and cfg.preset != "particles" else {}),
         **extra,
         "model": model,
         "wall_s": round(time.perf_counter() - t0, 2),
     }
+    return ConfigRun(report, open_loop, closed, base)

@@ -259,6 +259,7 @@ def locate_classical(
     thresholds: Sequence[float] | None = None,
     classifier=None,
     wiener: float | None = 2.0,
+    residual_pass: bool = True,
     saturation: float | str | None = "auto",
     intensity_from: str = "filtered",
     refine_method: str = "fixed",
@@ -305,6 +306,10 @@ def locate_classical(
         (an ``IntensityClassifier``) takes precedence and learns from the frames it sees.
     wiener : strength of the spectral-subtraction denoiser in the band-pass (``bandpass``);
         None or 0 switches it off (faster, fine for clean frames).
+    residual_pass : with "fixed": search the frame less the fitted model of the columns found
+        for columns the band-pass missed beside much brighter ones (the C neighbours of a
+        substitutional Si in graphene), and fit again with them
+        (``residual.residual_candidates``); the refit runs only where one was found.
     saturation : detector value at which pixels are clipped. "auto": the image maximum if
         at least 0.05 % of the pixels sit exactly there. Peaks within one spacing of a
         saturated region larger than spacing**2 (contamination, not a clipped column top)
@@ -406,8 +411,7 @@ def locate_classical(
         return Columns(np.zeros((0, 2)), np.zeros(0, int), np.zeros(0), np.zeros(0),
                        np.zeros(0, bool), meta)
     start = _subpixel(filt, pts)
-    snr = prom / max(noise, 1e-12)
-    conf = 1.0 - np.exp(-np.maximum(snr - threshold, 0.0) / max(threshold, 1e-6) * 2.0)
+    conf = _confidence(prom, noise, threshold)
     if refine_method not in ("fixed", "free"):
         raise ValueError(f"refine_method must be 'fixed' or 'free', got {refine_method!r}")
     window_given = window_px is not None
@@ -427,10 +431,28 @@ def locate_classical(
             intensity = np.where(good, intensity, heights)
         conf = conf * np.where(good, 0.5 + 0.5 * info["r2"], 0.25)
     elif refine:
+        fit_args = (spacing_px, sigma_px, window_px, window_given, probe_sigma_px, n_iter, max_fit_std,
+                    0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter, flyback_px, prior, line_pickup)
         pos, intensity, border, good, width, real, judge, line_dx, line_meta, nbr = _refine_fixed(
-            img, start, prom, spacing_px, sigma_px, window_px, window_given, probe_sigma_px,
-            n_iter, max_fit_std, 0.5 * min_distance_frac * spacing_px, min_amp_snr, line_jitter, flyback_px,
-            prior, line_pickup)
+            img, start, prom, *fit_args)
+        if residual_pass:
+            from stem_live.locate.residual import residual_candidates
+
+            fitted = pos - np.stack([np.zeros(len(pos)), line_dx], axis=1)  # as the fit saw them
+            extra, extra_h, extra_p = residual_candidates(
+                img, fitted, np.where(good, intensity, 0.0), width, spacing_px, sigma_px=sigma_px,
+                background_px=background_px, noise_px=noise_px, min_distance_frac=min_distance_frac,
+                saturation=saturation, ops=(_filter, _suppress, near_saturation))
+            meta["residual_columns"] = len(extra)
+            if len(extra):
+                pts = np.concatenate([pts, extra])
+                heights = np.concatenate([heights, extra_h])
+                prom = np.concatenate([prom, extra_p])
+                start = np.concatenate([start, _subpixel(filt, extra)])
+                # the fit's width is kept: the columns it was measured on are all still there
+                pos, intensity, border, good, width, real, judge, line_dx, line_meta, nbr = _refine_fixed(
+                    img, start, prom, *fit_args[:4], width, *fit_args[5:])
+                conf = _confidence(prom, noise, threshold)
         meta["probe_sigma_px"] = width
         meta.update(line_meta)
         if intensity_from == "filtered":
@@ -524,6 +546,13 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
     if np.median(snr_fit) < 3.0 * min_amp_snr:
         real[:] = True
     return pos, np.nan_to_num(amp), border, good, width, real, judge, line_dx, line_meta, info["neighbours"]
+
+
+def _confidence(prom: np.ndarray, noise: float, threshold: float) -> np.ndarray:
+    """(K,) detection confidence in [0, 1) from the band-passed prominence ``prom`` in units of
+    the filtered noise std ``noise``: 0 at ``threshold``, 1 - e^-2 one threshold above it."""
+    snr = prom / max(noise, 1e-12)
+    return 1.0 - np.exp(-np.maximum(snr - threshold, 0.0) / max(threshold, 1e-6) * 2.0)
 
 
 def _fit_trusted(info: dict, pos: np.ndarray, start: np.ndarray, border: np.ndarray, max_move: float,

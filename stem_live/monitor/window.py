@@ -74,6 +74,27 @@ def rvae_text(st: Any) -> str:
             f"{st.get('buffered', 0)} patches buffered ({st.get('origin', '?')})")
 
 
+def drift_model_text(st: Any) -> str:
+    """One line for what the drift model learnt from the stream (``status()["drift_hyperparameters"]``)."""
+    if not isinstance(st, dict) or not isinstance(st.get("values"), dict):
+        return "drift model: rigid (no GP)"
+    v = st["values"]
+
+    def pm(key: str) -> str:
+        x = v.get(key)
+        return f"{x * 1e3:.0f} pm" if isinstance(x, (int, float)) and math.isfinite(x) else "?"
+
+    def s(key: str) -> str:
+        x = v.get(key)
+        return f"{x:.2g} s" if isinstance(x, (int, float)) and math.isfinite(x) else "?"
+
+    mains = st.get("mains_hz")
+    mains = f"mains {mains:g} Hz {pm('sigma_mains_nm')}" if isinstance(mains, (int, float)) else "no mains"
+    return (f"drift model: wander {pm('sigma_long_nm')} / {s('ell_long_s')}, short {pm('sigma_short_nm')} / "
+            f"{s('ell_short_s')}, {mains} ({st.get('mains_mode', '?')}) · {st.get('accepted', 0)}/{st.get('fits', 0)} "
+            f"fits accepted")
+
+
 class ControlsPanel(QWidget):
     """Buttons and parameters; every action is one :class:`Command` to the engine."""
 
@@ -147,9 +168,14 @@ class ControlsPanel(QWidget):
         self.rvae_label = QLabel("rVAE: –")
         self.rvae_label.setWordWrap(True)
         self.rvae_label.setToolTip("The engine's rVAE stage (from the last reply; Refresh status updates it)")
+        self.drift_label = QLabel("drift model: –")
+        self.drift_label.setWordWrap(True)
+        self.drift_label.setToolTip("What the drift GP learnt from the stream: wander amplitude / time scale, "
+                                    "mains frequency (detected or set), hyperparameter fits accepted")
         g.addWidget(self.train_button)
         g.addWidget(self.status_button)
         g.addWidget(self.rvae_label)
+        g.addWidget(self.drift_label)
         lay.addWidget(box)
 
         lay.addWidget(QLabel("Replies"))
@@ -199,6 +225,8 @@ class ControlsPanel(QWidget):
                 self.gain_spin.setValue(float(gain))
         if "rvae" in state:
             self.rvae_label.setText(rvae_text(state.get("rvae")))
+        if "drift_hyperparameters" in state:
+            self.drift_label.setText(drift_model_text(state.get("drift_hyperparameters")))
         rec = state.get("recording")
         if isinstance(rec, dict):
             if rec.get("active"):
@@ -260,7 +288,17 @@ class MonitorWindow(QMainWindow):
         split.setStretchFactor(1, 4)
         split.setStretchFactor(2, 0)
         split.setSizes([620, 500, 260])
-        self.setCentralWidget(split)
+        # what the operator must know now (frames stopped, correction disarmed): hidden while all is well
+        self.banner = QLabel("")
+        self.banner.setWordWrap(True)
+        self.banner.setStyleSheet(f"padding: 6px; font-weight: bold; color: white; background: {BAD_COLOUR};")
+        self.banner.setVisible(False)
+        central = QWidget()
+        outer = QVBoxLayout(central)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.banner)
+        outer.addWidget(split, 1)
+        self.setCentralWidget(central)
 
         sb = self.statusBar()
         self.conn_label = StatusLabel(f"waiting for the engine on {maps_endpoint}", "maps connection")
@@ -298,6 +336,7 @@ class MonitorWindow(QMainWindow):
         self.reply_label.setText(text)
         self.reply_label.setStyleSheet(f"padding: 0 6px; color: {OK_COLOUR if reply.ok else BAD_COLOUR};")
         if reply.state:
+            self.show_banner(str(reply.state.get("banner") or ""))
             self.controls.show_state(reply.state)
             armed = reply.state.get("armed")
             if isinstance(armed, bool):
@@ -306,7 +345,17 @@ class MonitorWindow(QMainWindow):
     # ------------------------------------------------------------------ maps
 
     def on_maps(self, batch: Sequence[Maps]) -> None:
-        """Queue newly received maps; :meth:`flush` draws them (rate-limited by a timer)."""
+        """Queue newly received maps; :meth:`flush` draws them (rate-limited by a timer). A
+        heartbeat (no frames arriving: ``info["heartbeat"]``) only updates the banner and the armed state."""
+        for m in batch:
+            if m.info.get("heartbeat"):
+                self.show_banner(str(m.info.get("banner") or ""))
+                armed = _num(m.metrics, "armed")
+                if armed is not None:
+                    self._show_armed(armed > 0.5)
+        batch = [m for m in batch if not m.info.get("heartbeat")]
+        if batch:
+            self.show_banner(str(batch[-1].info.get("banner") or ""))
         self._pending.extend(batch)
         del self._pending[:-MAX_PENDING]
 
@@ -336,6 +385,11 @@ class MonitorWindow(QMainWindow):
         if armed is not None:
             self._show_armed(armed > 0.5)
         self.conn_label.setText(f"● live · seq {m.seq}")
+
+    def show_banner(self, text: str) -> None:
+        """Show ``text`` across the top of the window; hide the banner for ""."""
+        self.banner.setText(text)
+        self.banner.setVisible(bool(text))
 
     def _show_armed(self, armed: bool) -> None:
         self.armed_label.setText("ARMED" if armed else "disarmed")

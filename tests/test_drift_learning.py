@@ -1,0 +1,156 @@
+"""Drift GP hyperparameters and mains frequency learnt from the stream (issue 30)."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from stem_live.distortion import Observations, OnlineDriftGP, hyperfit
+from stem_live.distortion.gp import BOUNDS, HYPER_NAMES
+from stem_live.distortion.hyperfit import HyperLearner
+from stem_live.distortion.mains import detect_mains
+
+ROWS = COLS = 256
+DWELL, FLYBACK, GAP = 2e-6, 100e-6, 0.02
+
+
+def stream(n_frames, *, v=(0.2, -0.1), ou_sigma=0.035, ou_tau=1.5, mains_amp=0.0, mains_hz=50.0,
+           mains_axes=(1,), noise=0.005, outliers=0.0, seed=0):
+    """Drift samples of a 256 x 256 px scan (2 us dwell, 100 us flyback, 20 ms between frames,
+    a column every 7 px): velocity + an exact OU wander + a mains sinusoid (along x by default)
+    + white noise of the stated sigma; ``outliers``: fraction of samples off by ~0.5 nm."""
+    rng = np.random.default_rng(seed)
+    line = COLS * DWELL + FLYBACK
+    ft = ROWS * line + GAP
+    pos = []
+    for i, r in enumerate(np.arange(3, ROWS - 3, 7.0)):
+        c = np.arange(3 + (i % 2) * 3.5, COLS - 3, 7.0)
+        pos.append(np.stack([np.full(len(c), r), c], 1))
+    pos = np.concatenate(pos) + rng.normal(0, 0.3, (len(np.concatenate(pos)), 2))
+    n = len(pos)
+    T = np.concatenate([k * ft + pos[:, 0] * line + pos[:, 1] * DWELL for k in range(n_frames)])
+    order = np.argsort(T)
+    a = np.exp(-np.diff(T[order], prepend=T[order][0]) / ou_tau)
+    ou = np.zeros((len(T), 2))
+    x = rng.normal(0, ou_sigma, 2)
+    xi = rng.normal(size=(len(T), 2))
+    for i in range(len(T)):
+        x = x * a[i] + ou_sigma * np.sqrt(1 - a[i] ** 2) * xi[i]
+        ou[order[i]] = x
+    d = ou + np.asarray(v)[None] * T[:, None]
+    for ax in mains_axes:
+        d[:, ax] += mains_amp * np.sin(2 * np.pi * mains_hz * T + 0.7)
+    d += rng.normal(0, noise, d.shape)
+    bad = rng.random(len(d)) < outliers
+    d[bad] += rng.normal(0, 0.5, (int(bad.sum()), 2))
+    return [Observations(t_s=T[k * n:(k + 1) * n], pos_px=pos, disp_nm=d[k * n:(k + 1) * n],
+                         sigma_nm=np.full(n, noise), frame=np.full(n, k), t_line_s=pos[:, 1] * DWELL,
+                         pixel_size_nm=(0.02, 0.02)) for k in range(n_frames)]
+
+
+def _learner(frames, **kw):
+    # a one-frame prediction window: cheap conditioning; the fit uses the 12 s history
+    gp = OnlineDriftGP(window_frames=1, max_samples=2000, min_groups=256, max_groups=256,
+                       mains_hz=kw.pop("gp_mains_hz", 50.0))
+    learner = HyperLearner(gp, every_frames=10 ** 9, background=False, **kw)
+    for o in frames:
+        gp.add(o)
+    return gp, learner
+
+
+def test_ou_amplitude_time_scale_and_noise_recovered():
+    gp, learner = _learner(stream(70, ou_sigma=0.035, ou_tau=1.5, seed=3), mains=0)
+    start = gp.learnt_hyperparameters()
+    for _ in range(5):
+        assert learner.run_once()["ok"]
+    h = gp.learnt_hyperparameters()
+    assert learner.n_accepted >= 3
+    # started from the defaults (20 pm, 5 s): factors 1.75 and 3.3 off
+    assert start["sigma_long_nm"] == pytest.approx(0.02) and start["ell_long_s"] == pytest.approx(5.0)
+    assert 0.035 / 1.5 < h["sigma_long_nm"] < 0.035 * 1.5, h
+    assert 1.5 / 1.5 < h["ell_long_s"] < 1.5 * 1.5, h
+    # the samples' own sigma (5 pm) is all the noise there is: no extra white or line noise
+    assert h["sigma_white_nm"] < 0.002 and h["sigma_line_nm"] < 0.002, h
+    assert h["sigma_short_nm"] < 0.005, h     # no fast wander in the truth
+    assert gp.mains_hz is None or not gp.mains_on
+
+
+@pytest.mark.parametrize("hz, axes", [(50.0, (0, 1)), (60.0, (1,))])
+def test_mains_detected(hz, axes):
+    det = detect_mains(Observations.concat(stream(60, mains_amp=0.02, mains_hz=hz, mains_axes=axes, seed=4)))
+    assert det.hz == hz, det
+    other = 60.0 if hz == 50.0 else 50.0
+    assert det.ratio[hz] > 100 and det.ratio[other] < 8, det
+    assert abs(det.peak_hz[hz] - hz) < 0.1
+
+
+def test_no_mains_detected_without_mains():
+    for seed in (5, 6, 7):
+        det = detect_mains(Observations.concat(stream(60, mains_amp=0.0, seed=seed)))
+        assert det.hz is None and max(det.ratio.values()) < 8, det
+
+
+def test_60_hz_learnt_and_modelled():
+    gp, learner = _learner(stream(70, ou_sigma=0.02, ou_tau=2.0, mains_amp=0.02, mains_hz=60.0, seed=8))
+    assert gp.mains_hz == pytest.approx(50.0)          # the warm start
+    for _ in range(3):
+        learner.run_once()
+    assert gp.mains_hz == pytest.approx(60.0) and gp.mains_on
+    assert learner.summary()["mains_hz"] == pytest.approx(60.0)
+    # the periodic term carries it (learnt from the default 3 pm); the new value is used by the
+    # next conditioning
+    assert gp.learnt_hyperparameters()["sigma_mains_nm"] > 0.005
+    gp.add(stream(71, ou_sigma=0.02, ou_tau=2.0, mains_amp=0.02, mains_hz=60.0, seed=8)[-1])
+    assert gp.snapshot.omega == pytest.approx(2 * np.pi * 60.0)
+
+
+def test_mains_switched_off_on_a_stream_without_it():
+    gp, learner = _learner(stream(70, seed=9))
+    for _ in range(2):
+        learner.run_once()
+    assert not gp.mains_on and learner.summary()["mains_hz"] is None
+    assert gp.learnt_hyperparameters()["sigma_mains_nm"] == pytest.approx(BOUNDS["sigma_mains_nm"][0])
+
+
+def test_bad_window_moves_hyperparameters_a_bounded_step_within_bounds():
+    gp, learner = _learner(stream(70, outliers=0.1, seed=10), mains=0, max_step=0.5)
+    lo = np.log([BOUNDS[k][0] for k in HYPER_NAMES])
+    hi = np.log([BOUNDS[k][1] for k in HYPER_NAMES])
+    moved = 0.0
+    for _ in range(4):
+        before = gp.learnt_theta
+        learner.run_once()
+        after = gp.learnt_theta
+        assert np.all(np.abs(after - before) <= 0.5 + 1e-9)
+        assert np.all(after >= lo - 1e-12) and np.all(after <= hi + 1e-12)
+        moved = max(moved, float(np.max(np.abs(after - before))))
+    assert moved > 0.1     # the outliers did pull (the bound is what held them)
+
+
+def test_a_running_fit_never_blocks_a_frame(monkeypatch):
+    frames = stream(20, seed=11)
+    gp = OnlineDriftGP(window_frames=2, max_samples=2000, min_groups=256, max_groups=256)
+    release, entered = threading.Event(), threading.Event()
+
+    def slow_refit(*a, **kw):
+        entered.set()
+        release.wait(20)
+        return {"ok": True, "accepted": False}
+
+    monkeypatch.setattr(hyperfit, "refit", slow_refit)
+    learner = HyperLearner(gp, every_frames=2, mains=50.0, min_history_s=0.0)
+    for o in frames[:2]:
+        gp.add(o)
+        learner.after_frame()
+    assert entered.wait(10) and learner.running
+    try:
+        for o in frames[2:6]:             # frames go on while the fit "runs"
+            t0 = time.perf_counter()
+            gp.add(o)
+            learner.after_frame()
+            gp.predict(o.t_s[:16])
+            assert time.perf_counter() - t0 < 2.0
+            assert learner.running
+    finally:
+        release.set()
+    assert learner.wait(10) and learner.n_fits == 1

@@ -1,0 +1,90 @@
+"""Compiled once: JAX's persistent compilation cache (where it lives, that a second process loads
+what the first compiled), the start-up bench's timer, and ``run`` compiling on its first frame."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from stem_live.jax_cache import ENV, cache_dir
+from stem_live.lab.bench_startup import time_to_first_frame
+
+
+def test_cache_folder_follows_the_environment(tmp_path):
+    assert cache_dir({ENV: "off"}) is None and cache_dir({ENV: ""}) is None and cache_dir({ENV: " 0 "}) is None
+    assert cache_dir({ENV: str(tmp_path / "c")}) == tmp_path / "c"
+    assert cache_dir({"XDG_CACHE_HOME": "/xdg"}) == Path("/xdg/stem-live/jax")
+    assert cache_dir({}) == Path.home() / ".cache" / "stem-live" / "jax"
+
+
+def test_tests_never_write_the_users_cache():
+    assert os.environ[ENV] == "off" and cache_dir() is None  # tests/conftest.py
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from stem_live.jax_cache import enable
+    enable(Path(sys.argv[1]))
+    import jax, jax.numpy as jnp
+    from jax import monitoring
+    seen = {"hits": 0, "misses": 0}
+    def listen(name, **_):
+        for k in seen:
+            if name.endswith("/cache_" + k):
+                seen[k] += 1
+    monitoring.register_event_listener(listen)
+    jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * 3.0))(jnp.arange(17.0)).block_until_ready()
+    print(seen["hits"], seen["misses"])
+""")
+
+
+def test_a_second_process_loads_what_the_first_compiled(tmp_path):
+    folder = tmp_path / "jax"
+    runs = [subprocess.run([sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, timeout=60)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    (hits1, miss1), (hits2, miss2) = (map(int, r.stdout.split()) for r in runs)
+    assert hits1 == 0 and miss1 >= 1  # cold: compiled, and written
+    assert hits2 == miss1 and miss2 == 0  # warm: every compilation of the first process loaded from disk
+    assert len(list(folder.glob("*-cache"))) == miss1
+
+
+def test_startup_timer_stops_at_the_first_frame_line():
+    script = ("import sys, time; time.sleep(0.3); print('compiling ...', file=sys.stderr, flush=True); "
+              "print('[1/3] frame 0', file=sys.stderr, flush=True); time.sleep(60)")
+    r = time_to_first_frame([sys.executable, "-c", script], timeout_s=30)
+    assert 0.3 <= r["seconds"] < 10  # and the process was stopped: the call did not wait 60 s
+    bad = time_to_first_frame([sys.executable, "-c", "import sys; print('no luck', file=sys.stderr)"])
+    assert bad["seconds"] is None and "no luck" in bad["error"]
+
+
+def test_run_compiles_on_the_first_frame_and_starts_from_the_next():
+    from simulator import Microscope, MicroscopeConfig
+    from stem_live.cli.run import compiling_engine
+    from stem_live.engine import EngineConfig
+    from stem_live.lab.evaluate import frame_from_sim
+
+    # the rigid model in the gp model's place: the same steps without a minute of compiling under test
+    scope = Microscope(MicroscopeConfig(preset="graphene", size=128, seed=3))
+    frames = [frame_from_sim(*scope.acquire()[:2]) for _ in range(3)]
+    said: list[str] = []
+    engine = compiling_engine(EngineConfig(model="rigid"), say=said.append, models=("rigid",))
+    first = engine.process(frames[0])
+    assert said[0].startswith("compiling the rigid model for 128x128 frames") and said[1].startswith("compiled in")
+    assert first.seq == frames[0].seq and first.locked
+    # a frame from well after the compilation: the new reference, not a jump from the first frame
+    late = replace(frames[1], t_start=frames[1].t_start + 30.0, beam_shift_nm=(0.4, -0.3))
+    r = engine.process(late)
+    assert np.allclose(r.drift_nm, 0.0) and not r.jump and engine.frames == 1
+    assert np.allclose(engine.start_beam_nm, [0.4, -0.3])
+    assert len(said) == 2  # compiled once
+    engine.process(frames[2])
+    assert engine.frames == 2 and len(said) == 2
