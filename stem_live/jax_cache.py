@@ -13,9 +13,10 @@ overwritten); an entry that cannot be read, e.g. one another process is still wr
 miss: JAX warns and compiles. The writes are plain, not atomic renames: two processes writing
 the same new entry at the same moment normally write the same bytes (XLA compiles
 deterministically); were one entry torn, it would read as a miss at every start (a warning and a
-compilation) until the folder is deleted, never as a wrong program. Where the ``filelock``
-package is installed, :func:`enable` also bounds the folder (``max_bytes``, least recently used
-entries evicted), and JAX then takes a file lock around every read and write of it.
+compilation) until the folder is deleted, never as a wrong program. The folder is not bounded:
+JAX's size cap (LRU eviction) keeps a second ``-atime`` file per entry, and one entry without it
+(written without the cap, or half-deleted) makes every later write fail (jax-ml/jax#39880);
+delete the folder to reclaim its space.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def cache_dir(environ: dict | None = None) -> Path | None:
     return Path(base).expanduser() / "stem-live" / "jax"
 
 
-def enable(path: Path | None = None, *, min_compile_s: float = 0.0, max_bytes: int = 4 << 30) -> Path | None:
+def enable(path: Path | None = None, *, min_compile_s: float = 0.0) -> Path | None:
     """Turn on JAX's persistent compilation cache in ``path`` (default :func:`cache_dir`).
 
     Every compilation that took at least ``min_compile_s`` seconds is kept, whatever its size.
@@ -61,12 +62,6 @@ def enable(path: Path | None = None, *, min_compile_s: float = 0.0, max_bytes: i
         "jax_persistent_cache_min_compile_time_secs": float(min_compile_s),
         "jax_persistent_cache_min_entry_size_bytes": -1,  # every entry, however small
     }
-    try:
-        import filelock  # noqa: F401  (only whether it is there: JAX locks a bounded cache with it)
-
-        settings["jax_compilation_cache_max_size"] = int(max_bytes)
-    except ImportError:
-        pass
     for name, value in settings.items():
         os.environ[name.upper()] = str(value)
     if "jax" in sys.modules:

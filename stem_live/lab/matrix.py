@@ -184,7 +184,7 @@ def scenario_report(scenario: object, run: ConfigRun, frames: int) -> dict:
 
 def interframe_shift_spacings(res: SessionResult, specimen: str) -> float:
     """Largest true image shift between consecutive open-loop frames (frame means, nm; the steps
-    into frames with a true jump left out) in units of the specimen's nearest-neighbour column
+    into and out of frames with a true jump left out) in units of the specimen's nearest-neighbour column
     spacing. Above 0.5 the frame-to-frame match is ambiguous on the periodic part of the lattice
     (only defects tell the aliases apart)."""
     from stem_live.lattices import LATTICES
@@ -194,7 +194,8 @@ def interframe_shift_spacings(res: SessionResult, specimen: str) -> float:
         return float("nan")
     step = np.hypot(*np.diff(res.residual_nm, axis=0).T)   # step[k]: frame k -> k + 1
     keep = np.ones(len(step), bool)
-    keep[[k - 1 for k in res.true_jump_frames if 0 < k <= len(step)]] = False
+    # a jump inside frame k moves the frame means of k and of k + 1: both steps are left out
+    keep[[j for k in res.true_jump_frames for j in (k - 1, k) if 0 <= j < len(step)]] = False
     return float(np.max(step[keep]) / lat.min_distance_nm) if keep.any() else float("nan")
 
 

@@ -80,6 +80,9 @@ def residual_candidates(image: np.ndarray, positions: np.ndarray, amplitudes: np
     pos, amp = pos[ok], np.asarray(amplitudes, np.float64).reshape(-1)[ok]
     if len(pos) < 3 or noise_px <= 0:
         return empty
+    bright = amp >= bright_ratio * np.median(amp[amp > 0]) if np.any(amp > 0) else np.zeros(len(amp), bool)
+    if not bright.any():  # nothing bright to hide a neighbour: no residual to search (most frames)
+        return empty
     ring = 0.5 * spacing_px
     resid = img - render_model(img.shape, pos, amp, width_px)
     filt, gain, cand, prom_img = _filter(resid, sigma_px, background_px, None, None, ring_radius=ring,
@@ -94,9 +97,6 @@ def residual_candidates(image: np.ndarray, positions: np.ndarray, amplitudes: np
     min_distance = min_distance_frac * spacing_px
     d, _ = cKDTree(pos).query(pts)
     far = d >= min_distance
-    bright = amp >= bright_ratio * np.median(amp[amp > 0]) if np.any(amp > 0) else np.zeros(len(amp), bool)
-    if not bright.any():
-        return empty
     d_bright, _ = cKDTree(pos[bright]).query(pts)
     far &= d_bright <= near_frac * spacing_px
     pts, heights, prom = pts[far], heights[far], prom[far]
