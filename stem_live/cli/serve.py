@@ -21,6 +21,35 @@ from stem_live.cli.common import (
 )
 
 
+def _run_bridge(bridge, inst, a: argparse.Namespace, *, header: str, label: str, close: bool) -> None:
+    """Serve ``inst`` through ``bridge`` until Ctrl-C or the end of its frames: a progress line
+    twice a second, then the true totals once the bridge stopped (``close``: close the instrument)."""
+    stop = threading.Event()
+    wait_for_interrupt(stop)
+    prog = Progress()
+    bridge.start()
+    print(f"{header}: frames on {bridge.frames_endpoint}, corrections on {bridge.corrections_endpoint}"
+          " (Ctrl-C stops)", file=sys.stderr)
+    try:
+        while not stop.is_set() and not bridge.finished:
+            s = bridge.stats
+            b = inst.get_beam_shift()
+            err = f"  last error: {s.last_error}" if s.acquire_errors else ""
+            prog.line(f"published {s.frames_published}  dropped {s.frames_dropped}  corrections {s.corrections_applied}"
+                      f" (clamped {s.corrections_clamped}, refused {s.corrections_refused})  "
+                      f"beam shift [{b[0]:+.3f}, {b[1]:+.3f}] nm{err}")
+            stop.wait(0.5)
+    finally:
+        bridge.stop(restore=a.restore_on_exit)
+        if close:
+            inst.close()
+        prog.done()
+        s = bridge.stats  # after the bridge stopped: the true totals
+        print(f"{label}: published {s.frames_published} frames, dropped {s.frames_dropped}, corrections "
+              f"{s.corrections_applied} (clamped {s.corrections_clamped}, refused {s.corrections_refused})",
+              file=sys.stderr)
+
+
 def cmd_sim(a: argparse.Namespace) -> int:
     from instrument_adapters.bridge import Bridge
     from instrument_adapters.safety import Limits
@@ -31,27 +60,7 @@ def cmd_sim(a: argparse.Namespace) -> int:
     inst = SimulatedInstrument(sim_config(a), speed=a.speed or None, frames=a.count, prerender=a.prerender)
     bridge = Bridge(inst, frames_endpoint=a.frames, corrections_endpoint=a.corrections, keys=server_keys(a),
                     limits=Limits(max_step_nm=a.max_step_nm, max_excursion_nm=a.max_excursion_nm))
-    stop = threading.Event()
-    wait_for_interrupt(stop)
-    prog = Progress()
-    bridge.start()
-    print(f"simulated microscope: frames on {bridge.frames_endpoint}, corrections on {bridge.corrections_endpoint}"
-          " (Ctrl-C stops)", file=sys.stderr)
-    try:
-        while not stop.is_set() and not bridge.finished:
-            s = bridge.stats
-            b = inst.get_beam_shift()
-            prog.line(f"published {s.frames_published}  dropped {s.frames_dropped}  corrections {s.corrections_applied}"
-                      f" (clamped {s.corrections_clamped}, refused {s.corrections_refused})  "
-                      f"beam shift [{b[0]:+.3f}, {b[1]:+.3f}] nm")
-            stop.wait(0.5)
-    finally:
-        bridge.stop(restore=a.restore_on_exit)
-        prog.done()
-        s = bridge.stats  # after the bridge stopped: the true totals
-        print(f"sim: published {s.frames_published} frames, dropped {s.frames_dropped}, corrections "
-              f"{s.corrections_applied} (clamped {s.corrections_clamped}, refused {s.corrections_refused})",
-              file=sys.stderr)
+    _run_bridge(bridge, inst, a, header="simulated microscope", label="sim", close=False)
     return 0
 
 
@@ -80,29 +89,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except BaseException:
         inst.close()
         raise
-    stop = threading.Event()
-    wait_for_interrupt(stop)
-    prog = Progress()
-    bridge.start()
-    print(f"{a.instrument}: frames on {bridge.frames_endpoint}, corrections on {bridge.corrections_endpoint}"
-          " (Ctrl-C stops)", file=sys.stderr)
-    try:
-        while not stop.is_set() and not bridge.finished:
-            s = bridge.stats
-            b = inst.get_beam_shift()
-            err = f"  last error: {s.last_error}" if s.acquire_errors else ""
-            prog.line(f"published {s.frames_published}  dropped {s.frames_dropped}  corrections {s.corrections_applied}"
-                      f" (clamped {s.corrections_clamped}, refused {s.corrections_refused})  "
-                      f"beam shift [{b[0]:+.3f}, {b[1]:+.3f}] nm{err}")
-            stop.wait(0.5)
-    finally:
-        bridge.stop(restore=a.restore_on_exit)
-        inst.close()
-        prog.done()
-        s = bridge.stats  # after the bridge stopped: the true totals
-        print(f"{a.instrument}: published {s.frames_published} frames, dropped {s.frames_dropped}, corrections "
-              f"{s.corrections_applied} (clamped {s.corrections_clamped}, refused {s.corrections_refused})",
-              file=sys.stderr)
+    _run_bridge(bridge, inst, a, header=a.instrument, label=a.instrument, close=True)
     return 0
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from stem_live.locate import flyback
 from stem_live.locate.buckets import count_trace, fit_chunk, stream_bucket
+from stem_live.locate.refine import solve_sym
 
 
 # ----------------------------------------------------------------------------- fixed width
@@ -122,7 +123,7 @@ def _build_fixed(window: int, n_iter: int, fit_b: bool, line_sums: bool = False,
                 v.append(mom[:, 4, 0])
             for i in range(n):
                 mm[(i, i)] = mm[(i, i)] * (1.0 + 1e-3) + 1e-12
-            d = _solve_sym(mm, v, n)
+            d = solve_sym(mm, v, n)
             lim = jnp.maximum(sigma, 1.0)  # at most one probe sigma per step
             a = a + d[0]
             y0 = y0 + jnp.clip(d[1], -lim, lim)
@@ -163,37 +164,6 @@ def _nan_padded(r: int):
     import jax.numpy as jnp
 
     return jax.jit(lambda img: jnp.pad(img, r, constant_values=jnp.nan))
-
-
-def _solve_sym(m, v, n):
-    """Batched symmetric positive n x n solve (unrolled Cholesky), n small."""
-    import jax.numpy as jnp
-
-    low = {}
-    for j in range(n):
-        s = m[(j, j)]
-        for k in range(j):
-            s = s - low[(j, k)] ** 2
-        d = jnp.sqrt(jnp.maximum(s, 1e-30))
-        low[(j, j)] = d
-        for i in range(j + 1, n):
-            s = m[(j, i)]
-            for k in range(j):
-                s = s - low[(i, k)] * low[(j, k)]
-            low[(i, j)] = s / d
-    y = []
-    for i in range(n):
-        s = v[i]
-        for k in range(i):
-            s = s - low[(i, k)] * y[k]
-        y.append(s / low[(i, i)])
-    x = [None] * n
-    for i in reversed(range(n)):
-        s = y[i]
-        for k in range(i + 1, n):
-            s = s - low[(k, i)] * x[k]
-        x[i] = s / low[(i, i)]
-    return x
 
 
 def refine_fixed_width(

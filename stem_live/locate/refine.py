@@ -29,12 +29,11 @@ def window_for_spacing(spacing_px: float) -> int:
     return 2 * r + 1
 
 
-def _solve_sym5(m, v):
-    """Solve the batched symmetric positive 5x5 systems ``m @ x = v`` by an unrolled
+def solve_sym(m, v, n: int):
+    """Solve the batched symmetric positive n x n systems ``m @ x = v`` (n small) by an unrolled
     Cholesky factorisation; ``m`` is a dict {(i, j): (N,) array} for i <= j, ``v`` a list."""
     import jax.numpy as jnp
 
-    n = 5
     low = {}
     for j in range(n):
         s = m[(j, j)]
@@ -124,7 +123,7 @@ def _build(window: int, n_iter: int, circular: bool):
         def step(p):
             a, y0, x0, s, b = p
             m, v, res = linearise(p, lam)
-            d = _solve_sym5(m, v)
+            d = solve_sym(m, v, 5)
             lim = jnp.float32(1.0)
             y0n = y0 + jnp.clip(d[1], -lim, lim)
             x0n = x0 + jnp.clip(d[2], -lim, lim)
