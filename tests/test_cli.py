@@ -42,7 +42,9 @@ def test_demo_headless_runs_n_frames_and_summarises():
     # 2x the scan rate: the engine keeps up with every 128 px frame on 2 quiet cores; at 8x it
     # skips 2-5 of 12 (latest-frame-only live mode), 7 under a parallel load
     # the rigid model: the gp model (the demo's default) compiles for longer than a test may take
-    r = stem_live("demo", "--frames", "12", "--size", "128", "--speed", "2", "--model", "rigid", "--maps-endpoint",
+    # a drift well above the few pm of noise, so closed < open loop is a test of the correction
+    r = stem_live("demo", "--frames", "12", "--size", "128", "--speed", "2", "--model", "rigid",
+                  "--drift-nm-per-min", "10", "--maps-endpoint",
                   maps, "--commands-endpoint", commands)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("frame ")]
