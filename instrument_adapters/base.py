@@ -46,5 +46,11 @@ class Instrument(ABC):
     def set_beam_shift(self, target_nm: np.ndarray) -> None:
         """Move the beam shift to ``target_nm`` (nm, (y, x)); limits are the bridge's job."""
 
+    def hand_over_to_stage(self, shift_nm: np.ndarray) -> bool:
+        """Move the stage so that the specimen moves as a beam shift of ``shift_nm`` (nm, (y, x)) moved
+        it, so that the bridge can set the beam shift back to its start. True when done; the
+        default (an instrument without a stage it can drive) does nothing and returns False."""
+        return False
+
     def close(self) -> None:
         """Release the instrument; the default does nothing."""

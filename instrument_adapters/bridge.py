@@ -57,6 +57,19 @@ class BridgeStats:
     acquire_errors: int = 0
     finished: bool = False
     reasons: dict[str, int] = field(default_factory=dict)
+    excursion_nm: float = 0.0  # distance of the beam from the start after the last correction (nm)
+    budget_warning: str = ""  # set while the excursion is above WARN_FRACTION of the budget
+    budget_reached: int = 0  # times the excursion budget was reached (correction disarmed)
+    stage_handovers: int = 0  # times the stage took the accumulated shift over
+
+
+#: fraction of the excursion budget (``--max-excursion-nm``) at which the bridge warns
+WARN_FRACTION = 0.8
+#: below this fraction of the budget a spent budget counts as recentred: corrections are accepted again
+RECENTRED_FRACTION = 0.5
+BUDGET_REACHED = ("excursion budget reached ({budget:g} nm from the start): correction disarmed; recentre the specimen "
+                  "with the stage, restore the beam (stem-live run --restore-on-exit, Ctrl-C), then arm again "
+                  "(or serve with --stage-handover, or a larger --max-excursion-nm)")
 
 
 class Bridge:
@@ -65,6 +78,14 @@ class Bridge:
     ``accept_corrections=False`` acks every correction with an error and never moves the beam.
     ``wait_for_subscriber=True`` holds the first acquisition until a subscriber has connected
     (demo, tests: nothing is lost to ZeroMQ's slow-joiner effect).
+
+    Excursion budget (``limits.max_excursion_nm``): above :data:`WARN_FRACTION` of it every ack
+    carries a warning (and the log says so once); when a correction reaches it, either the stage
+    takes the accumulated shift over (``stage_handover=True`` and the instrument can: the beam goes
+    back to the start, the ack's warning says ``stage handover``, and corrections computed before
+    it are refused) or the budget is spent: the ack says :data:`BUDGET_REACHED` (the engine
+    disarms) and only corrections back towards the start are accepted until the beam is within
+    :data:`RECENTRED_FRACTION` of the budget again.
     """
 
     def __init__(
@@ -79,6 +100,7 @@ class Bridge:
         wait_for_subscriber: bool = False,
         keys: ServerKeys | None = None,
         context: object | None = None,
+        stage_handover: bool = False,
     ) -> None:
         import zmq
 
@@ -87,7 +109,10 @@ class Bridge:
         self.instrument = instrument
         self.limits = limits
         self.accept_corrections = accept_corrections
+        self.stage_handover = stage_handover
         self.stats = BridgeStats()
+        self._budget_spent = False
+        self._handover_seq = -1  # corrections for frames up to this one predate the last stage handover
         self.start_shift_nm = np.asarray(instrument.get_beam_shift(), dtype=np.float64).copy()
         self._ctx = context or zmq.Context.instance()
         self._auth = None
@@ -279,9 +304,17 @@ class Bridge:
                                     or corr.for_seq < self._last_seq - self.limits.stale_frames):
             return self._refuse(corr, current, f"correction for frame {corr.for_seq} is stale "
                                                f"(last frame sent: {self._last_seq})")
+        if corr.for_seq <= self._handover_seq:
+            return self._refuse(corr, current, f"correction for frame {corr.for_seq} predates the stage handover "
+                                               f"after frame {self._handover_seq}")
         d = clamp_target(np.asarray(corr.beam_shift_nm), current, self.start_shift_nm, self.limits)
         if d.error:
             return self._refuse(corr, current, d.error)
+        budget = self.limits.max_excursion_nm
+        now_exc = float(np.hypot(*(current - self.start_shift_nm)))
+        new_exc = float(np.hypot(*(d.applied_nm - self.start_shift_nm)))
+        if self._budget_spent and new_exc >= now_exc - 1e-9:  # only moves back towards the start
+            return self._refuse(corr, current, BUDGET_REACHED.format(budget=budget))
         try:
             with self._lock:
                 self.instrument.set_beam_shift(d.applied_nm)
@@ -289,7 +322,56 @@ class Bridge:
             return self._refuse(corr, current, f"instrument failed to move the beam: {exc}")
         self.stats.corrections_applied += 1
         self.stats.corrections_clamped += int(d.clamped)
-        return Ack(id=corr.id, applied_nm=(float(d.applied_nm[0]), float(d.applied_nm[1])), clamped=d.clamped)
+        applied, warning = self._budget(d.applied_nm, new_exc)
+        return Ack(id=corr.id, applied_nm=(float(applied[0]), float(applied[1])), clamped=d.clamped, warning=warning)
+
+    def _budget(self, applied: np.ndarray, excursion: float) -> tuple[np.ndarray, str]:
+        """After a move to ``applied`` (``excursion`` nm from the start): the stage handover, the
+        spent budget, or the 80 % warning. Returns where the beam is now and the ack's warning."""
+        budget = self.limits.max_excursion_nm
+        if self._budget_spent and excursion <= RECENTRED_FRACTION * budget:
+            self._budget_spent = False
+            log.warning("beam back within %.0f %% of the excursion budget: corrections accepted again",
+                        100 * RECENTRED_FRACTION)
+        if excursion >= budget * (1 - 1e-9) and not self._budget_spent:
+            if self.stage_handover and self._hand_over(applied - self.start_shift_nm):
+                self.stats.excursion_nm = 0.0
+                self.stats.budget_warning = ""
+                return self.start_shift_nm.copy(), (f"stage handover: the stage took over {excursion:.2f} nm of beam "
+                                                    "shift and the beam is back at the start; the engine re-references")
+            self._budget_spent = True
+            self.stats.budget_reached += 1
+            self.stats.last_error = BUDGET_REACHED.format(budget=budget)
+            log.warning("%s", self.stats.last_error)
+        self.stats.excursion_nm = excursion
+        if self._budget_spent:
+            return applied, BUDGET_REACHED.format(budget=budget)
+        if excursion >= WARN_FRACTION * budget:
+            text = (f"beam shift {excursion:.2f} nm from the start: {100 * excursion / budget:.0f} % of the {budget:g} nm "
+                    "excursion budget (at 100 % correction disarms; recentre with the stage, or serve with "
+                    "--stage-handover)")
+            if not self.stats.budget_warning:
+                log.warning("%s", text)
+            self.stats.budget_warning = text
+            return applied, text
+        self.stats.budget_warning = ""
+        return applied, ""
+
+    def _hand_over(self, shift_nm: np.ndarray) -> bool:
+        """Ask the instrument's stage to take ``shift_nm`` over, then set the beam back to the start."""
+        try:
+            with self._lock:
+                if not self.instrument.hand_over_to_stage(shift_nm.copy()):
+                    return False
+                self.instrument.set_beam_shift(self.start_shift_nm.copy())
+        except Exception as exc:  # noqa: BLE001 - a failed handover falls back to the spent budget
+            log.error("stage handover failed: %s", exc)
+            return False
+        self._handover_seq = self._last_seq
+        self.stats.stage_handovers += 1
+        log.warning("stage handover: %.2f nm of beam shift moved to the stage after frame %d; beam back at the start",
+                    float(np.hypot(*shift_nm)), self._last_seq)
+        return True
 
     def _refuse(self, corr: Correction, current: np.ndarray, error: str) -> Ack:
         self.stats.corrections_refused += 1

@@ -89,7 +89,8 @@ class NionInstrument(Instrument):
     ``NionInstrument(scan_hardware_source=None, stem_controller=None, *, scan_device_id=None,
     size=None, pixel_time_us=None, fov_nm=None, rotation_rad=None, channel=0,
     correction_mode="beam_shift", acquisition="continuous", flyback_us=None,
-    shift_matrix=None, confirm=False, timeout_s=10.0, frames=None, stream="nion")``
+    shift_matrix=None, confirm=False, timeout_s=10.0, frames=None, stream="nion",
+    stage_controls=("stage_position_m.x", "stage_position_m.y"), stage_sign=-1.0)``
 
     Without ``scan_hardware_source`` the scan device is looked up in this process's
     ``HardwareSourceManager`` (by ``scan_device_id``, else the first scanning device);
@@ -102,7 +103,9 @@ class NionInstrument(Instrument):
                  pixel_time_us: float | None = None, fov_nm: float | None = None, rotation_rad: float | None = None,
                  channel: int = 0, correction_mode: str = "beam_shift", acquisition: str = "continuous",
                  flyback_us: float | None = None, shift_matrix: Any = None, confirm: bool = False,
-                 timeout_s: float = 10.0, frames: int | None = None, stream: str = "nion") -> None:
+                 timeout_s: float = 10.0, frames: int | None = None, stream: str = "nion",
+                 stage_controls: tuple[str, str] | None = ("stage_position_m.x", "stage_position_m.y"),
+                 stage_sign: float = -1.0) -> None:
         if correction_mode not in CORRECTION_MODES:
             raise InstrumentError(f"correction_mode must be one of {', '.join(CORRECTION_MODES)}, got {correction_mode!r}")
         if acquisition not in ACQUISITION_MODES:
@@ -110,6 +113,8 @@ class NionInstrument(Instrument):
         if flyback_us is not None and not (math.isfinite(flyback_us) and flyback_us >= 0):
             raise InstrumentError(f"flyback_us must be a number >= 0, got {flyback_us!r}")
         self.correction_mode = correction_mode
+        self.stage_controls = stage_controls
+        self.stage_sign = float(stage_sign)
         self.acquisition = acquisition
         self.channel = int(channel)
         self.flyback_us = flyback_us
@@ -284,6 +289,35 @@ class NionInstrument(Instrument):
             raise InstrumentError(f"Nion refused the {self._what()} ({_one_line(exc)})") from None
         with self._lock:
             self._changes.append((time.monotonic(), before))
+
+    def hand_over_to_stage(self, shift_nm: np.ndarray) -> bool:
+        """Move the stage by the specimen motion a beam shift of ``shift_nm`` (nm, (y, x), ours) caused.
+
+        Through the STEM controller's stage controls ``stage_controls`` (x, y; metres; default
+        ``("stage_position_m.x", "stage_position_m.y")``, the names nionswift-usim exposes, where
+        the image offset is ``stage - beam shift``: the stage moves by ``stage_sign`` (-1) times the
+        native beam shift). On a real Nion STEM the stage control names, axes and sign belong to the
+        installation: pass ``stage_controls``/``stage_sign`` after checking them in Nion Swift; the
+        stage is much coarser than the beam shift (backlash), which is why the engine re-references
+        after a handover. Returns False (nothing moved) where the controls do not exist, and in
+        ``scan_offset`` mode (only the beam shift is handed over). The bridge then sets the beam back."""
+        if self.correction_mode != "beam_shift" or self.stage_controls is None:
+            return False
+        native = self._matrix() @ np.asarray(shift_nm, dtype=np.float64).reshape(2)  # (y, x) nm
+        try:
+            names = dict(zip(("x", "y"), self.stage_controls))
+            values = {}
+            for axis, name in names.items():
+                ok, value = self.stem.TryGetVal(name)
+                if not ok or value is None:
+                    return False
+                values[axis] = float(value)
+            for axis, delta in (("x", native[1]), ("y", native[0])):
+                if self.stem.SetVal(names[axis], values[axis] + self.stage_sign * delta * 1e-9) is False:
+                    return False
+        except Exception as exc:  # noqa: BLE001
+            raise InstrumentError(f"Nion refused the stage move ({_one_line(exc)})") from None
+        return True
 
     def _what(self) -> str:
         return "beam shift (CSH)" if self.correction_mode == "beam_shift" else "scan offset (center_nm)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import threading
 import time
 from collections import deque
@@ -99,6 +100,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sim-dose", type=float, default=None, metavar="E_PER_A2", help="dose in electrons per square angstrom (default: the preset's)")
     g.add_argument("--sim-seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--sim-speed", type=float, default=1.0, help="scan speed: 1 = real scan rate, 0 = as fast as possible")
+    g.add_argument("--sim-actuator-gain", type=float, default=None, metavar="G",
+                   help="beam-shift actuator gain, applied / commanded (default 0.97)")
+    g.add_argument("--sim-actuator-rotation-deg", type=float, default=0.0, metavar="DEG",
+                   help="beam-shift axes rotated against the scan axes (deg)")
+    g.add_argument("--sim-actuator-skew", type=float, default=0.0, help="beam-shift axes non-orthogonality")
 
 
 def from_args(args: argparse.Namespace) -> SimulatedInstrument:
@@ -112,4 +118,10 @@ def from_args(args: argparse.Namespace) -> SimulatedInstrument:
         cfg = replace(cfg, drift=replace(cfg.drift, drift_nm_per_min=args.sim_drift_nm_per_min))
     if args.sim_dose is not None:
         cfg = replace(cfg, dose_e_per_A2=args.sim_dose)
+    act = cfg.actuator
+    if args.sim_actuator_gain is not None:
+        act = replace(act, gain=args.sim_actuator_gain)
+    if args.sim_actuator_rotation_deg or args.sim_actuator_skew:
+        act = replace(act, rotation_rad=math.radians(args.sim_actuator_rotation_deg), skew=args.sim_actuator_skew)
+    cfg = replace(cfg, actuator=act)
     return SimulatedInstrument(cfg, speed=args.sim_speed or None, frames=getattr(args, "count", None))

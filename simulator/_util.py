@@ -22,6 +22,8 @@ STREAMS = {
     "defects": 6,
     "dynamics": 7,
     "particles": 8,
+    "nanoparticle": 9,
+    "support": 10,
 }
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

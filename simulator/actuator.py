@@ -3,7 +3,8 @@
 A command issued between frames (before frame ``seq``) takes effect at line
 ``latency_lines`` of frame ``seq + latency_frames`` (a latency of more lines than a frame
 has spills into later frames) and stays until the next command takes effect.
-The applied shift moves by ``gain * (target - previous target)`` plus an isotropic
+The applied shift moves by ``gain * R(rotation) @ [[1, skew], [0, 1]] @ (target - previous
+target)`` (on (y, x) vectors; :meth:`ActuatorConfig.matrix`) plus an isotropic
 Gaussian error of std ``noise_nm`` per axis (errors accumulate, as in a real deflector
 driven by increments). The instrument reports the commanded target, not the applied value.
 """
@@ -20,12 +21,21 @@ __all__ = ["ActuatorConfig", "Actuator"]
 
 @dataclass(frozen=True)
 class ActuatorConfig:
-    """gain: applied / commanded change; latency in lines and frames; noise_nm per axis."""
+    """gain: applied / commanded change; latency in lines and frames; noise_nm per axis;
+    rotation_rad: rotation of the deflector axes against the scan axes (rad); skew: non-orthogonality
+    (y picks up ``skew`` times the x command). Rotation and skew 0 keep the plain ``gain`` path."""
 
     gain: float = 0.97
     latency_lines: int = 0
     latency_frames: int = 0
     noise_nm: float = 0.001
+    rotation_rad: float = 0.0
+    skew: float = 0.0
+
+    def matrix(self) -> np.ndarray:
+        """Applied change per commanded change, 2x2 on (y, x) vectors: gain * R(rotation) @ [[1, skew], [0, 1]]."""
+        c, s = np.cos(self.rotation_rad), np.sin(self.rotation_rad)
+        return self.gain * np.array([[c, -s], [s, c]]) @ np.array([[1.0, self.skew], [0.0, 1.0]])
 
     @classmethod
     def ideal(cls) -> ActuatorConfig:
@@ -69,7 +79,10 @@ class Actuator:
         if not np.all(np.isfinite(target)):
             raise ValueError("beam shift target must be finite")
         cfg = self.cfg
-        applied = self._applied + cfg.gain * (target - self._target)
+        if cfg.rotation_rad or cfg.skew:
+            applied = self._applied + cfg.matrix() @ (target - self._target)
+        else:  # the plain gain: bit-identical to the simulator before rotation and skew existed
+            applied = self._applied + cfg.gain * (target - self._target)
         if cfg.noise_nm:
             applied = applied + cfg.noise_nm * self._rng.standard_normal(2)
         line = cfg.latency_lines

@@ -59,6 +59,9 @@ class FrameTruth:
     weight: (N,) HAADF weight (sum Z^1.7) of each column.
     orientation_rad: (N,) for particles (image axes, atan2(dy, dx)), else None.
     specimen_nm: (N, 2) position of each column on the specimen (image frame, no drift).
+    visible: (N,) bool: the column counts as visible with this frame's detector (False for
+        species a real HAADF dose does not show, e.g. O in PbTiO3; all True for ABF / BF);
+        None: all visible. A scorer compares a locator with ``columns_px[visible]``.
     """
 
     line_times_s: np.ndarray
@@ -74,3 +77,4 @@ class FrameTruth:
     orientation_rad: np.ndarray | None
     specimen_nm: np.ndarray
     symmetry_order: int | None = None
+    visible: np.ndarray | None = None

@@ -4,7 +4,8 @@ Conventions (docs: shared/DESIGN.md, "Physics conventions"): row i = slow scan (
 fast scan (x); pixel (i, j) is sampled at t = t_start + i * line_time + j * dwell with
 line_time = cols * dwell + flyback; a column at specimen position p appears at
 p + d(t) - b(t). The probe of pixel (i, j) samples r = scan(i, j) - d(t) + b(t) (see
-``scan.py``) and the image is the HAADF sum of the columns near r (see ``render.py``).
+``scan.py``) and the image is the HAADF sum of the columns near r (see ``render.py``), or,
+with ``detector`` "abf" / "bf", the bright-field dips of ``detector.py``.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from simulator._util import stream_rng
 from simulator.actuator import Actuator, ActuatorConfig
+from simulator.detector import BRIGHT_FIELD, DETECTORS
 from simulator.drift import DriftConfig, DriftModel
 from simulator.frame import FrameMeta, FrameTruth
 from simulator.render import detect, fwhm_to_sigma, pad_points, render_sources
@@ -23,12 +25,19 @@ from simulator.specimen import PRESETS, Specimen, make_specimen
 __all__ = ["MicroscopeConfig", "Microscope", "PRESET_DEFAULTS"]
 
 #: Per-preset defaults used where MicroscopeConfig says None:
-#: pixel size (nm), probe FWHM (nm), dose (e/A^2).
+#: pixel size (nm), probe FWHM (nm), dose (e/A^2); ``diffuse_fraction`` (HAADF background of a
+#: thick crystal, fraction of the incident electrons a pixel; 0 where absent).
+#: perovskite: 0.2, the thermal diffuse / cross-talk background of a ~20-40 nm PbTiO3 crystal,
+#: on which its O columns (1.9 % of Pb) are not seen at 1e5 e/A^2 (docs/simulator.md).
+#: nanoparticle: 0.025 nm px (the 0.25 nm Au column spacing is 10 px), 0.1 nm probe, 5e4 e/A^2.
 PRESET_DEFAULTS: dict[str, dict[str, float]] = {
     "graphene": {"pixel_size_nm": 0.010, "probe_fwhm_nm": 0.08, "dose_e_per_A2": 5e5},
     "srtio3": {"pixel_size_nm": 0.012, "probe_fwhm_nm": 0.08, "dose_e_per_A2": 1e5},
     "mos2": {"pixel_size_nm": 0.012, "probe_fwhm_nm": 0.08, "dose_e_per_A2": 1e5},
     "particles": {"pixel_size_nm": 0.05, "probe_fwhm_nm": 0.15, "dose_e_per_A2": 5e4},
+    "nanoparticle": {"pixel_size_nm": 0.025, "probe_fwhm_nm": 0.10, "dose_e_per_A2": 5e4},
+    "perovskite": {"pixel_size_nm": 0.012, "probe_fwhm_nm": 0.08, "dose_e_per_A2": 1e5,
+                   "diffuse_fraction": 0.2},
 }
 
 
@@ -46,10 +55,13 @@ class MicroscopeConfig:
     frame_gap_s: dead time between the end of one frame and the start of the next.
     dynamics: defects hop between frames (particles rotate regardless, see Specimen).
     si_fraction, vacancy_fraction: dopant / vacancy fractions (None -> preset default;
-        si_fraction is the substitutional dopant of the preset: Si in graphene, W in mos2).
+        si_fraction is the substitutional dopant of the preset: Si in graphene, W in mos2, La in srtio3).
     hop_rate_per_s: per-defect hop rate when dynamics is on.
     specimen_kwargs: any further ``make_specimen`` keyword arguments.
     render_nsigma: Gaussians are cut off at this many sigma.
+    detector: "haadf" (bright columns), "abf" or "bf" (dark columns; ``detector.py``).
+    diffuse_fraction: HAADF diffuse background (fraction of the incident electrons per
+        pixel); None -> the preset's (0 except perovskite).
     """
 
     preset: str = "graphene"
@@ -77,6 +89,8 @@ class MicroscopeConfig:
     hop_rate_per_s: float = 0.02
     specimen_kwargs: dict = field(default_factory=dict)
     render_nsigma: float = 4.0
+    detector: str = "haadf"
+    diffuse_fraction: float | None = None
 
     # ---- resolved values
     @property
@@ -102,10 +116,19 @@ class MicroscopeConfig:
         return float(self.dose_e_per_A2 if self.dose_e_per_A2 is not None
                      else PRESET_DEFAULTS[self.preset]["dose_e_per_A2"])
 
+    @property
+    def diffuse(self) -> float:
+        return float(self.diffuse_fraction if self.diffuse_fraction is not None
+                     else PRESET_DEFAULTS[self.preset].get("diffuse_fraction", 0.0))
+
     def validate(self) -> None:
         """Raise ValueError with a one-line reason for a bad parameter."""
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"unknown detector {self.detector!r}; choose one of {', '.join(DETECTORS)}")
+        if not (np.isfinite(self.diffuse) and 0 <= self.diffuse < 1):
+            raise ValueError(f"diffuse_fraction must be in [0, 1), got {self.diffuse}")
         rows, cols = self.shape
         if not (1 <= rows <= 16384 and 1 <= cols <= 16384):
             raise ValueError(f"frame size {rows}x{cols} out of range 1..16384")
@@ -140,6 +163,8 @@ class Microscope:
         kw.setdefault("dopant_fraction", cfg.si_fraction)
         kw.setdefault("vacancy_fraction", cfg.vacancy_fraction)
         kw.setdefault("hop_rate_per_s", cfg.hop_rate_per_s)
+        if cfg.preset == "nanoparticle":  # the first frame looks at the particle's centre
+            kw.setdefault("origin_nm", (0.5 * self.rows * self.pixel_size_nm[0], 0.5 * self.cols * self.pixel_size_nm[1]))
         self.specimen: Specimen = make_specimen(cfg.preset, cfg.seed, **kw)
         self.drift = DriftModel(cfg.drift, cfg.seed)
         self.actuator = Actuator(cfg.actuator, self.rows, cfg.seed)
@@ -246,12 +271,18 @@ class Microscope:
         # its centre pixel (and a little for local scan-step changes)
         radius = cfg.render_nsigma * sig_max / min(geom.step_y, geom.step_x) + 0.75
         half = int(np.ceil(radius))
-        vis = (si > -half) & (si < rows - 1 + half) & (sj > -half) & (sj < cols - 1 + half) & (amp > 0)
-        ryp, rxp = pad_points(ry, rx, half)
-        expected = render_sources(
-            ryp, rxp,
-            cols_all.src_pos_nm[vis] - origin, amp[vis], sig[vis],
-            np.stack([np.rint(si[vis]), np.rint(sj[vis])], axis=1).astype(np.int64), half, radius)
+        if cfg.detector == "haadf":
+            vis = (si > -half) & (si < rows - 1 + half) & (sj > -half) & (sj < cols - 1 + half) & (amp > 0)
+            ryp, rxp = pad_points(ry, rx, half)
+            expected = render_sources(
+                ryp, rxp,
+                cols_all.src_pos_nm[vis] - origin, amp[vis], sig[vis],
+                np.stack([np.rint(si[vis]), np.rint(sj[vis])], axis=1).astype(np.int64), half, radius)
+            if cfg.diffuse:
+                expected += cfg.diffuse * n_e
+        else:
+            expected = self._bright_field(ry, rx, origin, cols_all, si, sj, sig, n_e,
+                                          min(geom.step_y, geom.step_x))
         expected += cfg.background_counts
         rng = stream_rng(cfg.seed, "noise", seq) if cfg.noise else None
         image = detect(expected, rng, cfg.readout_noise)
@@ -261,6 +292,7 @@ class Microscope:
         ci, cj = si[ref], sj[ref]
         ct = t0 + ci * self.line_time_s + cj * self.dwell_s
         inside = (ci >= -0.5) & (ci < rows - 0.5) & (cj >= -0.5) & (cj < cols - 0.5)
+        hidden = spec.haadf_hidden_species if cfg.detector == "haadf" else ()
         truth = FrameTruth(
             line_times_s=line_times,
             drift_nm=self.drift(line_times),
@@ -276,11 +308,13 @@ class Microscope:
                              else cols_all.orientation_rad[inside]),
             specimen_nm=cols_all.positions_nm[inside],
             symmetry_order=spec.symmetry_order if spec.preset == "particles" else None,
+            visible=~np.isin(cols_all.species[inside], hidden),
         )
         meta = FrameMeta(
             seq=seq, t_start=t0, pixel_size_nm=(py, px), dwell_us=cfg.dwell_us,
             flyback_us=cfg.flyback_us, scan_rotation_rad=cfg.scan_rotation_rad,
-            beam_shift_nm=(float(cmd_rows[0, 0]), float(cmd_rows[0, 1])), rows=rows, cols=cols)
+            beam_shift_nm=(float(cmd_rows[0, 0]), float(cmd_rows[0, 1])), rows=rows, cols=cols,
+            detector=cfg.detector.upper())
 
         dt = self.frame_time_s + cfg.frame_gap_s
         self._seq = seq + 1
@@ -288,6 +322,31 @@ class Microscope:
         spec.advance(dt, box, cfg.scan_rotation_rad, stream_rng(cfg.seed, "dynamics", seq),
                      hops=cfg.dynamics)
         return image, meta, truth
+
+    def _bright_field(self, ry: np.ndarray, rx: np.ndarray, origin: np.ndarray, cols, si: np.ndarray,
+                      sj: np.ndarray, sig: np.ndarray, n_e: float, step: float) -> np.ndarray:
+        """Expected ABF / BF counts (rows, cols), background excluded: N_e * collection * exp(-tau)
+        with tau the sum of the columns' Gaussian dips (and BF's bright rings), ``detector.py``.
+        ry, rx, origin: the pixels' sample points (``_sample_points``); si, sj, sig: each source's
+        apparent (row, col) and total width (nm); n_e: electrons a pixel; step: scan step (nm)."""
+        cfg = self.config
+        model = BRIGHT_FIELD[cfg.detector]
+        rows, cols_n = self.rows, self.cols
+        depth = model.depth * self.specimen.source_weights(cols, model.exponent)
+        tau = []  # the dips' optical depth, then (BF) the rings'
+        for amp, width in [(1.0, 1.0)] + ([(model.halo, model.halo_width)] if model.halo else []):
+            s = sig * width
+            radius = cfg.render_nsigma * float(s.max(initial=0.0)) / step + 0.75
+            half = int(np.ceil(radius))
+            vis = (si > -half) & (si < rows - 1 + half) & (sj > -half) & (sj < cols_n - 1 + half) & (depth > 0)
+            ryp, rxp = pad_points(ry, rx, half)
+            tau.append(render_sources(
+                ryp, rxp, cols.src_pos_nm[vis] - origin, amp * depth[vis], s[vis],
+                np.stack([np.rint(si[vis]), np.rint(sj[vis])], axis=1).astype(np.int64), half, radius))
+        # the ring brightens by 1 - exp(-tau_ring): tau_ring for weak columns (zero integral with
+        # the dip), at most the vacuum level itself beside thick ones
+        ring = -np.expm1(-tau[1]) if len(tau) > 1 else 0.0
+        return n_e * model.collection * (np.exp(-tau[0]) + ring)
 
     def __repr__(self) -> str:
         c = self.config

@@ -26,6 +26,10 @@ __all__ = ["Range", "Choice", "RANGES", "CHOICES", "MAX_FRAME_S", "Scenario", "d
 LOG_DECADE = 10.0  # high / low at or above which a range is drawn log-uniformly
 MAX_FRAME_S = 8.0  # dwell is capped so that one frame takes at most this long (see draw_scenario)
 _STREAM = 0x5CE7  # id of the scenario random stream (distinct from simulator._util.STREAMS)
+#: La on Sr in the matrix's SrTiO3 (La-doped SrTiO3, 1-5 % in the STEM literature): a perfect
+#: crystal moving by more than half a period between frames is ambiguous for any tracker; real
+#: specimens carry dopants, vacancies and contamination that tell the lattice translations apart
+SRTIO3_LA_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,8 @@ class Scenario:
             preset=self.specimen, size=self.size, pixel_size_nm=self.pixel_pm * 1e-3, dwell_us=self.dwell_us,
             flyback_us=self.flyback_time_us, frame_gap_s=self.frame_gap_s, noise=noise,
             dose_e_per_A2=self.dose_factor * PRESET_DEFAULTS[self.specimen]["dose_e_per_A2"],
-            seed=self.seed, drift=drift, scan=scan)
+            seed=self.seed, drift=drift, scan=scan,
+            si_fraction=SRTIO3_LA_FRACTION if self.specimen == "srtio3" else None)
 
     def with_(self, **changes) -> Scenario:
         """A copy with fields changed (tests, hand-made scenarios)."""

@@ -18,7 +18,7 @@ shows them with species ``VACANCY`` = -1).
 Presets
 - graphene: honeycomb, a = 0.246 nm (C-C 0.142 nm); Si (Z 14) on C (Z 6) sites and vacancies.
 - srtio3 [001]: a = 0.3905 nm; Sr (38) corners, Ti-O (22 + 8) centre, O (8) edge centres;
-  optional O-column vacancies.
+  optional O-column vacancies and La (57) on Sr sites (``dopant_fraction``, default 0).
 - mos2 2H [001]: a = 0.316 nm; Mo (42) and S2 (2 x 16) on a honeycomb; monosulfur
   vacancies (S2 -> S, default 2 %) and optional W (74) on Mo.
 - particles: anisotropic objects (three Gaussian blobs of different brightness in an
@@ -26,6 +26,19 @@ Presets
   two species that are mirror images of each other, random orientations that diffuse.
   ``orientation_rad`` = atan2(dy, dx) (image axes) of the particle's long axis, from the
   bright blob (the reference point) towards the dim one.
+- perovskite: PbTiO3 [001], a = 0.390 nm (tetragonal PbTiO3 a = 0.3899 nm, seen along c):
+  Pb (82) corners, Ti-O (22 + 8) centre, O (8) edge centres; optional O-column vacancies.
+  With the HAADF exponent 1.7 (the measured range is Z^1.6-2: Pennycook & Jesson,
+  Ultramicroscopy 37, 14 (1991); Krivanek et al., Nature 464, 571 (2010), ~Z^1.64) an O
+  column scatters (8/82)^1.7 = 1.9 % of a Pb column and the Ti-O column 12.5 %; on the
+  diffuse background of a thick crystal (``PRESET_DEFAULTS["perovskite"]["diffuse_fraction"]``)
+  the O columns are below what a real HAADF dose shows, so they are *hidden in HAADF*
+  (``haadf_hidden_species``: a scorer leaves them out of HAADF truth, keeps them for ABF/BF).
+- nanoparticle: fcc Au (or Pt) particles along [110], 3-10 nm, faceted, with surface steps,
+  on an amorphous carbon support (``simulator.nanoparticle``); the truth is the metal columns.
+
+Other detectors (ABF, BF; ``simulator.detector``) use ``source_weights(cols, exponent)``:
+the per-source sum of Z^exponent instead of Z^1.7.
 """
 from __future__ import annotations
 
@@ -34,10 +47,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from simulator._util import uhash
+from simulator.columns import Columns
+from simulator.nanoparticle import NanoparticleField
 
 __all__ = ["PRESETS", "VACANCY", "Columns", "Specimen", "make_specimen", "rot"]
 
-PRESETS: tuple[str, ...] = ("graphene", "srtio3", "mos2", "particles")
+PRESETS: tuple[str, ...] = ("graphene", "srtio3", "mos2", "particles", "nanoparticle", "perovskite")
 VACANCY = -1
 _Z_EXP = 1.7
 _OFF = 1 << 20  # lattice index offset for ids
@@ -47,29 +62,6 @@ def rot(phi: float) -> np.ndarray:
     """2x2 matrix acting on (y, x) column vectors: turns atan2(y, x) by +phi."""
     c, s = np.cos(phi), np.sin(phi)
     return np.array([[c, s], [-s, c]])
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Columns (or particles) in a window; positions nm, image frame (y, x).
-
-    ``src_*`` are the point/Gaussian sources to render: for crystals one per column,
-    for particles one per blob (``src_parent`` indexes the owning column).
-    """
-
-    positions_nm: np.ndarray      # (N, 2)
-    z: np.ndarray                 # (N,) summed atomic number of the column
-    weight: np.ndarray            # (N,) sum of Z^1.7
-    species: np.ndarray           # (N,) int, index into species_names (VACANCY = -1)
-    ids: np.ndarray               # (N,) int64, stable across frames
-    orientation_rad: np.ndarray | None
-    src_pos_nm: np.ndarray        # (M, 2)
-    src_weight: np.ndarray        # (M,)
-    src_sigma_nm: np.ndarray      # (M,) intrinsic Gaussian width (0 = point column)
-    src_parent: np.ndarray        # (M,)
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -86,6 +78,7 @@ class _Lattice:
     hops: tuple[tuple[int, tuple[int, ...], float], ...]
     default_dopant: float
     default_vacancy: float
+    haadf_hidden: tuple[int, ...] = ()           # species too faint to count as visible in HAADF
 
 
 def _hexagonal(a: float) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -102,8 +95,8 @@ _LATTICES: dict[str, _Lattice] = {
     "srtio3": _Lattice(
         (0.0, 0.3905), (0.3905, 0.0),
         basis=((0.0, 0.0), (0.5, 0.5), (0.5, 0.0), (0.0, 0.5)), basis_species=(0, 1, 2, 2),
-        names=("Sr", "TiO", "O"), atoms=((38,), (22, 8), (8,)),
-        defects=((2, VACANCY, "vacancy"),),
+        names=("Sr", "TiO", "O", "La"), atoms=((38,), (22, 8), (8,), (57,)),
+        defects=((2, VACANCY, "vacancy"), (0, 3, "dopant")),
         hops=((VACANCY, (2,), 0.29),),
         default_dopant=0.0, default_vacancy=0.0),
     "mos2": _Lattice(
@@ -112,6 +105,13 @@ _LATTICES: dict[str, _Lattice] = {
         defects=((0, 3, "dopant"), (1, 2, "vacancy")),
         hops=((2, (1,), 0.33),),
         default_dopant=0.0, default_vacancy=0.02),
+    "perovskite": _Lattice(
+        (0.0, 0.390), (0.390, 0.0),
+        basis=((0.0, 0.0), (0.5, 0.5), (0.5, 0.0), (0.0, 0.5)), basis_species=(0, 1, 2, 2),
+        names=("Pb", "TiO", "O"), atoms=((82,), (22, 8), (8,)),
+        defects=((2, VACANCY, "vacancy"),),
+        hops=((VACANCY, (2,), 0.28),),
+        default_dopant=0.0, default_vacancy=0.0, haadf_hidden=(2,)),
 }
 
 # particle blobs in the particle frame (orientation 0 = long axis along +x):
@@ -129,14 +129,19 @@ class Specimen:
     Keyword arguments (all optional; None = preset default):
       lattice_rotation_rad: in-plane rotation of the crystal in the specimen frame.
       origin_nm: (y, x) position of lattice site (0, 0) / particle (0, 0).
-      dopant_fraction: graphene Si on C (0.004); mos2 W on Mo (0); others ignored.
-      vacancy_fraction: graphene C vacancies (0.003); srtio3 O-column vacancies (0);
+      dopant_fraction: graphene Si on C (0.004); mos2 W on Mo (0); srtio3 La on Sr (0);
+          others ignored.
+      vacancy_fraction: graphene C vacancies (0.003); srtio3 / perovskite O-column vacancies (0);
           mos2 S2 -> S monosulfur vacancies (0.02); particles empty grid sites (0.05).
       hop_rate_per_s: per-defect hop rate used by ``advance(hops=True)`` (0.02 /s).
       particle_spacing_nm (2.0), particle_jitter_nm (0.35), particle_weight (600, in Z^1.7
           units for the bright blob), rot_diffusion_rad2_per_s (2e-3; 0 freezes them),
           mirror_fraction (0.5: share of the mirror-image species).
       extent_nm: (h, w) window for the convenience properties ``positions_nm`` etc.
+      nanoparticle: element ("Au" | "Pt"), particle_diameter_nm (None: seeded 3-10 nm),
+          support_density_per_nm2 (200: a 2 nm a-C film), surface_steps (2),
+          particle_pitch_nm (16: the particle grid); ``lattice_rotation_rad`` and
+          ``origin_nm`` place the particle at grid (0, 0).
     """
 
     symmetry_order: int = 1   # of a particle (1 = no rotational symmetry)
@@ -148,7 +153,10 @@ class Specimen:
                  particle_spacing_nm: float = 2.0, particle_jitter_nm: float = 0.35,
                  particle_weight: float = 600.0, rot_diffusion_rad2_per_s: float = 2e-3,
                  mirror_fraction: float = 0.5,
-                 extent_nm: tuple[float, float] = (5.0, 5.0)):
+                 extent_nm: tuple[float, float] = (5.0, 5.0),
+                 element: str = "Au", particle_diameter_nm: float | None = None,
+                 support_density_per_nm2: float = 200.0, surface_steps: int = 2,
+                 particle_pitch_nm: float = 16.0):
         if preset not in PRESETS:
             raise ValueError(f"unknown specimen preset {preset!r}; choose one of {', '.join(PRESETS)}")
         self.preset = preset
@@ -160,7 +168,16 @@ class Specimen:
         self._override: dict[int, int] = {}       # site id -> species
         self._angle: dict[int, float] = {}        # particle id -> accumulated rotation
         self._cache = None
-        if preset == "particles":
+        self._np: NanoparticleField | None = None
+        if preset == "nanoparticle":
+            self._lat = None
+            self._np = NanoparticleField(
+                self.seed, element=element, diameter_nm=particle_diameter_nm, origin_nm=tuple(self.origin_nm),
+                rotation_rad=self.lattice_rotation_rad, pitch_nm=particle_pitch_nm, steps=surface_steps,
+                support_density=support_density_per_nm2)
+            self.species_names = (element,)
+            self.dopant_fraction = self.vacancy_fraction = 0.0
+        elif preset == "particles":
             self._lat = None
             self.species_names: tuple[str, ...] = ("particle", "mirror")
             self.vacancy_fraction = 0.05 if vacancy_fraction is None else float(vacancy_fraction)
@@ -185,17 +202,20 @@ class Specimen:
     @property
     def max_source_sigma_nm(self) -> float:
         """Largest intrinsic width of a rendered source (0 for point-like columns)."""
-        return float(_BLOBS[:, 3].max()) if self._lat is None else 0.0
+        return float(_BLOBS[:, 3].max()) if self.preset == "particles" else 0.0
 
     @property
     def source_extent_nm(self) -> float:
         """Largest distance of a source from its column's reference point."""
-        return float(np.hypot(_BLOBS[:, 0], _BLOBS[:, 1]).max()) if self._lat is None else 0.0
+        return float(np.hypot(_BLOBS[:, 0], _BLOBS[:, 1]).max()) if self.preset == "particles" else 0.0
 
     # ---------------------------------------------------------------- species info
     @property
     def species_z(self) -> np.ndarray:
-        """Summed atomic number per species (particles: effective, from the weight)."""
+        """Summed atomic number per species (particles: effective, from the weight; nanoparticle:
+        per atom of a column)."""
+        if self._np is not None:
+            return np.array([float(self._np.z)])
         if self._lat is None:
             w = self.particle_weight * _BLOBS[:, 2].sum()
             return np.full(2, w ** (1 / _Z_EXP))
@@ -203,7 +223,9 @@ class Specimen:
 
     @property
     def species_weight(self) -> np.ndarray:
-        """HAADF weight (sum of Z^1.7) per species."""
+        """HAADF weight (sum of Z^1.7) per species (nanoparticle: per atom of a column)."""
+        if self._np is not None:
+            return np.array([float(self._np.z) ** _Z_EXP])
         if self._lat is None:
             return np.full(2, self.particle_weight * _BLOBS[:, 2].sum())
         return self._w.copy()
@@ -250,6 +272,8 @@ class Specimen:
     def columns_in(self, box_nm, scan_rotation_rad: float = 0.0,
                    include_vacancies: bool = False) -> Columns:
         """All columns whose position lies in ``box_nm`` = ((y0, y1), (x0, x1)), image frame."""
+        if self._np is not None:
+            return self._np.columns_in(box_nm, scan_rotation_rad)
         if self._lat is None:
             return self._particles_in(box_nm, scan_rotation_rad, include_vacancies)
         lo, hi = self._index_ranges(box_nm, scan_rotation_rad, self._cell)
@@ -323,6 +347,8 @@ class Specimen:
         site with probability 1 - exp(-hop_rate * dt). Returns the number of hops.
         """
         rng = np.random.default_rng(0) if rng is None else rng
+        if self._np is not None:
+            return 0
         if self._lat is None:
             if self.rot_diffusion > 0 and dt_s > 0:
                 cols = self._particles_in(box_nm, scan_rotation_rad, False)
@@ -351,6 +377,24 @@ class Specimen:
                 self._override[int(cols.ids[c])] = int(species[c])
                 n_hops += 1
         return n_hops
+
+    # ---------------------------------------------------------------- detectors
+    @property
+    def haadf_hidden_species(self) -> tuple[int, ...]:
+        """Species too faint at real HAADF doses to count as visible columns (perovskite: O)."""
+        return () if self._lat is None else tuple(self._lat.haadf_hidden)
+
+    def source_weights(self, cols: Columns, exponent: float) -> np.ndarray:
+        """(M,) sum over each source's atoms of Z^``exponent`` (``exponent`` 1.7 gives
+        ``cols.src_weight``); particles: (blob weight)^(exponent / 1.7), one effective atom."""
+        if self._np is not None:
+            return self._np.source_weights(cols, exponent)
+        if self._lat is None:
+            w = np.asarray(cols.src_weight, float)
+            return np.where(w > 0, np.abs(w) ** (exponent / _Z_EXP), 0.0)
+        table = np.array([sum(float(z) ** exponent for z in a) for a in self._lat.atoms])
+        sp = np.asarray(cols.species)[cols.src_parent]
+        return np.where(sp >= 0, table[np.maximum(sp, 0)], 0.0)
 
     # ---------------------------------------------------------------- convenience
     def _default(self) -> Columns:

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stem_live.column_model import ColumnModel
 from stem_live.protocol import Correction, Frame
-from stem_live.register import Reference, make_reference, register
+from stem_live.register import Reference, make_reference, register_resolved
 
 log = logging.getLogger("stem_live.engine")
 
@@ -98,6 +99,10 @@ class EngineConfig:
     # False: the fit runs inside the frame that makes it due (replay, evaluate: reproducible
     # results); True: in a background thread (live: no frame waits for it)
     hyperfit_background: bool = True
+    # gp model: "bright" columns (HAADF/ADF), "dark" (ABF/BF: each frame is inverted before it is
+    # located), or "auto": from the frame's detector name where it is a known one, else from the
+    # image (``locate.contrast.frame_contrast``)
+    contrast: str = "bright"
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,7 @@ class Engine:
         self._ref_beam_nm = np.zeros(2)  # beam shift during the current reference frame
         self._b0_nm: np.ndarray | None = None  # beam shift during the very first frame
         self._hist: deque[tuple[float, np.ndarray]] = deque(maxlen=max(2, self.config.history))
+        self._prev_start: tuple[float, float] | None = None   # (t_start, frame_time_s) of the last frame
         self.frames = 0
         self.last: FrameResult | None = None
         self._columns = None if self.config.model != "gp" else ColumnModel(self.config)
@@ -275,6 +281,8 @@ class Engine:
         if problem is not None:
             raise FrameRefused(f"frame {frame.seq} refused: {problem}")
         t0 = time.perf_counter()
+        if self._columns is not None:
+            self._columns.period_s = self._period_s(frame)
         px = np.asarray(frame.pixel_size_nm, dtype=np.float64)
         beam = np.asarray(frame.beam_shift_nm, dtype=np.float64)
         t_mid = frame.t_start + 0.5 * frame.frame_time_s
@@ -284,13 +292,17 @@ class Engine:
             self._set_reference(reg_image, beam, np.zeros(2) if self._ref is None else self._last_drift())
             if self._b0_nm is None:
                 self._b0_nm = beam.copy()
-            shift_px, peak = np.zeros(2), 1.0
+            shift_px, peak, moved = np.zeros(2), 1.0, False
         else:
             # where this frame should be, from the drift history and the beam shift it was taken with:
             # robust to skipped frames and to corrections that arrived late
             pred = self.predict_drift(t_mid)
             pred_px = np.zeros(2) if pred is None else (pred - self._ref_offset_nm - (beam - self._ref_beam_nm)) / px
-            shift_px, peak = register(self._ref, reg_image, predicted=tuple(pred_px))
+            shift_px, peak, moved = register_resolved(self._ref, reg_image, predicted=tuple(pred_px))
+            if moved:  # the drift history predicted a lattice alias: the specimen's defects say where it is
+                log.info("frame %d: %.1f px from the predicted position (lattice period %.1f px); "
+                         "locked by the specimen's non-periodic features", frame.seq,
+                         float(np.hypot(*(shift_px - pred_px))), self._ref.period_px)
         t1 = time.perf_counter()
         locked = bool(np.isfinite(peak) and peak >= self.config.min_peak)
         drift = self._ref_offset_nm + shift_px * px + (beam - self._ref_beam_nm)
@@ -307,6 +319,10 @@ class Engine:
             # apparent shift vs the very first frame, as a hint for the tracker
             hint = (drift - (beam - self._b0_nm)) / px
             col = self._columns.process(frame, image, hint, timings)
+            if col.jump and len(self._hist) >= 2 and self._hist[-1][0] == t_mid:   # the GP saw a jump
+                last = self._hist.pop()
+                self._shift_history(*last)
+                self._hist.append(last)
             if col.flagged:  # no credible columns: the registration's shift is no measurement either
                 if self._hist and self._hist[-1][0] == t_mid:
                     self._hist.pop()
@@ -316,10 +332,11 @@ class Engine:
             if col is not None and col.decision is not None and col.decision.apply:
                 correction = self._make(frame, col.decision.beam_shift_nm, col.decision.reason)
             else:
-                pred = self.predict_drift(t_mid + frame.frame_time_s)
+                pred = self.predict_drift(t_mid + self._period_s(frame))
                 if pred is not None:
                     correction = self._correction(frame, pred, beam)
         self.frames += 1
+        self._prev_start = (frame.t_start, frame.frame_time_s)
         timings["total"] = (time.perf_counter() - t0) * 1e3
         self.last = FrameResult(seq=frame.seq, t_mid=t_mid, shift_px=shift_px, drift_nm=drift, peak=peak,
                                 locked=locked, correction=correction, timings_ms=timings,
@@ -374,6 +391,24 @@ class Engine:
         y0, x0 = (h - ch) // 2, (w - cw) // 2
         return image[y0:y0 + ch, x0:x0 + cw]
 
+    def _shift_history(self, t_mid: float, drift: np.ndarray) -> None:
+        """After a jump (the gp model's policy saw one): the past drift estimates moved onto
+        the new level, so that the straight-line prediction keeps the velocity it had instead
+        of taking the step for one."""
+        step = drift - self.predict_drift(t_mid)
+        self._hist = deque(((t, d + step) for t, d in self._hist), maxlen=self._hist.maxlen)
+
+    def _period_s(self, frame: Frame) -> float:
+        """Time from this frame's start to the next one's (s): the step from the previous
+        frame's start where that is a plausible period (the scan plus a gap between frames of
+        up to 2 scan times + 1 s), else the scan time alone (a pause, a skipped frame)."""
+        prev = self._prev_start
+        if prev is not None:
+            step = frame.t_start - prev[0]
+            if frame.frame_time_s <= step <= 3.0 * frame.frame_time_s + 1.0:
+                return float(step)
+        return float(frame.frame_time_s)
+
     def _last_drift(self) -> np.ndarray:
         return self._hist[-1][1] if self._hist else np.zeros(2)
 
@@ -407,200 +442,3 @@ class Engine:
             "rvae": None if self.rvae is None else self.rvae.status(),
             "drift_hyperparameters": self.drift_hyperparameters(),
         }
-
-
-@dataclass(frozen=True)
-class ColumnResult:
-    columns: object
-    line_drift_nm: np.ndarray | None
-    line_sigma_nm: np.ndarray | None
-    decision: object | None
-    jump: bool
-    flagged: str = ""   # the quality gate's reason where the columns are not credible
-
-
-class ColumnModel:
-    """Locate -> track -> drift samples -> online GP -> correction decision, for one stream."""
-
-    def __init__(self, config: EngineConfig) -> None:
-        from stem_live.distortion import CorrectionPolicy, OnlineDriftGP
-        from stem_live.distortion.hyperfit import HyperLearner
-        from stem_live.track import Tracker
-
-        self.config = config
-        self.spacing_px = config.spacing_px or None
-        self.tracker = Tracker(spacing_px=self.spacing_px, history=64)
-        # one padded GP size per session (512 sample groups: about 4 frames of 512 lines), so
-        # that no frame after the first waits for a compilation
-        # (mains: a set frequency, or 50 Hz until the stream says 60 or none; 0: no periodic term)
-        mains = 50.0 if config.mains_hz is None else (float(config.mains_hz) or None)
-        self.gp = OnlineDriftGP(window_frames=config.gp_window_frames, min_groups=512, max_groups=512,
-                                mains_hz=mains)
-        self.calibration = None
-        if config.calibration:  # drift velocity as the GP's prior mean, scan scale/shear taken out of the samples
-            from stem_live.calibration import load_cached
-
-            self.calibration = load_cached(config.calibration)
-            hyper = self.calibration.meta.get("hyperparameters") or {}
-            if hyper:  # the calibration's fitted values: the warm start of the online fit
-                self.gp.set_hyperparameters(**{k: v for k, v in hyper.items() if k in self.gp.learnt_hyperparameters()})
-            self.gp = self.calibration.wrap_gp(self.gp)
-        self.learner = None
-        if config.learn_hyperparameters:
-            self.learner = HyperLearner(self.gp, every_frames=config.hyperfit_every,
-                                        mains="auto" if config.mains_hz is None else config.mains_hz,
-                                        background=config.hyperfit_background)
-        self.policy = CorrectionPolicy(gain=config.gain, deadband_nm=config.deadband_nm,
-                                       max_sigma_nm=config.max_sigma_nm)
-        self.deskew_min_frames = 2  # GP frames needed before the tracker gets de-skewed positions
-        # the probe width (column Gaussian sigma, px) is measured on the first frame and again
-        # every `probe_refresh_frames`; in between the fit takes it as known (one free fit of the
-        # brightest columns less per frame, and no frame-to-frame jitter of the width)
-        self.probe_refresh_frames = 32
-        self.quality_every = 10   # frames between quality-gate checks of a steady stream
-        self.hyperfit_ms = 0.0    # the last frame's inline hyperparameter fit (ms; 0 when none ran)
-        self._probe_sigma_px: float | None = None
-        self._located = 0
-        self.lattice = None  # LatticePrior, made once the spacing is known (config.lattice_prior)
-        self._flyback_warned: set[tuple[float, float]] = set()
-        self._scan_key: tuple[float, float] | None = None  # (pixel size nm, dwell us) of the measured flyback
-
-    def process(self, frame: Frame, image: np.ndarray, hint_px: np.ndarray, timings: dict) -> ColumnResult:
-        from dataclasses import replace as dc_replace
-
-        from stem_live.locate import estimate_spacing, locate_classical
-
-        t0 = time.perf_counter()
-        img = np.asarray(image, dtype=np.float32)
-        if self.spacing_px is None:
-            self.spacing_px = float(estimate_spacing(img))
-            self.tracker.spacing_px = self.spacing_px
-        if self.config.lattice_prior and self.lattice is None:
-            from stem_live.lattice_prior import LatticePrior
-
-            # without a calibration the lattice measures the flyback where the frames drift
-            self.lattice = LatticePrior(self.spacing_px, fit_flyback=self.calibration is None)
-        known = self._probe_sigma_px if self._located % self.probe_refresh_frames else None
-        # the flyback (a calibration's, or the lattice's measurement): the columns cut by the
-        # left edge are fitted on the distorted scan
-        flyback = self._flyback(frame) if self.calibration is not None else self._measured_flyback(frame)
-        cols = locate_classical(img, self.spacing_px, probe_sigma_px=known, flyback_px=flyback, prior=self.lattice)
-        if self.lattice is not None:
-            self.lattice.update(cols)
-            if flyback is None and self.lattice.flyback_px is not None:
-                amp, decay = self.lattice.flyback_px
-                log.info("flyback measured from the frames: %.3g px decaying over %.3g px (%.3g pm, %.3g us); "
-                         "the left-edge columns are fitted on it from the next frame", amp, decay,
-                         amp * frame.pixel_size_nm[1] * 1e3, decay * frame.dwell_us)
-        self._located += 1
-        self._probe_sigma_px = cols.meta.get("probe_sigma_px", known)
-        reason = self._quality(img, cols)
-        if reason:
-            timings.update(locate=(time.perf_counter() - t0) * 1e3)
-            return ColumnResult(cols, None, None, None, False, flagged=reason)
-        t1 = time.perf_counter()
-        # the tracker and the drift model take the line-averaged positions: the random part of
-        # each scan line's offset, which the de-jitter puts back, is noise to a drift model
-        # (with them the replay test's correction error grew from 4.1 to 6.2 pm)
-        smooth = dc_replace(cols, positions=cols.line_averaged())
-        ids = self.tracker.update(self._deskewed(frame, smooth), shift_hint=tuple(hint_px))
-        ref_ids = self.tracker.reference_ids
-        order = np.argsort(ref_ids)
-        pos = np.searchsorted(ref_ids[order], ids)
-        pos = np.clip(pos, 0, len(ref_ids) - 1)
-        matched = np.where(ref_ids[order][pos] == ids, order[pos], -1)
-        t2 = time.perf_counter()
-        line_mean, line_sd, decision, jump = self.gp_stage(frame, self.tracker.reference, smooth.positions, matched)
-        t3 = time.perf_counter()
-        # the gp stage without an inline hyperparameter fit (timed on its own, where one ran)
-        timings.update(locate=(t1 - t0) * 1e3, track=(t2 - t1) * 1e3, gp=(t3 - t2) * 1e3 - self.hyperfit_ms)
-        if self.hyperfit_ms > 1.0:
-            timings["hyperfit"] = self.hyperfit_ms
-        return ColumnResult(cols, line_mean, line_sd, decision, jump)
-
-    def _quality(self, img: np.ndarray, cols) -> str:
-        """The quality gate's reason where this frame's columns are not credible, else "". The
-        gate (10-40 ms) runs on the first frames, every ``quality_every`` frames, and whenever
-        far fewer columns are found than the tracker's reference holds."""
-        from stem_live.locate.quality import credible
-
-        n_ref = len(self.tracker.reference_ids)
-        due = self._located <= 3 or self._located % self.quality_every == 0 or len(cols) < 0.5 * n_ref
-        if not due:
-            return ""
-        ok, reason = credible(cols, img, spacing_px=self.spacing_px)
-        return "" if ok else reason
-
-    def _measured_flyback(self, frame: Frame) -> tuple[float, float] | None:
-        """The lattice's flyback measurement (px), valid while the pixel size and dwell stay the
-        ones it was measured at (a change starts a new measurement)."""
-        if self.lattice is None:
-            return None
-        key = (float(frame.pixel_size_nm[1]), float(frame.dwell_us))
-        if key != self._scan_key:
-            if self._scan_key is not None:
-                self.lattice.forget_flyback()
-            self._scan_key = key
-        return self.lattice.flyback_px
-
-    def _flyback(self, frame: Frame) -> tuple[float, float] | None:
-        """The calibration's flyback in this frame's pixels; where a flyback was measured but
-        cannot be used here (the frame carries no dwell time, or the pixel size and dwell make
-        it non-monotone), one warning per (pixel size, dwell): the left edge is then fitted as
-        a regular scan."""
-        cal = self.calibration
-        px, dwell = float(frame.pixel_size_nm[1]), float(frame.dwell_us)
-        fb = cal.flyback_px(px, dwell)
-        key = (px, dwell)
-        if fb is None and cal.flyback_measured(px) and key not in self._flyback_warned:
-            self._flyback_warned.add(key)
-            log.warning("calibration flyback (%.4g nm, %.4g us) not usable with %.4g nm pixels and %.4g us dwell: "
-                        "the left-edge columns are fitted as a regular scan; check the frames' dwell time or "
-                        "recalibrate at this scan setting", cal.flyback_amp_nm, cal.flyback_tau_us, px, dwell)
-        return fb
-
-    def gp_stage(self, frame: Frame, ref_px: np.ndarray, positions_px: np.ndarray, matched: np.ndarray) -> tuple:
-        """Drift samples in, correction decision out (the ``gp`` stage of the timings):
-        observations of the tracked columns, jump check + GP update, the model at every
-        line, the policy's decision. Returns (line_mean (rows, 2), line_sd, decision, jump)."""
-        from stem_live.distortion import observations_from_columns
-
-        obs = observations_from_columns(ref_px, positions_px, matched, t_start=frame.t_start,
-                                        line_time_s=frame.line_time_s, dwell_s=frame.dwell_us * 1e-6,
-                                        pixel_size_nm=frame.pixel_size_nm, beam_shift_nm=frame.beam_shift_nm,
-                                        frame=frame.seq)
-        if self.calibration is not None:
-            obs = self.calibration.correct_observations(obs, frame.beam_shift_nm)
-        jump = self.policy.observe(self.gp, obs)
-        self.hyperfit_ms = 0.0
-        if self.learner is not None:
-            t0 = time.perf_counter()
-            self.learner.after_frame()   # live: starts a background fit when one is due; never waits
-            self.hyperfit_ms = (time.perf_counter() - t0) * 1e3   # an inline fit (replay, evaluate)
-        # the model at every line (the mean is O(1) a point in state-space form; a coarser grid
-        # would alias the 50 Hz term, a period of ~20 lines)
-        line_mean, line_sd = self.gp.predict(frame.line_times())
-        decision = self.policy.correction(self.gp, frame.t_start + frame.frame_time_s, frame.frame_time_s,
-                                          frame.beam_shift_nm)
-        return line_mean, line_sd, decision, jump
-
-    def _deskewed(self, frame: Frame, cols):
-        """The columns as if the whole frame had been scanned at its middle (px).
-
-        Each column is moved back by the modelled drift between the time it was scanned and
-        mid-frame. Without this the tracker's reference lattice would carry the drift of the
-        frames it was built from as a function of the row (``v * line_time * row``); once the
-        field has moved by some rows that skew reads as a spurious drift offset (about
-        ``v * line_time`` per row moved)."""
-        from dataclasses import replace as dc_replace
-
-        if len(self.gp.frames) < self.deskew_min_frames or not len(cols):
-            return cols
-        pos = np.asarray(cols.positions, dtype=np.float64)
-        t_col = frame.t_start + pos[:, 0] * frame.line_time_s + pos[:, 1] * frame.dwell_us * 1e-6
-        t_mid = frame.t_start + 0.5 * frame.frame_time_s
-        mean, _ = self.gp.predict(np.append(t_col, t_mid))
-        dev = (mean[:-1] - mean[-1]) / np.asarray(frame.pixel_size_nm, dtype=np.float64)
-        if not np.all(np.isfinite(dev)) or np.max(np.abs(dev)) > 0.25 * (self.spacing_px or np.inf):
-            return cols  # the model is not trustworthy here: link the raw positions
-        return dc_replace(cols, positions=pos - dev)

@@ -96,6 +96,7 @@ class Ack:
     applied_nm: tuple[float, float]
     clamped: bool = False
     error: str = ""
+    warning: str = ""  # applied, but the operator must know (excursion budget, stage handover); optional field
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ def encode(msg: Message) -> list[Any]:
     elif isinstance(msg, Ack):
         head.update(id=int(msg.id), applied_nm=[float(v) for v in msg.applied_nm],
                     clamped=bool(msg.clamped), error=msg.error)
+        if msg.warning:
+            head["warning"] = msg.warning
     elif isinstance(msg, Maps):
         head.update(seq=int(msg.seq), metrics=dict(msg.metrics), info=dict(msg.info))
         arrays.extend(msg.arrays.items())
@@ -336,7 +339,7 @@ def decode(parts: Sequence[Any]) -> Message:
         if not isinstance(clamped, bool):
             raise ProtocolError("ack.clamped must be true or false")
         return Ack(id=_int(head, "id", kind), applied_nm=_pair(head, "applied_nm", kind), clamped=clamped,
-                   error=_str(head, "error", kind, default=""))
+                   error=_str(head, "error", kind, default=""), warning=_str(head, "warning", kind, default=""))
     if kind == "maps":
         metrics = _dict(head, "metrics", kind)
         for k, v in metrics.items():

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from stem_live import protocol
+from stem_live.actuator_response import ActuatorMonitor
 from stem_live.engine import Engine, FrameRefused, FrameResult
 from stem_live.heap import SETTLE_AFTER_FRAMES, settle_heap
 from stem_live.protocol import Ack, Command, Frame, Maps, ProtocolError, Reply
@@ -59,7 +60,10 @@ class EngineService:
         on_result: Callable[[Frame, FrameResult], None] | None = None,
         keys: ClientKeys | None = None,
         context: object | None = None,
+        actuator_expected: np.ndarray | None = None,
     ) -> None:
+        """``actuator_expected``: the actuator response the :class:`ActuatorMonitor` expects (2x2,
+        effective per commanded beam shift; default identity: a bridge that applies the calibration)."""
         import zmq
 
         for ep in (maps_endpoint, commands_endpoint):
@@ -117,6 +121,9 @@ class EngineService:
         self.last_beam_nm: tuple[int, tuple[float, float]] | None = None  # (seq, beam shift nm) of the newest frame
         self._frame_interval_s = 0.0  # the newest frame's scan time (s)
         self.banner = ""  # what the operator must know now (silence disarmed the correction); "" when all is well
+        self.actuator = ActuatorMonitor(actuator_expected)
+        self.instrument_warning = ""  # the bridge's latest ack warning (excursion budget); "" when none
+        self.stage_handovers = 0
         self._last_heartbeat = 0.0
 
     # ------------------------------------------------------------------ silence
@@ -265,6 +272,7 @@ class EngineService:
                         frame.seq, self._last_processed)
             with self._lock:
                 self.engine.reset()
+            self.actuator.break_()
         self._last_processed = frame.seq
         if self._start_beam_nm is None:
             self._start_beam_nm = np.asarray(frame.beam_shift_nm, dtype=np.float64)
@@ -292,6 +300,7 @@ class EngineService:
             if self._rvae_slot.put((frame, result)):
                 self.counters.rvae_skipped += 1  # the encoder fell behind: it takes the newest
         self._frame_idle.set()  # what follows is light: the rVAE may go on
+        self._watch_actuator(frame, result)
         self.recorder.write(frame)
         self.counters.processed += 1
         if self.counters.processed == SETTLE_AFTER_FRAMES:
@@ -301,6 +310,13 @@ class EngineService:
         if self.on_result is not None:
             self.on_result(frame, result)
         self._publish_maps(frame, result)
+
+    def _watch_actuator(self, frame: Frame, result: FrameResult) -> None:
+        """Feed the actuator monitor: commanded beam shift vs apparent image shift (measured frames only)."""
+        if result.lost or result.flagged:
+            return
+        beam = np.asarray(frame.beam_shift_nm, dtype=np.float64)
+        self.actuator.add(beam, np.asarray(result.drift_nm, dtype=np.float64) - beam)
 
     def _rvae_loop(self) -> None:
         """Encode the columns of the newest processed frame (never holds up a correction)."""
@@ -408,6 +424,30 @@ class EngineService:
             if msg.error:
                 self.counters.acks_refused += 1
                 self.counters.last_ack_error = msg.error
+            self._instrument_says(msg)
+
+    def _instrument_says(self, ack: Ack) -> None:
+        """Act on the bridge's excursion budget: disarm when it is reached, re-reference after a
+        stage handover, show the 80 % warning."""
+        text = ack.error or ack.warning
+        if ack.warning.startswith("stage handover"):
+            with self._lock:
+                self.engine.reset()
+            self.actuator.break_()
+            self.stage_handovers += 1
+            self.instrument_warning = ""
+            log.warning("%s (correction %d)", ack.warning, ack.id)
+        elif text.startswith("excursion budget reached"):
+            if self.engine.armed:
+                with self._lock:
+                    self.engine.disarm()
+                log.warning("%s", text)
+            self.banner = "correction DISARMED: " + text
+            self.instrument_warning = text
+        else:
+            if ack.warning and not self.instrument_warning:
+                log.warning("%s", ack.warning)
+            self.instrument_warning = ack.warning
 
     def _publish_maps(self, frame: Frame, result: FrameResult) -> None:
         import zmq
@@ -458,7 +498,8 @@ class EngineService:
         if result.line_drift_nm is not None and result.line_sigma_nm is not None:
             arrays.update(self._gp_arrays(frame, result, step))
         return Maps(seq=frame.seq, arrays=arrays,
-                    metrics=metrics, info={"t_mid": result.t_mid, "preview_step": step, "banner": self.banner,
+                    metrics=metrics, info={"t_mid": result.t_mid, "preview_step": step,
+                                           "banner": self.banner or self.instrument_warning or self.actuator.status.warning,
                                            "pixel_size_nm": list(frame.pixel_size_nm),
                                            **({} if latent_seq is None else {"latent_seq": latent_seq})})
 
@@ -496,6 +537,9 @@ class EngineService:
             st = self.engine.status()
         st["counters"] = self.counters.as_dict()
         st["banner"] = self.banner
+        st["instrument_warning"] = self.instrument_warning
+        st["stage_handovers"] = self.stage_handovers
+        st["actuator"] = self.actuator.as_dict()
         st["recording"] = {"active": self.recorder.active, "path": str(self.recorder.path or ""),
                            "frames": self.recorder.frames, "error": self.recorder.error}
         return st
@@ -507,6 +551,7 @@ class EngineService:
                 with self._lock:
                     self.engine.arm()
                 self.banner = ""
+                self.instrument_warning = ""
                 msg = "correction armed"
             elif cmd.cmd == "disarm":
                 with self._lock:

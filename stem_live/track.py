@@ -226,6 +226,14 @@ class Tracker:
             return np.zeros((0, 2))
         return self._ref_sum / self._ref_n[:, None]
 
+    def move_reference(self, delta_px: np.ndarray) -> None:
+        """Move every reference site by ``delta_px`` ((M, 2) px, in ``reference`` order): e.g.
+        to take out of a reference the skew of the drift during the frame it was built from."""
+        d = np.asarray(delta_px, np.float64).reshape(-1, 2)
+        if len(d) != len(self._ref_n):
+            raise ValueError(f"move_reference needs one shift per site ({len(self._ref_n)}), got {len(d)}")
+        self._ref_sum = self._ref_sum + d * self._ref_n[:, None]
+
     @property
     def reference_ids(self) -> np.ndarray:
         """(M,) track id of every reference site."""

@@ -179,9 +179,10 @@ def test_locate_writes_positions_and_overlay(tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npy", "work"]
     csv = work / "g_columns.csv"
-    assert csv.read_text().splitlines()[0] == "frame,row_px,col_px,class,intensity,confidence,border,line_dx_px"
+    assert csv.read_text().splitlines()[0] == "frame,row_px,col_px,class,intensity,confidence,border,line_dx_px,unsure"
     table = np.loadtxt(csv, delimiter=",", skiprows=1)
-    assert table.shape[1] == 8 and np.abs(table[:, 7]).max() < 1.0  # the line de-jitter's shifts, px
+    assert table.shape[1] == 9 and np.abs(table[:, 7]).max() < 1.0  # the line de-jitter's shifts, px
+    assert not table[:, 8].any()  # a complete lattice: the locator is sure
     ref = np.load(Path(__file__).parent / "data" / "graphene_gb_6nm_reference_columns.npy")
     ti, fi = match_columns(ref, table[:, 1:3], 3.0)
     f1 = 2 * len(ti) / (len(ref) + len(table))

@@ -203,22 +203,28 @@ def _rows_obs(frame: int, rows: int, t0: float, rng) -> Observations:
 
 
 def test_window_is_trimmed_to_the_group_cap():
-    """With ``max_groups`` a window with more sample groups is trimmed (oldest frames first,
-    then coarser groups), so the padded size, and the compilation, never change."""
-    def window(max_groups):
+    """With ``max_groups`` a window with more sample groups is trimmed (oldest frames first down
+    to ``min_window_frames``, then coarser groups), so the padded size, and the compilation,
+    never change."""
+    def window(max_groups, min_frames=3, frames=3):
         rng = np.random.default_rng(0)
-        gp = OnlineDriftGP(window_frames=10, max_samples=4000, min_groups=256, max_groups=max_groups)
-        for k in range(3):
+        gp = OnlineDriftGP(window_frames=10, max_samples=4000, min_groups=256, max_groups=max_groups,
+                           min_window_frames=min_frames)
+        for k in range(frames):
             gp._frames.append(_rows_obs(k, 300, 0.4 * k, rng))
         gp._centre_px = np.zeros(2)
         return gp._window_data()
 
     assert window(None)["_ng"] == 900                 # no cap: all three frames, one group a line
     d = window(512)
-    assert d["_ng"] == 300 and d["_frames"] == (2,)   # only the newest frame fits
+    assert d["_frames"] == (0, 1, 2) and d["_ng"] == 3 * 165   # three frames kept: 2 ms groups on 1.1 ms lines
+    d = window(512, frames=4)
+    assert d["_frames"] == (1, 2, 3) and d["_ng"] == 3 * 165   # the oldest beyond three dropped first
     d = window(256)
-    assert d["_frames"] == (2,) and d["_ng"] == 165    # 2 ms groups (group_s doubled) on 1.1 ms lines
+    assert d["_frames"] == (0, 1, 2) and d["_ng"] == 3 * 83    # 4 ms groups
     assert d["tg"].shape == (256,)
+    d = window(512, min_frames=1)
+    assert d["_ng"] == 300 and d["_frames"] == (2,)   # one frame allowed: only the newest fits
 
 
 def test_capped_window_compiles_one_size_only():
@@ -230,7 +236,8 @@ def test_capped_window_compiles_one_size_only():
     for k in range(4):
         gp.add(_rows_obs(k, 200, 0.4 * k, rng))
         sizes.add(int(gp.snapshot.state["tg"].shape[0]))
-    assert sizes == {512} and 400 <= gp.snapshot.n_groups <= 512
+    # the last three frames, in coarser groups where 3 x 200 lines do not fit 512
+    assert sizes == {512} and gp.frames == (1, 2, 3) and 300 <= gp.snapshot.n_groups <= 512
     mean, sd = gp.predict(0.4 * 3 + np.array([0.05, 0.1]))
     assert np.all(np.abs(mean[:, 0] - 0.05 * (1.25 + np.array([0.0, 0.05]))) < 0.01) and np.all(np.isfinite(sd))
 

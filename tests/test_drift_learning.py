@@ -97,11 +97,12 @@ def test_60_hz_learnt_and_modelled():
         learner.run_once()
     assert gp.mains_hz == pytest.approx(60.0) and gp.mains_on
     assert learner.summary()["mains_hz"] == pytest.approx(60.0)
-    # the periodic term carries it (learnt from the default 3 pm); the new value is used by the
-    # next conditioning
-    assert gp.learnt_hyperparameters()["sigma_mains_nm"] > 0.005
+    # the new frequency is used by the next conditioning, and the mains terms carry the 20 pm
+    # line on x (the coherent sine and cosine per axis, the quasi-periodic term what is left)
     gp.add(stream(71, ou_sigma=0.02, ou_tau=2.0, mains_amp=0.02, mains_hz=60.0, seed=8)[-1])
     assert gp.snapshot.omega == pytest.approx(2 * np.pi * 60.0)
+    coherent = np.hypot(*gp.snapshot.beta[5:7])            # (y, x) amplitude, nm
+    assert coherent[1] == pytest.approx(0.02, rel=0.25) and coherent[0] < 0.005
 
 
 def test_mains_switched_off_on_a_stream_without_it():

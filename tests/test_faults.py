@@ -208,3 +208,53 @@ def test_ctrl_c_on_the_engine_restores_the_starting_beam_shift():
         _stop(engine, signal.SIGKILL)
         _stop(sim)
         ctx.term()
+
+
+class _StuckBeam(SimulatedInstrument):
+    """Five frames, then the deflectors stop answering (the restore fails)."""
+
+    def __init__(self) -> None:
+        super().__init__(MicroscopeConfig(preset="graphene", size=64, seed=1), speed=None, frames=5)
+        self.stuck = False
+
+    def set_beam_shift(self, target_nm) -> None:
+        if self.stuck:
+            raise RuntimeError("deflector controller offline")
+        super().set_beam_shift(target_nm)
+
+
+def test_serve_failed_restore_exits_non_zero_and_reports_the_beam_and_the_published_count(capsys):
+    import argparse
+
+    from stem_live.cli.serve import _run_bridge
+
+    inst = _StuckBeam()
+    bridge = Bridge(inst, frames_endpoint="tcp://127.0.0.1:*", corrections_endpoint="tcp://127.0.0.1:*")
+    inst.set_beam_shift(np.array([0.2, -0.1]))  # moved during the session
+    inst.stuck = True
+    status = _run_bridge(bridge, inst, argparse.Namespace(restore_on_exit=True), header="sim", label="serve",
+                         close=True)
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "could not restore the starting beam shift [+0.000, +0.000] nm" in err
+    assert "the instrument reports the beam at [+0.200, -0.100] nm" in err and "by hand" in err
+    assert "serve: published 5 frames" in err  # the true total, after the bridge stopped
+
+
+def test_run_failed_restore_exits_non_zero_and_says_where_the_beam_is():
+    frames_ep, corr_ep, maps_ep, cmd_ep = _free_endpoints(4)
+    ctx = zmq.Context()
+    cfg = MicroscopeConfig(preset="graphene", size=128, seed=2)
+    bridge = Bridge(SimulatedInstrument(cfg, speed=4.0), frames_endpoint=frames_ep, corrections_endpoint=corr_ep,
+                    context=ctx, accept_corrections=False).start()  # an instrument that refuses to move the beam
+    try:
+        engine = _popen("run", "--restore-on-exit", "--frames", "5", "--frames-endpoint", frames_ep,
+                        "--corrections-endpoint", corr_ep, "--maps-endpoint", maps_ep, "--commands-endpoint", cmd_ep)
+        _, err = engine.communicate(timeout=60)
+        assert engine.returncode == 1, err
+        line = [x for x in err.splitlines() if "could not restore" in x]
+        assert line and "the beam was at [+0.000, +0.000] nm in the last frame (seq" in line[0], err
+        assert "set the beam shift back by hand" in line[0]
+    finally:
+        bridge.stop()
+        ctx.term()

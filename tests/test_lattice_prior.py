@@ -737,7 +737,8 @@ def test_the_engine_fits_the_left_edge_on_the_flyback_it_measured(monkeypatch, c
 
     import stem_live.locate as locate_pkg
     from simulator import DriftConfig, MicroscopeConfig
-    from stem_live.engine import ColumnModel, EngineConfig
+    from stem_live.column_model import ColumnModel
+    from stem_live.engine import EngineConfig
     from stem_live.lab.evaluate import run_session
 
     cfg = MicroscopeConfig(preset="graphene", size=512, seed=0, drift=DriftConfig(drift_nm_per_min=3.0))

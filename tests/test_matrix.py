@@ -12,6 +12,7 @@ import pytest
 from stem_live.lab.evaluate import SessionResult
 from stem_live.lab.matrix import (
     RELOCK_FRAMES,
+    STARTUP_FRAMES,
     drift_bound,
     false_jumps,
     frames_for,
@@ -59,10 +60,11 @@ def test_false_jumps_allow_the_relock_frames_after_a_true_jump():
     assert false_jumps(session(detected=(2, 5))) == 2                # no true jump at all
 
 
-def test_residual_outside_jumps_leaves_out_the_jump_and_relock_frames():
+def test_residual_outside_jumps_leaves_out_the_jump_relock_and_startup_frames():
     r = np.zeros((10, 2))
     r[:, 1] = 0.01
     r[4:4 + RELOCK_FRAMES + 1] = 5.0                                 # the jump and the re-lock
+    r[1:STARTUP_FRAMES] = 3.0                                        # before the velocity is known
     s = session(frames=10, true_jumps=(4,), residual_nm=r)
     assert residual_outside_jumps_nm(s) == pytest.approx(0.01)
     assert s.residual_rms_nm > 1.0
@@ -78,13 +80,18 @@ def test_drift_bound_follows_dose_and_wander():
     _, _, truth = Microscope(cfg).acquire()
     b = drift_bound(cfg, truth)
     assert b.columns > 30 and 0 < b.frame_pm < b.column_pm
-    assert b.bound_pm == pytest.approx(math.hypot(b.frame_pm, b.ou_pm))
+    assert b.bound_pm == pytest.approx(math.sqrt(b.frame_pm ** 2 + b.ou_pm ** 2 + b.mains_pm ** 2))
+    assert 0 < b.mains_pm < 5.0 / math.sqrt(2)          # the default 5 pm line, never more than unmodelled
     bright = drift_bound(replace(cfg, dose_e_per_A2=4 * cfg.dose), truth)
     assert bright.frame_pm == pytest.approx(0.5 * b.frame_pm, rel=1e-6)
     wild = drift_bound(replace(cfg, drift=DriftConfig(ou_sigma_nm=0.08, ou_tau_s=1.0)), truth)
     assert wild.ou_pm == pytest.approx(2.0 * b.ou_pm, rel=1e-6)            # sqrt(sqrt(q)) with q ~ sigma^2
-    none = drift_bound(replace(cfg, drift=DriftConfig(ou_sigma_nm=0.0)), truth)
-    assert none.ou_pm == 0.0 and none.bound_pm == pytest.approx(b.frame_pm)
+    none = drift_bound(replace(cfg, drift=DriftConfig(ou_sigma_nm=0.0, jitter_amp_nm=0.0)), truth)
+    assert none.ou_pm == 0.0 and none.mains_pm == 0.0 and none.bound_pm == pytest.approx(b.frame_pm)
+    # a slow scan: a column spans a good part of a mains period, the line reaches the samples
+    # attenuated and costs more to follow
+    slow = drift_bound(replace(cfg, dwell_us=20 * cfg.dwell_us), truth)
+    assert slow.mains_pm > b.mains_pm
 
 
 def test_summary_medians_worst_and_nulls():

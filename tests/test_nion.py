@@ -222,3 +222,22 @@ def test_add_args_from_args_finds_the_scan_device_in_this_process(usim):
         inst.close()
     with pytest.raises(InstrumentError, match="no Nion hardware source 'nope'"):
         nion.from_args(p.parse_args(["--nion-scan-device", "nope"]))
+
+
+def test_stage_handover_keeps_the_image_and_returns_the_beam(make, usim):
+    """hand_over_to_stage moves usim's stage by the beam shift's specimen motion; the bridge then sets
+    the beam back to the start: the image stays where the beam shift had put it."""
+    inst = make()
+    ref = _fresh(inst)
+    shift = np.array([4 * TEXEL_NM, -2 * TEXEL_NM])  # whole texels: exact image shifts
+    inst.set_beam_shift(shift)
+    moved = _fresh(inst)
+    assert inst.hand_over_to_stage(shift) is True
+    inst.set_beam_shift(np.zeros(2))
+    after = _fresh(inst)
+    px = ref.pixel_size_nm[0]
+    np.testing.assert_allclose(_content_shift_nm(moved.image, after.image, px), 0.0, atol=0.05)
+    assert np.hypot(*_content_shift_nm(ref.image, after.image, px)) > 1.0  # still where the beam shift put it
+    assert inst.get_beam_shift() == pytest.approx([0.0, 0.0])
+    assert make(correction_mode="scan_offset").hand_over_to_stage(shift) is False
+    assert make(stage_controls=("no_such_stage.x", "no_such_stage.y")).hand_over_to_stage(shift) is False

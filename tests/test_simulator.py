@@ -493,7 +493,7 @@ def test_meta_clock_and_api():
                                    + tr.columns_px[:, 1] * 1.5e-6)
     assert scope.time_s == pytest.approx(3 * (scope.frame_time_s + 0.1))
     json.dumps(meta.to_dict())
-    assert PRESETS == ("graphene", "srtio3", "mos2", "particles")
+    assert PRESETS == ("graphene", "srtio3", "mos2", "particles", "nanoparticle", "perovskite")
 
 
 def test_scan_rotation_rotates_specimen():

@@ -1,8 +1,9 @@
 """Averages of a series from its frames and its replay results (``stem-live replay --results``
 layout, :mod:`stem_live.io.results`), streamed one frame at a time.
 
-- **drift-corrected**: every pixel of frame ``k`` is resampled from where the engine's drift
-  model says its content was seen: pixel ``(i, j)`` was scanned at ``t = t_start + i *
+- **drift-corrected**: every pixel of frame ``k`` is resampled from where the drift says its
+  content was seen (by default the drift fitted again to the columns of the whole series,
+  :mod:`stem_live.batch.refine`, not the engine's causal one): pixel ``(i, j)`` was scanned at ``t = t_start + i *
   line_time + j * dwell``; its displacement is ``(d(t) - b_k) / pixel size`` (px), ``d`` the
   per-line drift of the results (``drift_nm`` relative to the first frame, linear in time
   between line starts), ``b_k`` the frame's beam shift relative to the first frame's. The
@@ -72,12 +73,18 @@ def _resample(img: np.ndarray, disp: np.ndarray, order: int) -> tuple[np.ndarray
     return out, inside
 
 
-def average_series(frames: Iterable, results: dict, *, order: int = 3) -> Averages:
+def average_series(frames: Iterable, results: dict, *, order: int = 3, hindsight: bool = True) -> Averages:
     """Both averages of ``frames`` (protocol ``Frame`` s with ``seq`` and ``image``, e.g.
     :func:`stem_live.io.read_frames`) using ``results`` (:func:`stem_live.io.results.load_results`).
+    hindsight: the drift fitted again to the whole series first
+    (:func:`stem_live.batch.refine.refine_drift`); False: the engine's causal drift as recorded.
 
     Frames not in the results (refused or lost) are left out; all frames must share the
     first one's shape. Raises ValueError when no frame of the results is among ``frames``."""
+    if hindsight:
+        from stem_live.batch.refine import refine_drift
+
+        results = refine_drift(results)
     index = {int(s): k for k, s in enumerate(np.asarray(results["seq"]).reshape(-1))}
     beam0 = np.asarray(results["beam_shift_nm"], dtype=np.float64)[0] if index else np.zeros(2)
     acc_c = acc_r = cov_c = cov_r = None

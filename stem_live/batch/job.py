@@ -4,9 +4,10 @@ fits inline), then the averages, their columns and the summary row.
 
 Outputs in ``OUT/NAME/`` (every file atomic; ``results.npz`` is written last, so its presence
 means the input is done): ``average.tif`` (drift-corrected) and ``average_rigid.tif`` (ImageJ,
-float32, pixel size in nm), ``columns.csv`` (the columns of ``average.tif``,
-:func:`stem_live.io.columns.write_columns` layout), ``row.json`` (the summary row) and
-``results.npz`` (:mod:`stem_live.io.results`).
+float32, pixel size in nm), the same two as HyperSpy signals ``average.hspy`` and
+``average_rigid.hspy`` (axes y, x in nm), ``columns.csv`` (the columns of ``average.tif``,
+:func:`stem_live.io.columns.write_columns` layout), ``report.png`` (the one-page figure of
+``replay --report``), ``row.json`` (the summary row) and ``results.npz`` (:mod:`stem_live.io.results`).
 
 The engine of a worker is kept between files (:data:`_ENGINES`, reset before each file: the
 state is new, the compiled functions stay).
@@ -57,19 +58,24 @@ def _engine(options: BatchOptions):
     key = (threading.get_ident(), options.rvae)
     engine = _ENGINES.get(key)
     if engine is None:
+        if not _ENGINES:  # a worker of a cluster started elsewhere: the compilation cache too (#27)
+            from stem_live.jax_cache import enable
+
+            enable()
         engine = _ENGINES[key] = Engine(config)
     engine.reset()
     return engine
 
 
 def replay_to_results(path: Path, results_path: Path, options: BatchOptions) -> dict:
-    """Replay ``path`` into ``results_path`` (.npz) as ``replay --results`` does; returns
+    """Replay ``path`` into ``results_path`` (.npz) with ``replay --results``'s loop
+    (:func:`stem_live.io.replay_loop.replay_into`); returns
     counts (frames read, refused, lost, written). Raises ValueError / RecordError / OSError
     for a file that cannot be read or whose every frame was refused."""
     from instrument_adapters.base import EndOfStream
     from instrument_adapters.replay import ReplayInstrument
-    from stem_live.engine import FrameRefused
     from stem_live.io.metadata import MIN_ANALYSIS_SIDE
+    from stem_live.io.replay_loop import replay_into
     from stem_live.io.results import ResultsWriter
 
     writer = ResultsWriter(results_path, info={"source": str(path), "model": "gp", "armed": True,
@@ -79,33 +85,19 @@ def replay_to_results(path: Path, results_path: Path, options: BatchOptions) -> 
                             frame_interval_s=options.frame_period_s, frame_gap_us=options.frame_gap_us)
     engine = _engine(options)
     engine.arm()
-    n = refused = lost = 0
-    last_refusal = ""
     try:
-        while True:
-            try:
-                frame = inst.acquire()
-            except EndOfStream:
-                break
-            n += 1
-            try:
-                r = engine.process(frame)
-            except FrameRefused as exc:
-                refused, last_refusal = refused + 1, str(exc).split(": ", 1)[-1]
-                continue
-            lost += int(r.lost)
-            if not r.lost and not r.flagged:   # as replay: a flagged frame has no credible columns
-                writer.add(frame, r, engine)
+        c = replay_into(inst.acquire, engine, writer, end=EndOfStream)
     finally:
         inst.close()
+    n = c.read
     if n == 0:
         raise ValueError("no frame in the file")
-    if refused == n:
-        raise ValueError(f"all {n} frames refused ({last_refusal})")
+    if c.refused == n:
+        raise ValueError(f"all {n} frames refused ({c.last_refusal})")
     if len(writer) == 0:
         raise ValueError(f"no frame of {n} was registered (lost: no significant match)")
     writer.close()
-    return {"read": n, "refused": refused, "lost": lost, "written": len(writer)}
+    return {"read": n, "refused": c.refused, "lost": c.lost, "written": len(writer)}
 
 
 def _reason(exc: BaseException) -> str:
@@ -146,7 +138,7 @@ def process_file(path: str | os.PathLike, out_dir: str | os.PathLike, name: str,
 def _products(path: Path, results_path: Path, folder: Path, options: BatchOptions) -> dict:
     """The averages, their columns and the row fields from the results."""
     from stem_live.batch.average import average_series
-    from stem_live.batch.outputs import write_imagej_tiff
+    from stem_live.batch.outputs import write_figure, write_hspy, write_imagej_tiff
     from stem_live.batch.summary import result_stats
     from stem_live.io import read_frames
     from stem_live.io.columns import write_columns
@@ -160,10 +152,13 @@ def _products(path: Path, results_path: Path, folder: Path, options: BatchOption
                          frame_interval_s=options.frame_period_s, frame_gap_us=options.frame_gap_us)
     av = average_series(frames, results)
     info = f"stem-live batch: mean of {av.frames} frames of {path.name}"
-    write_imagej_tiff(folder / "average.tif", av.corrected, pixel_size_nm=av.pixel_size_nm,
-                      description=info + ", de-warped with the per-line drift")
-    write_imagej_tiff(folder / "average_rigid.tif", av.rigid, pixel_size_nm=av.pixel_size_nm,
-                      description=info + ", each shifted by its frame-mean drift")
+    meta = {"frames": av.frames, "source": str(path)}
+    for stem, image, how in (("average", av.corrected, "de-warped with the per-line drift"),
+                             ("average_rigid", av.rigid, "each shifted by its frame-mean drift")):
+        write_imagej_tiff(folder / f"{stem}.tif", image, pixel_size_nm=av.pixel_size_nm, description=f"{info}, {how}")
+        write_hspy(folder / f"{stem}.hspy", image, pixel_size_nm=av.pixel_size_nm, title=f"{path.stem} {stem}",
+                   source=str(path), extra={**meta, "method": how})
+    write_figure(folder / "report.png", results)
     columns = locate_average(av.corrected)
     tmp = folder / ".columns.partial.csv"
     write_columns(tmp, columns)

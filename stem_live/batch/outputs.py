@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_write", "write_imagej_tiff", "write_text"]
+__all__ = ["atomic_write", "write_figure", "write_hspy", "write_imagej_tiff", "write_text"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> Path:
@@ -49,3 +49,49 @@ def write_imagej_tiff(path: str | os.PathLike, image: np.ndarray, *, pixel_size_
                          resolution=(1.0 / float(psz[1]), 1.0 / float(psz[0])), metadata=meta)
 
     return atomic_write(path, write)
+
+
+def write_hspy(path: str | os.PathLike, image: np.ndarray, *, pixel_size_nm, title: str = "",
+               source: str = "", extra: dict | None = None) -> Path:
+    """A HyperSpy signal (``.hspy``, HDF5, through ``rsciio.hspy``: ``hs.load(path)`` gives a
+    ``Signal2D``) of ``image`` (rows = y, cols = x) with both axes calibrated in nm (scale =
+    ``pixel_size_nm`` (y, x), offset 0), atomically. ``extra`` goes to ``original_metadata.stem_live``.
+    Needs rosettasciio and h5py (``stem-live[batch]``)."""
+    try:
+        from rsciio.hspy import file_writer
+    except ImportError:
+        raise RuntimeError("the .hspy output needs rosettasciio and h5py: pip install 'stem-live[batch]'") from None
+    path = Path(path)
+    data = np.asarray(image, dtype=np.float32)
+    psz = np.broadcast_to(np.asarray(pixel_size_nm, dtype=np.float64), (2,))
+    axes = [{"name": name, "units": "nm", "scale": float(psz[k]), "offset": 0.0, "size": int(data.shape[k]),
+             "navigate": False} for k, name in enumerate(("y", "x"))]
+    signal = {"data": data, "axes": axes,
+              "metadata": {"General": {"title": title or path.stem, "original_filename": Path(source).name},
+                           "Signal": {"signal_type": "", "quantity": "Intensity (counts)"}},
+              "original_metadata": {"stem_live": dict(extra or {})}, "tmp_parameters": {},
+              "attributes": {"_lazy": False}, "package_info": {"package": "", "package_version": ""},
+              "learning_results": {}, "models": {}}
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        file_writer(str(tmp), signal, show_progressbar=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_figure(path: str | os.PathLike, results: dict) -> Path:
+    """The one-page figure of ``results`` (:func:`stem_live.io.figures.replay_figure`, PNG), atomically."""
+    from stem_live.io.figures import replay_figure
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        replay_figure(results, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -59,9 +59,13 @@ def _eta(done: int, total: int, t0: float) -> str:
 
 def run_batch(inputs: Sequence[BatchInput], out_dir: str | os.PathLike, *, options: BatchOptions = BatchOptions(),
               client=None, workers: int = 2, scheduler: str | None = None,
-              progress: Callable[[str], None] | None = None) -> list[dict]:
+              progress: Callable[[str], None] | None = None,
+              task: Callable[[str, str, str, BatchOptions], dict] | None = None) -> list[dict]:
     """Process every input not done yet (module doc); returns the rows in input order (also
-    written to ``OUT/summary.csv``)."""
+    written to ``OUT/summary.csv``). task: what runs for one input, ``task(path, out_dir, name,
+    options) -> row`` (default :func:`stem_live.batch.job.process_file`; another one for tests of
+    the scheduling, or a pipeline of one's own with the same contract: never raises for a bad
+    file, writes ``OUT/NAME/results.npz`` last)."""
     say = progress or (lambda text: print(text, file=sys.stderr, flush=True))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +92,7 @@ def run_batch(inputs: Sequence[BatchInput], out_dir: str | os.PathLike, *, optio
     try:
         from dask.distributed import as_completed
 
-        futures = [client.submit(process_file, str(i.path), str(out), i.name, options, pure=False,
+        futures = [client.submit(task or process_file, str(i.path), str(out), i.name, options, pure=False,
                                  key=f"stem-live-batch-{i.name}-{time.time_ns()}") for i in todo]
         t0, done = time.perf_counter(), 0
         say(f"{len(todo)} inputs on {len(client.scheduler_info().get('workers', {}))} workers")

@@ -27,18 +27,23 @@ def cmd_batch(a: argparse.Namespace) -> int:
                         frame_period_s=a.frame_period_s, frame_gap_us=a.frame_gap_us,
                         rvae="" if a.rvae is None else str(a.rvae))
     if not getattr(a, "verbose", False):  # Dask's own start/stop messages only with -v
-        try:
-            import distributed  # noqa: F401  (its loggers get their levels on import)
-        except ImportError:
-            pass
-        for name in list(logging.root.manager.loggerDict):
-            if name == "distributed" or name.startswith("distributed."):
-                logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_dask()
     print(f"{len(inputs)} inputs -> {a.out}", file=sys.stderr)
     rows = run_batch(inputs, a.out, options=opts, workers=a.workers, scheduler=a.scheduler)
     failed = [r for r in rows if r.get("status") != "ok"]
     print(f"{len(rows) - len(failed)} ok, {len(failed)} failed -> {a.out / 'summary.csv'}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def quiet_dask() -> None:
+    """Dask's loggers (``distributed.*``) to WARNING: its start/stop messages are not the user's."""
+    try:
+        import distributed  # noqa: F401  (its loggers get their levels on import)
+    except ImportError:
+        pass
+    for name in list(logging.root.manager.loggerDict):
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def add_parser(sub) -> None:

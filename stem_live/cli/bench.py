@@ -14,6 +14,8 @@ from stem_live.cli.common import Progress, UserError, positive
 def cmd_bench(a: argparse.Namespace) -> int:
     if a.stage == "startup":
         return _startup(a)
+    if a.stage == "batch":
+        return _batch(a)
     from stem_live.lab.bench import run_bench
 
     prog = Progress()
@@ -50,13 +52,42 @@ def _startup(a: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(a: argparse.Namespace) -> int:
+    """``bench batch``: files/min of ``stem-live batch`` with 1 and 2 workers, pinned and not."""
+    from stem_live.lab.bench import machine
+    from stem_live.lab.bench_batch import batch_table, bench_batch
+
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise UserError("bench batch needs dask.distributed: pip install 'stem-live[batch]'") from None
+    if a.size and len(a.size) > 1:
+        raise UserError("bench batch takes one --size")
+    if not getattr(a, "verbose", False):
+        from stem_live.cli.batch import quiet_dask
+
+        quiet_dask()
+    prog = Progress()
+    report = {"machine": machine(), "stage": "batch",
+              "batch": bench_batch(files=a.files, size=a.size[0] if a.size else 192, frames=a.frames,
+                                   progress=prog.line)}
+    prog.done()
+    text = json.dumps(report, indent=1)
+    print(text)
+    print(batch_table(report["batch"]), file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(text + "\n")
+    return 0
+
+
 def add_parser(sub) -> None:
     """Add this module's command(s) to the ``stem-live`` subparsers ``sub``."""
     s = sub.add_parser("bench", help="stage and end-to-end timings (JSON)")
     s.add_argument("stage", choices=("protocol", "register", "locate", "track", "gp", "rvae", "pipeline", "overload",
-                                     "startup", "all"),
+                                     "startup", "batch", "all"),
                    help="what to time; startup: cold and warm start of `stem-live replay` to its first processed "
-                        "frame (--size, --model; one size, default 512)")
+                        "frame (--size, --model; one size, default 512); batch: files/min of `stem-live batch` "
+                        "with 1 and 2 workers, pinned to one core each and not (--files, --frames, --size)")
     s.add_argument("--size", type=positive(int), nargs="+", default=None, help="frame sizes (default 256..2048)")
     s.add_argument("--seconds", type=positive(float), default=10.0,
                    metavar="S",
@@ -67,5 +98,7 @@ def add_parser(sub) -> None:
                    help="pipeline: offered frame rate (default 1.25 x the target: 25/12.5/3.75/1.25 Hz at 256/512/1024/2048 px)")
     s.add_argument("--prerender", type=int, default=60, metavar="N",
                    help="pipeline: frames the simulator renders before streaming them (0: render live)")
+    s.add_argument("--files", type=positive(int), default=6, help="batch: simulated recordings (default 6)")
+    s.add_argument("--frames", type=positive(int), default=8, help="batch: frames per recording (default 8)")
     s.add_argument("--json", type=Path, default=None, help="also write the report here")
     s.set_defaults(func=cmd_bench)

@@ -9,11 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-from stem_live.cli.common import Progress, UserError, frame_timing_args, positive
+from stem_live.cli.common import Progress, UserError, contrast_arg, file_contrast, frame_timing_args, positive
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
-    """A calibration session on a known lattice -> report folder (calibration.json + figures)."""
+    """A calibration session on a known lattice -> report folder (calibration.json + figures);
+    with ``--actuator``, the beam-shift actuator of an instrument -> a JSON file."""
+    if a.actuator:
+        from stem_live.cli.calibrate_actuator import cmd_actuator
+
+        return cmd_actuator(a)
     from stem_live.calibration import calibrate_frames
     from stem_live.io import RecordError, count_frames, read_frames
     from stem_live.io.report import write_report
@@ -30,6 +35,9 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     if a.file is not None and (a.scale_error is not None or a.shear is not None or a.drift_nm_per_min is not None):
         raise UserError("--scale-error, --shear and --drift-nm-per-min plant a distortion on the simulator: "
                         "use them with --preset")
+    if a.preset is not None and a.contrast == "dark":
+        raise UserError("the simulator's calibration session is HAADF (bright columns): --contrast dark is for a "
+                        "recorded FILE of a BF/ABF series")
     try:
         lattice = (parse_lattice_vectors(a.lattice_vectors) if a.lattice_vectors is not None else
                    lattice_by_name(a.lattice) if a.lattice is not None else None)
@@ -56,9 +64,9 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
                 raise UserError(f"{a.file} does not exist")
             try:
                 total = count_frames(a.file)
-                frames = read_frames(a.file, pixel_size_nm=a.pixel_size_nm, dwell_us=a.dwell_us,
-                                     flyback_us=a.flyback_us, frame_interval_s=a.frame_period_s,
-                                     frame_gap_us=a.frame_gap_us)
+                read = dict(pixel_size_nm=a.pixel_size_nm, dwell_us=a.dwell_us, flyback_us=a.flyback_us,
+                            frame_interval_s=a.frame_period_s, frame_gap_us=a.frame_gap_us)
+                frames = _bright_frames(read_frames(a.file, **read), file_contrast(a.file, a.contrast, **read))
                 run = calibrate_frames(frames, lattice, max_frames=a.count, total=min(total, a.count or total),
                                        source=str(a.file), refit_steps=a.refit_steps,
                                        max_samples=a.max_samples, progress=progress)
@@ -72,6 +80,19 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
           f"{', '.join(str(p) for p in paths)}; use it with `stem-live run --model gp --calibration "
           f"{paths[0]}`", file=sys.stderr)
     return 0
+
+
+def _bright_frames(frames, contrast: str):
+    """``frames`` with bright columns: each image inverted (``locate.contrast.as_bright``) for "dark"."""
+    if contrast != "dark":
+        yield from frames
+        return
+    from dataclasses import replace
+
+    from stem_live.locate.contrast import as_bright
+
+    for f in frames:
+        yield replace(f, image=as_bright(f.image, "dark"))
 
 
 def add_parser(sub) -> None:
@@ -97,9 +118,14 @@ def add_parser(sub) -> None:
     s.add_argument("--dwell-us", type=positive(float), default=None, help="file: pixel dwell if it has none")
     s.add_argument("--flyback-us", type=float, default=None, help="file: line flyback if it has none")
     frame_timing_args(s)
+    contrast_arg(s)
     s.add_argument("--refit-steps", type=int, default=60,
                    help="optimiser steps of the GP hyperparameter fit (0: keep the defaults; faster)")
     s.add_argument("--max-samples", type=positive(int), default=24000,
                    help="column samples the session GP is conditioned on (thinned evenly above; default 24000)")
-    s.add_argument("--out", type=Path, required=True, help="report folder to write (created)")
+    s.add_argument("--out", type=Path, required=True,
+                   help="report folder to write (created); with --actuator: the JSON file (or DIR/actuator.json)")
+    from stem_live.cli.calibrate_actuator import add_args as actuator_args
+
+    actuator_args(s)
     s.set_defaults(func=cmd_calibrate)

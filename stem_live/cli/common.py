@@ -170,7 +170,41 @@ def engine_config(a: argparse.Namespace, *, live: bool = True):
     return EngineConfig(model=a.model, rvae_checkpoint="" if a.rvae is None else str(a.rvae),
                         calibration="" if a.calibration is None else str(a.calibration),
                         lattice_prior=not getattr(a, "independent_frames", False),
-                        mains_hz=getattr(a, "mains_hz", None), hyperfit_background=live)
+                        mains_hz=getattr(a, "mains_hz", None), hyperfit_background=live,
+                        contrast=getattr(a, "contrast", "bright"))
+
+
+def contrast_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    """``--contrast bright|dark|auto`` (``EngineConfig.contrast``)."""
+    p.add_argument("--contrast", choices=("bright", "dark", "auto"), default=default,
+                   help="bright columns (HAADF/ADF), dark columns (ABF/BF: every frame is inverted before its columns "
+                        "are located), or auto (default): from the frames' detector name where it is a known one "
+                        "(HAADF, ADF, ABF, BF, ...), else from the image; said on stderr")
+
+
+def file_contrast(path: Path, contrast: str, **read_options) -> str:
+    """``contrast`` for a recording: "bright" / "dark" as given; "auto": decided from the image of
+    its first frame (``locate.contrast.decide_contrast``; a file's detector name is often a default),
+    said on stderr. ``read_options``: as ``io.read_frames`` takes them."""
+    if contrast != "auto":
+        return contrast
+    import numpy as np
+
+    from stem_live.io import RecordError, read_frames
+    from stem_live.locate.contrast import decide_contrast
+
+    try:
+        frame = next(iter(read_frames(path, **read_options)), None)
+    except (RecordError, OSError) as exc:
+        raise UserError(str(exc).splitlines()[0] if str(exc) else f"cannot read {path}") from None
+    if frame is None:
+        return "bright"
+    try:
+        decided, why = decide_contrast(np.asarray(frame.image, np.float32))
+    except ValueError as exc:
+        decided, why = "bright", f"bright columns assumed ({exc})"
+    print(f"--contrast auto: {why}", file=sys.stderr)
+    return decided
 
 
 def model_args(p: argparse.ArgumentParser) -> None:
@@ -188,6 +222,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mains-hz", type=_mains, default=None, metavar="auto|0|50|60",
                    help="(with --model gp) the mains frequency of the drift model's periodic term: auto (detected "
                         "from the stream: 50 Hz, 60 Hz or none), 0 (none), or a frequency in Hz (default auto)")
+    contrast_arg(p)
 
 
 def _mains(text: str) -> float | None:

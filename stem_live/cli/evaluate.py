@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from stem_live.cli.common import Progress, check_memory, positive, sim_args
+from stem_live.cli.common import Progress, check_memory, contrast_arg, positive, sim_args
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -23,6 +23,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                       drift_nm_per_min=3.0 if a.drift_nm_per_min is None else a.drift_nm_per_min,
                       dose=a.dose, seed=a.seed, model=a.model, jump_nm=a.jump_nm, baseline=not a.no_baseline,
                       calibration="" if a.calibration is None else str(a.calibration),
+                      detector=a.detector, locator=a.locator, contrast=a.contrast,
                       progress=lambda label, i, n: prog.line(f"{label}: frame {i}/{n}"))
     if a.rvae:
         from stem_live.lab.rvae_eval import eval_dopants, eval_particles
@@ -70,6 +71,12 @@ def add_parser(sub) -> None:
                    help="N scenarios drawn (with --seed) from the literature ranges of drift and scan "
                         "(simulator/ranges.py, docs/drift-ranges.md), each run open loop, closed loop and "
                         "baseline; --preset/--size/--frames/--dose/--drift-nm-per-min are ignored")
+    s.add_argument("--detector", choices=("haadf", "abf", "bf"), default="haadf",
+                   help="simulated detector: haadf (bright columns, default), abf or bf (dark columns; "
+                        "docs/simulator.md)")
+    s.add_argument("--locator", choices=("classical", "unet"), default="classical",
+                   help="the locator scored in columns.* (unet: the committed weights)")
+    contrast_arg(s)
     s.add_argument("--json", type=Path, default=None, help="also write the report here")
     s.add_argument("--calibration", type=Path, default=None, metavar="JSON",
                    help="engine uses this `stem-live calibrate` result (with --model gp)")

@@ -37,8 +37,8 @@ def _spacing(image, path: Path) -> float:
     try:
         return float(estimate_spacing(np.asarray(image, dtype=np.float32)))
     except ValueError as exc:
-        raise UserError(f"cannot measure the column spacing of {path.name} ({str(exc).split(', got')[-1].strip()}):"
-                        f" give it with --spacing-px") from None
+        why = str(exc).split(", got")[-1].split(": give the column spacing")[0].strip()
+        raise UserError(f"cannot measure the column spacing of {path.name} ({why}): give it with --spacing-px") from None
 
 
 def check_locate_memory(shape: tuple[int, ...], spacing_px: float) -> None:
@@ -125,6 +125,7 @@ def cmd_locate(a: argparse.Namespace) -> int:
     results = [tracked[k] if tracked is not None else locate_one(np.asarray(img, dtype=np.float32))
                for k, img in enumerate(stack)]
     gated = _quality_gate(stack, results, spacing, a.file) if a.quality_gate else set()
+    unsure = _unsure(stack, results, spacing, gated, a)
     total = 0
     first = min(set(range(len(stack))) - gated)
     for k, img in enumerate(stack):
@@ -133,9 +134,9 @@ def cmd_locate(a: argparse.Namespace) -> int:
         img = np.asarray(img, dtype=np.float32) if k == first else None  # the overlay's frame
         cols = results[k]
         if out.suffix.lower() == ".npz" and len(stack) > 1:
-            write_columns(out.with_name(f"{out.stem}_{k:05d}.npz"), cols, frame=k)
+            write_columns(out.with_name(f"{out.stem}_{k:05d}.npz"), cols, frame=k, unsure=k in unsure)
         else:
-            write_columns(out, cols, frame=k)
+            write_columns(out, cols, frame=k, unsure=k in unsure)
         if k == first:
             write_png(png, overlay_rgb(img, cols))
         total += len(cols)
@@ -161,6 +162,41 @@ def _bright_columns(stack, contrast: str):
         contrast, why = decide_contrast(stack[0])
         print(f"--contrast auto: {why}", file=sys.stderr)
     return as_bright(stack, contrast) if contrast == "dark" else stack
+
+
+def _unsure(stack, results, spacing: float, gated: set[int], a: argparse.Namespace) -> dict[int, str]:
+    """{frame: reason} of the frames whose column list the locator is not sure of
+    (``locate.unsure.unsure_reason``: few columns for the area they occupy, or with
+    --cross-check the other locator's list of the frame disagreeing); said in one line on
+    stderr (the first frame's reason and how many frames)."""
+    import numpy as np
+
+    from stem_live.locate.unsure import unsure_reason
+
+    other_name = "the U-Net" if a.locator == "classical" else "the classical locator"
+    found = {}
+    for k, (img, cols) in enumerate(zip(stack, results)):
+        if k in gated:
+            continue
+        img = np.asarray(img, dtype=np.float32)
+        other = None
+        if a.cross_check:
+            if a.locator == "classical":
+                from stem_live.locate.unet import locate_unet
+
+                other = locate_unet(img, spacing).positions
+            else:
+                from stem_live.locate import locate_classical
+
+                other = locate_classical(img, spacing, **DENOISE[a.denoise]).positions
+        why = unsure_reason(cols.positions, img.shape, spacing, other=other, other_name=other_name)
+        if why:
+            found[k] = why
+    if found:
+        k0 = min(found)
+        more = f" (and {len(found) - 1} more of {len(stack)} frames)" if len(found) > 1 else ""
+        print(f"unsure: frame {k0}{more}: {found[k0]}; the column list is flagged (unsure = 1)", file=sys.stderr)
+    return found
 
 
 def _quality_gate(stack, results, spacing: float, path: Path) -> set[int]:
@@ -212,6 +248,10 @@ def add_parser(sub) -> None:
                    help="write the columns of every frame, even where they are not credible (noise, vacuum, a blank "
                         "frame, contamination: by default such a frame gets no column list, and a file with no "
                         "credible frame exits with status 2)")
+    s.add_argument("--cross-check", action="store_true",
+                   help="locate every frame with the other locator too (classical <-> U-Net; about twice the time) and "
+                        "flag the frames where the two lists disagree (F1 < 0.8); frames with few columns for the area "
+                        "they occupy are flagged without it (one line on stderr; CSV column / npz field `unsure`)")
     s.add_argument("--tracked", action="store_true",
                    help="a stack of one area: locate every frame with the lattice of all the other frames as its "
                         "prior (two passes; more precise positions; a column that moved gets none); without "

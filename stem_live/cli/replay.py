@@ -13,6 +13,7 @@ from stem_live.cli.common import (
     Progress,
     UserError,
     engine_config,
+    file_contrast,
     frame_timing_args,
     model_args,
     positive,
@@ -26,6 +27,7 @@ def cmd_replay(a: argparse.Namespace) -> int:
     from stem_live.engine import Engine, FrameRefused
     from stem_live.io import RecordError
     from stem_live.io.metadata import MIN_ANALYSIS_SIDE
+    from stem_live.io.replay_loop import ReplayCounts, replay_into
 
     writer = None
     if a.report is not None and a.results is None:
@@ -51,37 +53,35 @@ def cmd_replay(a: argparse.Namespace) -> int:
                                 frame_gap_us=a.frame_gap_us)
     except (RecordError, OSError) as exc:
         raise UserError(str(exc)) from None
+    # a recording's detector name is often a default: --contrast auto decides from its first image
+    # (the column model locates; the rigid model registers whole frames, either contrast)
+    if a.model == "gp":
+        a.contrast = file_contrast(a.file, a.contrast, pixel_size_nm=a.pixel_size_nm, dwell_us=a.dwell_us,
+                                   flyback_us=a.flyback_us, min_side=MIN_ANALYSIS_SIDE)
     engine = Engine(engine_config(a, live=False))
     if writer is not None:
         engine.arm()  # the corrections it would have sent are recorded; a recording cannot move: none is applied
     prog = Progress()
     stop = threading.Event()
     wait_for_interrupt(stop)
-    n, refused, lost, flagged, last_refusal, t0 = 0, 0, 0, 0, "", time.perf_counter()
+    t0 = time.perf_counter()
     total = len(inst)
+    counts = ReplayCounts()
+
+    def on_frame(n: int, frame, r) -> None:
+        if isinstance(r, FrameRefused):
+            prog.line(f"[{n}/{total}] {r}")
+            return
+        what = (f"lost: no significant match (peak {r.peak:.2f} < {engine.config.min_peak:g})" if r.lost else
+                f"flagged: {r.flagged}" if r.flagged else
+                f"drift [{r.drift_nm[0]:+.3f}, {r.drift_nm[1]:+.3f}] nm  peak {r.peak:.2f}")
+        prog.line(f"[{n}/{total}] frame {r.seq}  {what}  {n / (time.perf_counter() - t0):.1f} fps")
+
     try:
-        while not stop.is_set():
-            try:
-                frame = inst.acquire()
-            except EndOfStream:
-                break
-            except RecordError as exc:
-                raise UserError(str(exc)) from None
-            n += 1
-            try:
-                r = engine.process(frame)
-            except FrameRefused as exc:  # never processed; the replay goes on
-                refused, last_refusal = refused + 1, str(exc).split(": ", 1)[-1]
-                prog.line(f"[{n}/{total}] {exc}")
-                continue
-            lost += int(r.lost)
-            flagged += int(bool(r.flagged))
-            if writer is not None and not r.lost and not r.flagged:
-                writer.add(frame, r, engine)
-            what = (f"lost: no significant match (peak {r.peak:.2f} < {engine.config.min_peak:g})" if r.lost else
-                    f"flagged: {r.flagged}" if r.flagged else
-                    f"drift [{r.drift_nm[0]:+.3f}, {r.drift_nm[1]:+.3f}] nm  peak {r.peak:.2f}")
-            prog.line(f"[{n}/{total}] frame {r.seq}  {what}  {n / (time.perf_counter() - t0):.1f} fps")
+        try:
+            counts = replay_into(inst.acquire, engine, writer, end=EndOfStream, stop=stop, on_frame=on_frame)
+        except RecordError as exc:
+            raise UserError(str(exc)) from None
     finally:
         prog.done()
         if writer is not None:  # also after Ctrl-C or a bad frame: what was processed is kept
@@ -92,9 +92,10 @@ def cmd_replay(a: argparse.Namespace) -> int:
                 from stem_live.io.results import load_results
 
                 print(f"report -> {replay_figure(load_results(path), a.report)['path']}", file=sys.stderr)
-    if n and refused == n:
-        raise UserError(f"{a.file}: all {n} frames refused ({last_refusal}): give a recording of STEM images")
-    extra = "".join(f", {k} {v}" for k, v in (("refused", refused), ("lost", lost), ("flagged", flagged)) if v)
+    n = counts.read
+    if n and counts.refused == n:
+        raise UserError(f"{a.file}: all {n} frames refused ({counts.last_refusal}): give a recording of STEM images")
+    extra = "".join(f", {k} {getattr(counts, k)}" for k in ("refused", "lost", "flagged") if getattr(counts, k))
     print(f"replayed {n} frames from {a.file} in {time.perf_counter() - t0:.1f} s{extra}", file=sys.stderr)
     return 0
 

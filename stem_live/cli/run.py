@@ -48,6 +48,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         if a.count and svc.counters.processed + 1 >= a.count:
             done.set()
 
+    from stem_live.io.session_report import session_report
+
+    on_result, finish_report = session_report(a.report, engine, on_result, source=a.frames)
     svc = EngineService(engine, frames_endpoint=a.frames, corrections_endpoint=a.corrections,
                         maps_endpoint=a.maps, commands_endpoint=a.commands, on_result=on_result, keys=client_keys(a))
     svc.start()
@@ -74,6 +77,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                       file=sys.stderr)
         svc.stop()
         prog.done()
+        finish_report()
         print(json.dumps(svc.counters.as_dict()), file=sys.stderr)
     return status
 
@@ -173,6 +177,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
             line += f"  true image motion {closed * 1e3:6.1f} pm (open loop {opened * 1e3:6.1f} pm)"
         prog.line(line)
 
+    from stem_live.io.session_report import session_report
+
+    on_result, finish_report = session_report(a.report, engine, on_result, source="simulator")
     svc = EngineService(engine, frames_endpoint=bridge.frames_endpoint, corrections_endpoint=bridge.corrections_endpoint,
                         maps_endpoint=a.maps, commands_endpoint=a.commands, on_result=on_result)
     svc.start()
@@ -201,6 +208,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         time.sleep(0.1)
         svc.stop()
         prog.done()
+        finish_report()
         if monitor is not None:
             monitor.terminate()
         if engine.rvae is not None:
@@ -302,6 +310,8 @@ def add_parser(sub) -> None:
     s.add_argument("--client-key", type=Path, default=None, help="CURVE: this engine's NAME.key_secret")
     s.add_argument("--server-public-key", type=Path, default=None, help="CURVE: the instrument's NAME.key")
     s.add_argument("--frames", dest="count", type=positive(int), default=None, help="stop after N processed frames")
+    s.add_argument("--report", type=Path, default=None, metavar="OUT.png",
+                   help="at the end, the one-page figure of replay --report (gp model)")
     model_args(s)
     s.set_defaults(func=cmd_run)
 
@@ -315,6 +325,8 @@ def add_parser(sub) -> None:
     s.add_argument("--frames", dest="count", type=positive(int), default=None, help="stop after N frames")
     s.add_argument("--speed", type=float, default=1.0, help="scan speed: 1 = real scan rate, 0 = as fast as possible")
     s.add_argument("--no-monitor", action="store_true", help="do not open the monitor even with a display")
+    s.add_argument("--report", type=Path, default=None, metavar="OUT.png",
+                   help="at the end, the one-page figure of replay --report (gp model)")
     s.add_argument("--no-rvae", action="store_true",
                    help="(gp model) no rVAE; by default one is trained from scratch on the first frames' columns")
     model_args(s)

@@ -5,9 +5,10 @@ Model, per sample k (see :mod:`.observations` for the sign conventions)::
 
     disp_k = d(t_k) - S(pos_k) + eps_k,      eps_k ~ N(0, sigma_k^2 + sigma_white^2)
 
-* ``d(t) = c + v (t - t_c) + f_long(t) + f_short(t)``: offset and velocity with broad
-  Gaussian priors, an Ornstein-Uhlenbeck (exponential kernel) wander on seconds and a
-  Matern-3/2 process on tens of ms. The two components (y, x) share one kernel and one factorisation (a
+* ``d(t) = c + v (t - t_c) + m_s sin(w t) + m_c cos(w t) + f_long(t) + f_short(t) + f_mains(t)``:
+  offset, velocity and the coherent mains line (its own amplitude and phase per axis) with
+  broad Gaussian priors, an Ornstein-Uhlenbeck (exponential kernel) wander on seconds, a
+  Matern-3/2 process on tens of ms and a quasi-periodic (SHO) term at the mains frequency w. The two components (y, x) share one kernel and one factorisation (a
   "parallel" GP, arXiv:2005.10507): same hyperparameters, two right-hand sides.
 * ``S(pos)``: scan distortion, linear in its coefficients (Gaussian priors)::
 
@@ -50,6 +51,8 @@ from stem_live.distortion.observations import Observations
 
 __all__ = ["OnlineDriftGP", "GPSnapshot", "HYPER_NAMES", "BOUNDS"]
 
+#: the coherent mains term is fitted only where the samples see at least this fraction of it
+MIN_MAINS_ATTENUATION = 0.3
 _MEAN_CHUNKS = (16, 1024)  # padded sizes of the prediction (each compiles once per window size)
 _N_VAR = 32            # points of the posterior-sd grid computed with each conditioning
 
@@ -90,14 +93,22 @@ class OnlineDriftGP:
     mains_hz: frequency of mains jitter, modelled by a quasi-periodic SHO term (None: off).
     prior_sd: Gaussian prior std of the linear terms: offset (nm), velocity (nm/s),
         a_y* and a_*x (dimensionless), flyback amplitude (nm).
+    mains_prior_sd_nm: prior std of the mains sinusoid's sin and cos amplitudes on each axis
+        (nm): the coherent part of the mains line, fitted per axis (the mains field moves the
+        beam along one direction), over the window; the SHO term carries what is not
+        coherent (the grid's frequency wanders by ~0.05 Hz).
     centre_px: origin (row, col) of the distortion terms; None = the mean position of the
         first frame's samples (rounded to a pixel).
     fit_distortion: False pins the distortion coefficients to 0.
     min_groups: the GP stage is padded to a power of two >= this (each size compiles once,
         a few seconds; raise it to compile once per session).
     max_groups: the padded group count is capped here (None: no cap): a window with more
-        groups is trimmed, oldest frames first, then coarser groups within one frame, so a
-        session compiles one size and no later frame waits for a compilation.
+        groups is trimmed, oldest frames first down to ``min_window_frames``, then coarser
+        groups, so a session compiles one size and no later frame waits for a compilation.
+        ``size_for_frames`` sets it from the frames' line count and line time.
+    min_window_frames: frames the window keeps however many groups they hold: the velocity
+        comes from the steps between frames (within one frame it is the skew of the
+        reference, which the model itself removes), so one frame alone cannot give it.
     history_s: frames of the last this many seconds are kept in ``history`` (the data of
         the background hyperparameter fit, :class:`~.hyperfit.HyperLearner`).
     """
@@ -108,15 +119,18 @@ class OnlineDriftGP:
                  sigma_short_nm: float = 0.003, ell_short_s: float = 0.05,
                  sigma_white_nm: float = 0.001, flyback_tau_us: float = 20.0,
                  sigma_mains_nm: float = 0.003, mains_q: float = 50.0, sigma_line_nm: float = 0.001,
-                 prior_sd: tuple[float, float, float, float, float] = (0.3, 0.1, 0.05, 0.05, 0.05),
+                 prior_sd: tuple[float, float, float, float, float] = (0.3, 0.5, 0.05, 0.05, 0.05),
+                 mains_prior_sd_nm: float = 0.05,
                  centre_px: tuple[float, float] | None = None, fit_distortion: bool = True,
-                 min_groups: int = 256, max_groups: int | None = None, history_s: float = 12.0):
+                 min_groups: int = 256, max_groups: int | None = None, history_s: float = 12.0,
+                 min_window_frames: int = 3):
         if window_frames < 1 or max_samples < 16 or group_s <= 0:
             raise ValueError("need window_frames >= 1, max_samples >= 16 and group_s > 0")
         self.window_frames = int(window_frames)
         self.max_samples = int(max_samples)
         self.group_s = float(group_s)
         self.min_groups = int(min_groups)     # smallest padded GP size (fewer compilations)
+        self.min_window_frames = max(1, int(min_window_frames))
         # the largest padded group count a window may use (None: any)
         self._group_cap: int | None = None if max_groups is None else _bucket(max_groups, self.min_groups)
         self._warm: set[int] = set()  # padded sizes whose every jit function has been compiled
@@ -134,7 +148,7 @@ class OnlineDriftGP:
         pv = np.asarray(prior_sd, dtype=float) ** 2
         if not fit_distortion:
             pv[2:] = 1e-16
-        self._prior_var = pv
+        self._prior_var = np.concatenate([pv, np.full(2, float(mains_prior_sd_nm) ** 2)])
         self._centre_px = None if centre_px is None else np.asarray(centre_px, dtype=float)
         self._pixel_size = np.ones(2)
         self._frames: deque[Observations] = deque()
@@ -160,6 +174,18 @@ class OnlineDriftGP:
     def frames(self) -> tuple:
         """Frame numbers in the current window."""
         return self._snap.frames
+
+    def size_for_frames(self, rows: int, line_time_s: float, *, frames: int = 4,
+                        largest: int = 4096) -> None:
+        """Before the first sample: pad the GP to hold ``frames`` frames of ``rows`` lines of
+        ``line_time_s`` at full resolution (a group per ``group_s``, at most one per line),
+        between the current ``min_groups`` and ``largest`` groups; one compilation a session."""
+        if self._frames:
+            return
+        per_frame = rows * min(1.0, float(line_time_s) / self.group_s)
+        g = _bucket(int(min(max(frames * per_frame, self.min_groups), largest)), self.min_groups)
+        self.min_groups = g
+        self._group_cap = g
 
     def set_velocity_prior_sd(self, sd_nm_per_s: float) -> None:
         """Narrow (or widen) the prior std of the velocity term (nm/s), e.g. when a
@@ -231,16 +257,20 @@ class OnlineDriftGP:
         if not frames:
             return None
         budget = self.max_samples
+        # the newest min_window_frames frames share the budget (thinned evenly where a frame
+        # alone would fill it); older frames take what is left
+        share = self.max_samples // min(len(frames), self.min_window_frames)
         keep = []
-        for f in reversed(frames):                      # newest first, keep all of them
+        for i, f in enumerate(reversed(frames)):        # newest first
             if budget <= 0:
                 break
-            if len(f) <= budget:
+            room = min(budget, share) if i < self.min_window_frames else budget
+            if len(f) <= room:
                 keep.append(f)
                 budget -= len(f)
             else:
-                keep.append(f.select(slice(None, None, int(np.ceil(len(f) / budget)))))
-                budget = 0
+                keep.append(f.select(slice(None, None, int(np.ceil(len(f) / room)))))
+                budget -= room
         w = Observations.concat(keep[::-1])
         w = w.select(np.argsort(w.t_s, kind="stable"))
         coarsen = 1
@@ -258,9 +288,9 @@ class OnlineDriftGP:
             cap = self._group_cap
             if cap is None or n_g <= cap:
                 break
-            if len(first) > 1:   # more groups than the padded size: drop the oldest frame
+            if len(first) > self.min_window_frames:   # more groups than the padded size: drop the oldest frame
                 w = w.select(w.frame != w.frame[first[0]])
-            else:                # one frame alone: coarser groups
+            else:                # the fewest frames the window keeps: coarser groups
                 coarsen *= 2
         wt = 1.0 / w.sigma_nm ** 2
         tg = np.bincount(gid, wt * t, n_g) / np.bincount(gid, wt, n_g)
@@ -283,6 +313,7 @@ class OnlineDriftGP:
                 "pos": np.concatenate([w.pos_px * psz, np.zeros((pr, 2))]),
                 "centre": self._centre_px * psz,
                 "tline": np.concatenate([w.t_line_s, np.zeros(pr)]),
+                "smear": np.concatenate([w.smear_s, np.zeros(pr)]),
                 "y": np.concatenate([w.disp_nm - y_mean, np.zeros((pr, 2))]),
                 "var": np.concatenate([w.sigma_nm ** 2, np.ones(pr)]),
                 "mask": np.concatenate([np.ones(n), np.zeros(pr)]),
@@ -306,6 +337,20 @@ class OnlineDriftGP:
                 fn["predict_mean"](snap.mean_state, np.zeros(m), snap.omega)
             jax.block_until_ready(fn["predict"](snap.state, np.zeros(16), snap.omega))
 
+    def prior_var_for(self, data: dict) -> np.ndarray:
+        """The linear terms' prior variances for a window: the mains sinusoid pinned to zero
+        where the samples see less than ``MIN_MAINS_ATTENUATION`` of it (slow lines: a column
+        averages over several mains periods, the line-by-line mains cannot be followed)."""
+        pv = self._prior_var
+        if self._omega is None:
+            return pv
+        smear = float(np.median(data["smear"][:data["_n"]])) if data["_n"] else 0.0
+        if np.exp(-0.5 * (self._omega * smear) ** 2) >= MIN_MAINS_ATTENUATION:
+            return pv
+        pv = pv.copy()
+        pv[5:7] = 1e-16
+        return pv
+
     @staticmethod
     def _jdata(data: dict) -> dict:
         return {k: v for k, v in data.items() if not k.startswith("_")}
@@ -317,7 +362,7 @@ class OnlineDriftGP:
         fn = _functions()
         omega = self._omega
         with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
-            st = fn["condition"](theta, self._jdata(data), self._prior_var, omega)
+            st = fn["condition"](theta, self._jdata(data), self.prior_var_for(data), omega)
             beta = np.asarray(st["beta"])
             bsd = np.sqrt(np.maximum(np.diag(np.asarray(st["beta_cov"])), 0.0))
             mean_state = {k: st[k] for k in ("h", "beta", "tg", "F", "B")}

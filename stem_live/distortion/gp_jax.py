@@ -14,8 +14,9 @@ BOUNDS = _BOUNDS = {"sigma_long_nm": (1e-4, 1.0), "ell_long_s": (0.2, 100.0),
                     "sigma_short_nm": (1e-5, 1.0), "ell_short_s": (1e-3, 2.0),
                     "sigma_white_nm": (1e-5, 0.1), "flyback_tau_s": (1e-6, 1e-3),
                     "sigma_mains_nm": (1e-6, 0.1), "mains_q": (0.5, 1e4), "sigma_line_nm": (1e-6, 0.05)}
-#: basis: offset, velocity, a_y*, a_*x, flyback
-BASIS = ("offset", "velocity", "y", "x", "flyback")
+#: basis: offset, velocity, a_y*, a_*x, flyback, and the mains line as a sinusoid of the set
+#: frequency with its own amplitude and phase on each axis (zero when the mains term is off)
+BASIS = ("offset", "velocity", "y", "x", "flyback", "mains_sin", "mains_cos")
 _N_BASIS = len(BASIS)
 _PAD_VAR = 1e8
 _PAD_SIZES = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -59,11 +60,26 @@ def _functions():
     def unpack(theta):
         return jnp.exp(jnp.clip(theta, lo, hi))
 
-    def features(tau, t, pos_nm, centre_nm, t_line):
-        """Basis phi (n, 5): the model is disp = phi @ beta + GP (signs folded in)."""
+    def mains_basis(t, omega):
+        """sin, cos of the mains phase at t (n, 2); zeros without a mains term."""
+        if omega is None:
+            return jnp.zeros((t.shape[0], 2))
+        return jnp.stack([jnp.sin(omega * t), jnp.cos(omega * t)], axis=1)
+
+    def features(tau, t, pos_nm, centre_nm, t_line, omega, smear):
+        """Basis phi (n, 7): the model is disp = phi @ beta + GP (signs folded in); the mains
+        columns attenuated by each sample's averaging over its lines (``smear``, s)."""
         fb = jnp.exp(-jnp.maximum(t_line, 0.0) / tau)
-        return jnp.stack([jnp.ones_like(t), t, -(pos_nm[:, 0] - centre_nm[0]),
-                          -(pos_nm[:, 1] - centre_nm[1]), -fb], axis=1)
+        att = 1.0 if omega is None else jnp.exp(-0.5 * (omega * smear) ** 2)[:, None]
+        return jnp.concatenate([jnp.stack([jnp.ones_like(t), t, -(pos_nm[:, 0] - centre_nm[0]),
+                                           -(pos_nm[:, 1] - centre_nm[1]), -fb], axis=1),
+                                mains_basis(t, omega) * att], axis=1)
+
+    def time_features(t, omega):
+        """The basis of the drift d(t) alone (offset, velocity, mains; no distortion) (m, 7)."""
+        m = t.shape[0]
+        return (jnp.zeros((m, _N_BASIS)).at[:, 0].set(1.0).at[:, 1].set(t)
+                .at[:, 5:7].set(mains_basis(t, omega)))
 
     def time_kernel(h, omega):
         k = qs.Exp(scale=h[1], sigma=h[0]) + qs.Matern32(scale=h[3], sigma=h[2])
@@ -77,7 +93,7 @@ def _functions():
         G = data["tg"].shape[0]
         gid = data["gid"]
         w = data["mask"] / (data["var"] + h[4] ** 2)                 # (R,)
-        phi = features(h[5], data["t"], data["pos"], data["centre"], data["tline"])
+        phi = features(h[5], data["t"], data["pos"], data["centre"], data["tline"], omega, data["smear"])
         y = data["y"]
         seg = lambda v: jax.ops.segment_sum(v, gid, num_segments=G)  # noqa: E731
         Wg = seg(w)
@@ -190,8 +206,7 @@ def _functions():
         """Posterior variance of d(t) at sorted t_test, with the uncertainty of the linear
         terms (Rasmussen & Williams eq. 2.42): one quasiseparable solve with m columns."""
         h, L = state["h"], state["L"]
-        m = t_test.shape[0]
-        phi_s = jnp.zeros((m, _N_BASIS)).at[:, 0].set(1.0).at[:, 1].set(t_test)
+        phi_s = time_features(t_test, omega)
         A = L.solve(cross_cov(time_kernel(h, omega), state["tg"], t_test))
         Rm = phi_s.T - state["Zp"].T @ A                             # (5, m)
         V = jax.scipy.linalg.solve_triangular(state["Mc"], Rm, lower=True)
@@ -220,16 +235,14 @@ def _functions():
     @jax.jit
     def predict(state, t_test, omega):
         """Drift d(t) at sorted t_test and its sd (exact; one solve with m columns)."""
-        m = t_test.shape[0]
-        phi_s = jnp.zeros((m, _N_BASIS)).at[:, 0].set(1.0).at[:, 1].set(t_test)
+        phi_s = time_features(t_test, omega)
         mean = phi_s @ state["beta"] + ss_mean(state, t_test, omega)
         return mean, jnp.sqrt(variance(state, t_test, omega))
 
     @jax.jit
     def predict_mean(state, t_test, omega):
         """The posterior mean alone, from the state-space form: O(m) after conditioning."""
-        m = t_test.shape[0]
-        phi_s = jnp.zeros((m, _N_BASIS)).at[:, 0].set(1.0).at[:, 1].set(t_test)
+        phi_s = time_features(t_test, omega)
         return phi_s @ state["beta"] + ss_mean(state, t_test, omega)
 
     def make_fit(steps, lr):

@@ -101,7 +101,7 @@ def refit(gp, *, steps: int = 50, lr: float = 0.05, data: dict | None = None,
     theta = np.clip(theta, lo, hi)
     jax = _jax()
     with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
-        th, v_end, v_start = _fit_fn(steps, lr)(theta, gp._jdata(data), gp._prior_var, gp._omega,
+        th, v_end, v_start = _fit_fn(steps, lr)(theta, gp._jdata(data), gp.prior_var_for(data), gp._omega,
                                                gp._fixed.copy(), gp._theta0, lo, hi)
         th, v_end, v_start = np.asarray(th), float(v_end), float(v_start)
     ok = bool(np.all(np.isfinite(th)) and np.isfinite(v_end))
@@ -170,18 +170,21 @@ class HyperLearner:
     starts no sooner than its predecessor's duration / max_duty after it), so on a machine
     with few cores the frames share the CPU with a fit only now and then; max_samples, max_groups: fixed padded size of the fit data; min_history_s:
     no fit before the history spans this (s). mains: "auto" (detect 50 / 60 Hz / none from
-    the stream), a frequency (Hz), or 0 / None (off). background: False runs the fit inside
+    the stream), a frequency (Hz), or 0 / None (off); min_span_no_mains_s: "no mains" is
+    decided only on a history at least this long (a line is found sooner when it is there). background: False runs the fit inside
     ``after_frame`` (tests, offline replays that want reproducible values)."""
 
     def __init__(self, gp, *, every_frames: int = 4, steps: int = 40, lr: float = 0.08, max_step: float = 0.5,
                  max_samples: int = 4096, max_groups: int = 1024, min_history_s: float = 0.5,
-                 mains: str | float | None = "auto", background: bool = True, max_duty: float = 0.2) -> None:
+                 mains: str | float | None = "auto", background: bool = True, max_duty: float = 0.2,
+                 min_span_no_mains_s: float = 2.0) -> None:
         self.gp = _unwrap(gp)
         self.every_frames = max(1, int(every_frames))
         self.steps, self.lr, self.max_step = int(steps), float(lr), float(max_step)
         self.max_samples, self.max_groups = int(max_samples), int(max_groups)
         self.min_history_s = float(min_history_s)
         self.mains = mains
+        self.min_span_no_mains_s = float(min_span_no_mains_s)
         self.background = bool(background)
         self.max_duty = float(max_duty)
         self._next_start = 0.0      # perf_counter time before which no fit starts
@@ -202,8 +205,12 @@ class HyperLearner:
         return th is not None and th.is_alive()
 
     def after_frame(self) -> bool:
-        """Count a frame; start a fit when one is due and none runs. Returns True if started."""
+        """Count a frame; start a fit when one is due and none runs. Returns True if started.
+        Until the mains frequency is decided (``mains="auto"``), it is looked for after every
+        frame (a periodogram of the line means: milliseconds), not only with the fits."""
         self._frames_since += 1
+        if self.mains == "auto" and self.mains_detection_pending and not self.running:
+            self.detect_mains()
         if self._frames_since < self.every_frames or self.running or \
                 (self.background and time.perf_counter() < self._next_start):  # inline fits: reproducible
             return False
@@ -251,6 +258,12 @@ class HyperLearner:
             self._next_start = t1 + (t1 - t0) * (1.0 / max(self.max_duty, 1e-3) - 1.0)
             _RUNNING.discard(threading.current_thread())
 
+    @property
+    def mains_detection_pending(self) -> bool:
+        """No two equal mains decisions yet (the GP still runs on its starting frequency)."""
+        v = list(self._mains_votes)
+        return len(v) < 2 or v.count(v[0]) != len(v)
+
     def detect_mains(self) -> None:
         """Mains from the history; the GP's frequency changes after two equal decisions."""
         with self.gp._lock:
@@ -261,6 +274,8 @@ class HyperLearner:
         self.mains_detection = det
         if not det.ratio:   # too short to decide
             return
+        if det.hz is None and det.span_s < self.min_span_no_mains_s:
+            return          # no line yet: too short to say there is none (a weak line needs longer)
         self._mains_votes.append(det.hz)
         votes = list(self._mains_votes)
         current = self.gp.mains_hz if self.gp.mains_on else None

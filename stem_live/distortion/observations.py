@@ -46,6 +46,10 @@ class Observations:
     t_line_s: (n,) time since the start of the sample's line (col * dwell): the flyback
         ringing basis is a function of it.
     pixel_size_nm: (py, px) of the frame (to express positions in nm).
+    smear_s: (n,) RMS spread (s) of the scan times a sample averages over: a column's fitted
+        position is a weighted mean over the lines it spans (about ``probe sigma / sqrt 2``
+        lines), so a fast oscillation (the mains line) reaches the sample attenuated by
+        ``exp(-(w smear)^2 / 2)``; zeros (None) for point-like samples.
     """
 
     t_s: np.ndarray
@@ -55,11 +59,14 @@ class Observations:
     frame: np.ndarray
     t_line_s: np.ndarray
     pixel_size_nm: tuple[float, float] = (1.0, 1.0)
+    smear_s: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.t_s)
+        if self.smear_s is None:
+            object.__setattr__(self, "smear_s", np.zeros(n))
         for name, shape in (("pos_px", (n, 2)), ("disp_nm", (n, 2)), ("sigma_nm", (n,)),
-                            ("frame", (n,)), ("t_line_s", (n,))):
+                            ("frame", (n,)), ("t_line_s", (n,)), ("smear_s", (n,))):
             if np.shape(getattr(self, name)) != shape:
                 raise ValueError(f"Observations.{name} must have shape {shape}, "
                                  f"got {np.shape(getattr(self, name))}")
@@ -85,17 +92,17 @@ class Observations:
             np.concatenate([p.t_s for p in parts]), np.concatenate([p.pos_px for p in parts]),
             np.concatenate([p.disp_nm for p in parts]), np.concatenate([p.sigma_nm for p in parts]),
             np.concatenate([p.frame for p in parts]), np.concatenate([p.t_line_s for p in parts]),
-            parts[-1].pixel_size_nm)
+            parts[-1].pixel_size_nm, np.concatenate([p.smear_s for p in parts]))
 
     def select(self, idx) -> Observations:
         return Observations(self.t_s[idx], self.pos_px[idx], self.disp_nm[idx], self.sigma_nm[idx],
-                            self.frame[idx], self.t_line_s[idx], self.pixel_size_nm)
+                            self.frame[idx], self.t_line_s[idx], self.pixel_size_nm, self.smear_s[idx])
 
 
 def observations_from_columns(ref_positions_px, positions_px, matched=None, *, t_start: float,
                               line_time_s: float, dwell_s: float, pixel_size_nm,
                               beam_shift_nm, sigma_px: float | np.ndarray = 0.05,
-                              frame: int = 0) -> Observations:
+                              frame: int = 0, smear_s: float = 0.0) -> Observations:
     """One drift sample per tracked column of one frame.
 
     ref_positions_px: (m, 2) (row, col) reference position of each tracked column (a
@@ -108,6 +115,7 @@ def observations_from_columns(ref_positions_px, positions_px, matched=None, *, t
         exactly the beam shift that would hold the columns at their reference positions,
         which is what :class:`~stem_live.distortion.policy.CorrectionPolicy` sends.
     sigma_px: localisation uncertainty (px, scalar or (n,)).
+    smear_s: RMS spread of the scan times each position averages over (s; ``Observations``).
 
     The sample time is when the column centre was scanned (fractional row and col):
     ``t = t_start + row * line_time + col * dwell``; the sample is
@@ -142,4 +150,4 @@ def observations_from_columns(ref_positions_px, positions_px, matched=None, *, t
     disp = (pos - ref) * psz + b_s
     return Observations(t_s=t, pos_px=pos, disp_nm=disp, sigma_nm=sig * float(np.mean(psz)),
                         frame=np.full(len(t), int(frame), np.int64), t_line_s=t_line,
-                        pixel_size_nm=(float(psz[0]), float(psz[1])))
+                        pixel_size_nm=(float(psz[0]), float(psz[1])), smear_s=np.full(len(t), float(smear_s)))

@@ -19,6 +19,9 @@ from stem_live.distortion.observations import Observations
 
 __all__ = ["CorrectionPolicy", "CorrectionDecision", "is_abrupt"]
 
+#: times over the next frame at which the drift is averaged for its correction (odd: one at mid-frame)
+AVERAGE_POINTS = 33
+
 
 @dataclass(frozen=True)
 class CorrectionDecision:
@@ -71,7 +74,11 @@ class CorrectionPolicy:
     its time (means of ``abrupt_window`` samples on either side) exceeds ``abrupt_sigma`` times
     the robust spread of the same local change elsewhere in the frame (so a wander or a velocity
     the model did not expect, which changes the residual gradually, is not a jump), and is at
-    least ``abrupt_fraction`` of the fitted step."""
+    least ``abrupt_fraction`` of the fitted step.
+    miss_factor: the threshold is also at least this many times the median miss of the model
+    on the last ``miss_frames`` frames without a jump (each frame's median residual, nm): while
+    the model has not yet learnt a large wander, its misses are large, and a miss of that size
+    is no jump (the predicted sigma alone trusts the starting hyperparameters)."""
 
     gain: float = 1.0
     deadband_nm: float = 0.002
@@ -84,7 +91,10 @@ class CorrectionPolicy:
     abrupt_sigma: float = 6.0
     abrupt_window: int = 6
     abrupt_fraction: float = 0.6
+    miss_factor: float = 4.0
+    miss_frames: int = 8
     jumps: list = field(default_factory=list)   # (frame, t_jump_s, step_nm) history
+    misses: list = field(default_factory=list)  # median residual (nm) of the recent frames without a jump
     jump_detected: bool = False
 
     def detect_jump(self, gp, obs: Observations) -> tuple[bool, float, np.ndarray]:
@@ -96,13 +106,16 @@ class CorrectionPolicy:
         order = np.argsort(obs.t_s)
         res, sd = gp.residuals(obs)
         res, sd = res[order], sd[order]
+        recent = self.misses[-self.miss_frames:]
+        floor = max(self.jump_nm, self.miss_factor * float(np.median(recent)) if recent else 0.0)
+        self._last_miss = float(np.hypot(*np.median(res, axis=0)))
         nb = int(max(1, min(self.n_blocks, len(obs) // self.min_block)))
         blocks = np.array_split(np.arange(len(obs)), nb)
         bad = []
         med = []
         for b in blocks:
             m = np.median(res[b], axis=0)
-            thr = max(self.jump_nm, self.jump_sigma * float(np.median(sd[b])))
+            thr = max(floor, self.jump_sigma * float(np.median(sd[b])))
             bad.append(np.hypot(*m) > thr)
             med.append(m)
         bad = np.array(bad)
@@ -136,8 +149,11 @@ class CorrectionPolicy:
 
     def observe(self, gp, obs: Observations) -> bool:
         """Check ``obs`` for a jump, re-lock the GP if so, add the samples. Returns the flag."""
+        self._last_miss = None
         jump, t_jump, step = self.detect_jump(gp, obs)
         self.jump_detected = bool(jump)
+        if not jump and self._last_miss is not None:
+            self.misses = (self.misses + [self._last_miss])[-self.miss_frames:]
         if jump:
             self.jumps.append((int(obs.frame[0]) if len(obs) else -1, t_jump, step))
             # the samples before the jump are kept, moved by the step: the velocity and the wander
@@ -150,12 +166,17 @@ class CorrectionPolicy:
         return self.jump_detected
 
     def correction(self, gp, t_start_next: float, frame_time_s: float, beam_now_nm) -> CorrectionDecision:
-        """Beam shift for the next frame (target at its middle) and the drift ramp."""
+        """Beam shift for the next frame and the drift ramp. The target is the drift averaged
+        over the next frame's scan (``AVERAGE_POINTS`` times), not its value at mid-frame: the
+        mains line and the fast wander average out over a frame, and one beam shift a frame
+        can only hold the frame's mean still."""
         beam = np.asarray(beam_now_nm, dtype=float).reshape(2)
-        ts = t_start_next + np.array([0.0, 0.5, 1.0]) * frame_time_s
-        mean, sd = gp.predict(ts)
+        ts = t_start_next + np.linspace(0.0, 1.0, AVERAGE_POINTS) * frame_time_s
+        mean_all, sd_all = gp.predict(ts)
+        mid = AVERAGE_POINTS // 2
+        mean = np.stack([mean_all[0], mean_all.mean(axis=0), mean_all[-1]])
         ramp = self.gain * (mean[2] - mean[0]) / max(frame_time_s, 1e-12)
-        s_mid = sd[1]
+        s_mid = sd_all[mid]
         if not np.all(np.isfinite(mean)) or not np.all(np.isfinite(s_mid)):
             return CorrectionDecision(False, None, np.zeros(2), None, s_mid, "no model yet", self.jump_detected)
         if np.max(s_mid) > self.max_sigma_nm:

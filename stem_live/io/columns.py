@@ -14,12 +14,14 @@ from stem_live.locate.columns import Columns
 CLASS_COLOURS = np.array([[255, 80, 60], [60, 200, 255], [255, 210, 0], [120, 255, 120], [230, 120, 255]], np.uint8)
 
 
-def write_columns(path: Path, columns: Columns, *, frame: int | None = None) -> None:
+def write_columns(path: Path, columns: Columns, *, frame: int | None = None, unsure: bool | None = None) -> None:
     """``.csv`` (frame,row,col,class,intensity,confidence,border,line_dx) or ``.npz`` (one array
     per field, ``line_shift_px``, the x shift of every scan line, where it was measured, and
     ``flyback_px`` (amplitude, decay) where it was measured from the stack).
     ``line_dx`` is the x shift (px) the line de-jitter added: ``col_px - line_dx`` is the
-    line-averaged position."""
+    line-averaged position. ``unsure`` (True / False, ``locate.unsure``: the locator is not sure
+    of this frame's list): a last CSV column ``unsure`` (1 / 0 on every row of the frame), an npz
+    field ``unsure``; None (default) leaves both out."""
     path = Path(path)
     n = len(columns)
     fr = np.full(n, -1 if frame is None else frame)
@@ -29,16 +31,25 @@ def write_columns(path: Path, columns: Columns, *, frame: int | None = None) -> 
             extra["line_shift_px"] = np.asarray(columns.meta["line_shift_px"])
         if columns.meta.get("flyback_px") is not None:  # measured from a stack (``locate_stack``)
             extra["flyback_px"] = np.asarray(columns.meta["flyback_px"], np.float64)
+        if unsure is not None:
+            extra["unsure"] = np.asarray(bool(unsure))
         np.savez(path, frame=fr, positions=columns.positions, klass=columns.klass, intensity=columns.intensity,
                  confidence=columns.confidence, border=columns.border, line_dx=columns.line_dx, **extra)
         return
-    table = np.column_stack([fr, columns.positions, columns.klass, columns.intensity, columns.confidence,
-                             columns.border.astype(int), columns.line_dx])
+    fields = [fr, columns.positions, columns.klass, columns.intensity, columns.confidence,
+              columns.border.astype(int), columns.line_dx]
+    header = "frame,row_px,col_px,class,intensity,confidence,border,line_dx_px"
+    fmt = ["%d", "%.4f", "%.4f", "%d", "%.6g", "%.4f", "%d", "%.4f"]
+    if unsure is not None:
+        fields.append(np.full(n, int(bool(unsure))))
+        header += ",unsure"
+        fmt.append("%d")
+    table = np.column_stack(fields)
     mode = "a" if frame not in (None, 0) and path.exists() else "w"
     with open(path, mode) as fh:
         if mode == "w":
-            fh.write("frame,row_px,col_px,class,intensity,confidence,border,line_dx_px\n")
-        np.savetxt(fh, table, delimiter=",", fmt=["%d", "%.4f", "%.4f", "%d", "%.6g", "%.4f", "%d", "%.4f"])
+            fh.write(header + "\n")
+        np.savetxt(fh, table, delimiter=",", fmt=fmt)
 
 
 def overlay_rgb(image: np.ndarray, columns: Columns, *, radius: int = 2) -> np.ndarray:

@@ -19,7 +19,8 @@ def bench_gp(frames: int = 2000, size: int = 512, seed: int = 0, progress: bool 
     median / max stage time around frame 100 and over the last 100 frames, and the window size.
     """
     from simulator import DriftConfig, Microscope, MicroscopeConfig
-    from stem_live.engine import ColumnModel, EngineConfig
+    from stem_live.column_model import ColumnModel
+    from stem_live.engine import EngineConfig
     from stem_live.heap import SETTLE_AFTER_FRAMES, settle_heap
     from stem_live.protocol import Frame
 

@@ -15,8 +15,10 @@ Report keys (a contract: later work adds keys, never changes these):
   drift up to the end of each frame and the drift model (:func:`oracle_residual_rms_nm`): the
   floor of any corrector that acts once a frame, set by the unpredictable OU wander;
 - ``columns.recall``, ``columns.precision``, ``columns.rmse_px``, ``columns.rmse_pm``,
-  ``columns.locate_ms``: the classical locator on the first 10 open-loop frames against the true
-  column positions (:func:`column_metrics`); also ``columns.crlb_px`` (the Cramer-Rao bound of
+  ``columns.locate_ms``: the locator (``columns.locator``: classical or unet) on the first 10
+  open-loop frames against the true column positions that the frame's detector shows
+  (``FrameTruth.visible``: not the O columns of PbTiO3 in HAADF; :func:`column_metrics`), dark
+  columns (ABF, BF) inverted first (``columns.contrast``); also ``columns.crlb_px`` (the Cramer-Rao bound of
   those positions at the session's dose), ``columns.rmse_inner_px`` / ``columns.rmse_border_px``
   and ``columns.border_fraction`` (columns whose fit window crosses the frame edge);
   ``columns.tracked_*`` (``recall``, ``precision``, ``rmse_px``, ``rmse_inner_px``,
@@ -59,10 +61,20 @@ def match_columns(truth_px: np.ndarray, found_px: np.ndarray, radius_px: float) 
     return ti[order][keep], fi[order][keep]
 
 
+def _truth_px(truth) -> np.ndarray:
+    """The true positions (px) of the columns the frame's detector shows (``truth.visible``)."""
+    tp = np.asarray(truth.columns_px)
+    vis = getattr(truth, "visible", None)
+    return tp if vis is None else tp[np.asarray(vis, bool)]
+
+
 def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None, *,
-                   calibration: str = "") -> dict:
-    """Classical locator against the simulator's true column positions (with a ``calibration``
-    JSON, on its flyback, as the engine locates then; ``flyback_px`` in the result).
+                   calibration: str = "", locator: str = "classical", contrast: str = "auto") -> dict:
+    """A locator (``locator``: "classical" or "unet", the committed weights) against the
+    simulator's true column positions (with a ``calibration`` JSON, on its flyback, as the
+    engine locates then; ``flyback_px`` in the result). Only the columns the frame's detector
+    shows count (``FrameTruth.visible``). ``contrast``: "bright", "dark" (ABF/BF: every frame
+    is inverted first) or "auto" (from the frames' detector, ``locate.contrast.frame_contrast``).
 
     Matching radius 0.3 x the median nearest-neighbour spacing of the true columns; recall =
     matched / true, precision = matched / found, RMSE over matched pairs (px, and pm);
@@ -78,8 +90,24 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
     from scipy.spatial import cKDTree
 
     from stem_live.locate import estimate_spacing, locate_classical
+    from stem_live.locate.contrast import as_bright, frame_contrast
 
-    spacing = estimate_spacing(np.asarray(frames[0][0], dtype=np.float32))
+    img0 = np.asarray(frames[0][0], dtype=np.float32)
+    contrast, _ = frame_contrast(img0, contrast, getattr(frames[0][1], "detector", ""))
+    frames = [(as_bright(np.asarray(im, np.float32), contrast), m, t) for im, m, t in frames]
+    spacing = estimate_spacing(frames[0][0])
+    if locator == "unet":
+        from stem_live.locate.unet import load_default, locate_unet
+
+        params = load_default()
+
+        def locate_fn(img, spacing_px=spacing, flyback_px=None, prior=None):
+            return locate_unet(img, spacing_px, params=params, flyback_px=flyback_px, prior=prior)
+    elif locator == "classical":
+        def locate_fn(img, spacing_px=spacing, flyback_px=None, prior=None):
+            return locate_classical(img, spacing_px, flyback_px=flyback_px, prior=prior)
+    else:
+        raise ValueError(f"locator must be 'classical' or 'unet', got {locator!r}")
     flyback = None
     if calibration:
         from stem_live.calibration import load_cached
@@ -107,19 +135,21 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
     for image, _meta, truth in frames:
         img = np.asarray(image, dtype=np.float32)
         t0 = time.perf_counter()
-        cols = locate_classical(img, spacing, flyback_px=flyback)
+        cols = locate_fn(img, spacing, flyback_px=flyback)
         ms.append((time.perf_counter() - t0) * 1e3)
-        tp = np.asarray(truth.columns_px)
+        tp = _truth_px(truth)
         radius = 0.3 * float(np.median(cKDTree(tp).query(tp, 2)[0][:, 1]))
         n_true += len(tp)
         ti = score("single", cols, tp, radius)
-        if config is not None:
+        if config is not None and getattr(config, "detector", "haadf") == "haadf":
             from simulator.crlb import position_crlb_px
 
-            bound2.append(position_crlb_px(config, truth)[ti] ** 2)
+            vis = getattr(truth, "visible", None)
+            bound = position_crlb_px(config, truth)
+            bound2.append((bound if vis is None else bound[np.asarray(vis, bool)])[ti] ** 2)
         # the same frame with the lattice of the frames before it as the prior (causal)
-        tracked = locate_classical(img, spacing, flyback_px=flyback if flyback is not None else lattice.flyback_px,
-                                   prior=lattice)
+        tracked = locate_fn(img, spacing, flyback_px=flyback if flyback is not None else lattice.flyback_px,
+                            prior=lattice)
         lattice.update(tracked)
         score("tracked", tracked, tp, radius)
     # the frames as one recorded stack: each with all the others as its prior (``locate_stack``,
@@ -129,10 +159,10 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
     from stem_live.lattice_prior import locate_stack
 
     images = [np.asarray(image, dtype=np.float32) for image, _, _ in frames]
-    stack = locate_stack(images, spacing, partial(locate_classical, spacing_px=spacing, flyback_px=flyback),
+    stack = locate_stack(images, spacing, partial(locate_fn, spacing_px=spacing, flyback_px=flyback),
                          fit_flyback=flyback is None)
     for cols, (_, _, truth) in zip(stack, frames):
-        tp = np.asarray(truth.columns_px)
+        tp = _truth_px(truth)
         score("stack", cols, tp, 0.3 * float(np.median(cKDTree(tp).query(tp, 2)[0][:, 1])))
     sq, edge = np.concatenate(tally["single"]["sq"]), np.concatenate(tally["single"]["edge"])
     n_found, n_match = tally["single"]["found"], tally["single"]["match"]
@@ -144,7 +174,7 @@ def column_metrics(frames: list[tuple[np.ndarray, object, object]], config=None,
     out = {"recall": round(n_match / max(n_true, 1), 5), "precision": round(n_match / max(n_found, 1), 5),
            "rmse_px": rms(sq), "rmse_pm": round(float(np.sqrt(np.mean(sq))) * px_pm, 3) if len(sq) else float("nan"),
            "locate_ms": round(float(np.median(ms[1:] if len(ms) > 1 else ms)), 2), "frames": len(frames),
-           "locator": "classical", "spacing_px": round(float(spacing), 3),
+           "locator": locator, "contrast": contrast, "spacing_px": round(float(spacing), 3),
            "rmse_inner_px": rms(sq[~edge]), "rmse_border_px": rms(sq[edge]),
            "border_fraction": round(float(edge.mean()), 4) if len(edge) else float("nan")}
     t = tally["tracked"]
@@ -196,8 +226,9 @@ def frame_from_sim(image: np.ndarray, meta: object, stream: str = "sim") -> Fram
 
 def run_session(config: object, frames: int, *, armed: bool, engine_config: EngineConfig = EngineConfig(),
                 progress: Callable[[str, int, int], None] | None = None, label: str = "",
-                keep_frames: int = 0) -> SessionResult:
-    """Run one seeded simulator session through the engine; score it against truth."""
+                keep_frames: int = 0, limits: object | None = None) -> SessionResult:
+    """Run one seeded simulator session through the engine; score it against truth.
+    ``limits``: the bridge's safety limits (``instrument_adapters.safety.Limits``; default: its defaults)."""
     from instrument_adapters.safety import Limits, clamp_target
     from simulator import Microscope
     from stem_live.heap import SETTLE_AFTER_FRAMES, settle_heap
@@ -206,7 +237,7 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
     engine = Engine(engine_config)
     if armed:
         engine.arm()
-    limits = Limits()
+    limits = Limits() if limits is None else limits
     start = np.asarray(scope.beam_shift_nm, dtype=np.float64).copy()
     apparent, times, kept, errs, gp_ms, err_frame, detected = [], [], [], [], [], [], []
     true_jumps: list[int] = []
@@ -316,19 +347,23 @@ def recovery_frames(res: SessionResult, *, floor_nm: float = 0.02) -> int | None
 
 def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, drift_nm_per_min: float = 3.0,
              dose: float | None = None, seed: int = 0, model: str = "rigid", jump_nm: float = 0.0,
-             baseline: bool = True, calibration: str = "",
-             progress: Callable[[str, int, int], None] | None = None) -> dict:
+             baseline: bool = True, calibration: str = "", detector: str = "haadf", locator: str = "classical",
+             contrast: str = "auto", progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run open and closed loop (and the baseline tracker) on one seeded configuration; the JSON report.
-    ``calibration``: a ``stem-live calibrate`` JSON the engine (gp model) starts from."""
+    ``calibration``: a ``stem-live calibrate`` JSON the engine (gp model) starts from; ``detector``:
+    the simulator's "haadf", "abf" or "bf"; ``locator``: "classical" or "unet", scored on the
+    columns; ``contrast``: "bright", "dark" or "auto" (from the frames' detector), for the
+    scored locator and the engine."""
     from simulator import DriftConfig, MicroscopeConfig
 
     drift = DriftConfig(drift_nm_per_min=drift_nm_per_min, jump_nm=jump_nm)
-    cfg = MicroscopeConfig(preset=preset, size=size, seed=seed, drift=drift)
+    cfg = MicroscopeConfig(preset=preset, size=size, seed=seed, drift=drift, detector=detector)
     if dose is not None:
         cfg = replace(cfg, dose_e_per_A2=dose)
     head = {"preset": preset, "size": size, "frames": frames, "drift_nm_per_min": drift_nm_per_min,
-            "dose_e_per_A2": cfg.dose, "seed": seed}
-    run = evaluate_config(cfg, frames, model=model, baseline=baseline, calibration=calibration, progress=progress)
+            "dose_e_per_A2": cfg.dose, "seed": seed, "detector": detector}
+    run = evaluate_config(cfg, frames, model=model, baseline=baseline, calibration=calibration, progress=progress,
+                          locator=locator, contrast=contrast)
     return {**head, **run.report}
 
 
@@ -345,20 +380,24 @@ class ConfigRun:
 
 def evaluate_config(cfg: object, frames: int, *, model: str = "rigid", baseline: bool = True,
                     calibration: str = "", columns: bool = True, keep_frames: int = 10,
-                    progress: Callable[[str, int, int], None] | None = None) -> ConfigRun:
+                    progress: Callable[[str, int, int], None] | None = None, locator: str = "classical",
+                    contrast: str = "auto", limits: object | None = None) -> ConfigRun:
     """Open loop, closed loop and (``baseline``) the baseline tracker on one ``MicroscopeConfig``.
-    ``columns``: score the locator on the first ``keep_frames`` open-loop frames (those frames
-    are kept in ``open_loop.kept`` either way)."""
-    ec = EngineConfig(model=model, calibration=calibration, hyperfit_background=False)  # reproducible
+    ``columns``: score the ``locator`` on the first ``keep_frames`` open-loop frames (those frames
+    are kept in ``open_loop.kept`` either way); ``contrast`` for it and the engine; ``limits``:
+    the bridge's safety limits of the closed-loop and baseline sessions (default: its defaults)."""
+    ec = EngineConfig(model=model, calibration=calibration, hyperfit_background=False,  # reproducible
+                      contrast=contrast)
     rows = cfg.shape[0]
     t0 = time.perf_counter()
     open_loop = run_session(cfg, frames, armed=False, engine_config=ec, progress=progress, label="open loop",
                             keep_frames=keep_frames)
-    closed = run_session(cfg, frames, armed=True, engine_config=ec, progress=progress, label="closed loop")
+    closed = run_session(cfg, frames, armed=True, engine_config=ec, progress=progress, label="closed loop",
+                         limits=limits)
     # the drift trackers users have today: cross-correlation against a reference frame and a
     # linear drift rate from the last three frames, applied once per frame
     base = run_session(cfg, frames, armed=True, engine_config=EngineConfig(model="rigid", history=3),
-                       progress=progress, label="baseline") if baseline else None
+                       progress=progress, label="baseline", limits=limits) if baseline else None
     extra: dict = {}
     if base is not None:
         extra["baseline"] = {"residual_rms_nm": round(base.residual_rms_nm, 5), "method": "cross-correlation + "
@@ -385,7 +424,7 @@ def evaluate_config(cfg: object, frames: int, *, model: str = "rigid", baseline:
                         "corrections": closed.corrections, "clamped": closed.clamped,
                         "ratio_to_open_loop": round(closed.residual_rms_nm / max(open_loop.residual_rms_nm, 1e-12), 4),
                         "oracle_floor_nm": round(oracle_residual_rms_nm(cfg, frames), 5)},
-        "columns": (column_metrics(open_loop.kept, cfg, calibration=calibration)
+        "columns": (column_metrics(open_loop.kept, cfg, calibration=calibration, locator=locator, contrast=contrast)
                     if columns and cfg.preset != "particles" else {}),
         **extra,
         "model": model,

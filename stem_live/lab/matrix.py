@@ -15,11 +15,13 @@ Report keys (a contract: later work adds keys, never changes these), all under `
   ``drift_over_bound`` (their ratio), ``false_jumps`` (:func:`false_jumps`, open + closed loop),
   ``closed_over_floor`` (closed-loop residual over ``closed_loop.oracle_floor_nm``) and
   ``closed_over_baseline`` (over the baseline's residual), both residuals without the frames
-  of a true jump and the 2 frames of re-lock after it;
+  of a true jump and the 2 frames of re-lock after it, and without frames 0 and 1 (the oracle
+  knows the velocity from the start; a corrector can know it after two frames);
 - ``drift_rmse_pm.median`` / ``.worst``, ``drift_over_bound.median`` / ``.worst``,
   ``false_jumps`` (sum), ``closed_over_floor.median`` / ``.worst``,
-  ``closed_over_baseline.median`` over the scenarios. A value that cannot be computed (the rigid
-  model has no per-line drift) is null.
+  ``closed_over_baseline.median`` over the scenarios; ``failed``: the scenarios that could not
+  be run (their entries carry ``error``). A value that cannot be computed (the rigid model has
+  no per-line drift, a failed scenario) is null.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 from stem_live.lab.evaluate import ConfigRun, SessionResult, evaluate_config
 
 RELOCK_FRAMES = 2  # frames after a true jump in which a detection is that jump's, not a false one
+STARTUP_FRAMES = 2  # closed-loop frames before any corrector can know the velocity (not scored)
 
 #: Frames per session by frame size: enough for the GP's window to fill at 256 px, fewer at the
 #: larger sizes (more lines per frame; compute grows with the pixels). N = 20 in < 15 min, 2 cores.
@@ -92,8 +95,10 @@ def false_jumps(res: SessionResult) -> int:
 
 
 def residual_outside_jumps_nm(res: SessionResult) -> float:
-    """``residual_rms_nm`` without the frames of a true jump and the ``RELOCK_FRAMES`` after it (nm)."""
-    skip = _excluded_frames(res, RELOCK_FRAMES)
+    """``residual_rms_nm`` without the frames of a true jump and the ``RELOCK_FRAMES`` after it,
+    and without the first ``STARTUP_FRAMES`` (nm): the oracle floor knows the drift velocity
+    from the start, a causal corrector only once it has seen two frames."""
+    skip = _excluded_frames(res, RELOCK_FRAMES) | set(range(STARTUP_FRAMES))
     keep = [k for k in range(len(res.residual_nm)) if k not in skip]
     r = res.residual_nm[keep]
     return float(np.sqrt(np.mean(np.sum(r**2, axis=1)))) if len(r) else float("nan")
@@ -104,14 +109,16 @@ class DriftBound:
     """The best per-line drift RMSE a scenario allows (pm, both axes; see :func:`drift_bound`).
 
     frame_pm: the bound of one shift shared by all the frame's columns; ou_pm: the bound of
-    following the OU wander line by line with those columns; bound_pm: both in quadrature;
-    columns: columns of the frame; column_pm: their effective 2-D Cramer-Rao bound."""
+    following the OU wander line by line with those columns; mains_pm: the bound of following
+    the mains line (see :func:`drift_bound`); bound_pm: all three in quadrature; columns:
+    columns of the frame; column_pm: their effective 2-D Cramer-Rao bound."""
 
     bound_pm: float
     frame_pm: float
     ou_pm: float
     columns: int
     column_pm: float
+    mains_pm: float = 0.0
 
 
 def drift_bound(config: object, truth: object) -> DriftBound:
@@ -125,7 +132,14 @@ def drift_bound(config: object, truth: object) -> DriftBound:
     reaches a variance of sqrt(q s^2 / n) / 2 per axis (steady-state Kalman smoother of a
     continuous random walk; ``ou_pm`` is the 2-D root of it). Both ignore the locator's bias,
     the scan distortion and the mains fit: optimistic, so a measured RMSE below ``bound_pm``
-    is not possible; one at a few times it may be the best any tracker does."""
+    is not possible; one at a few times it may be the best any tracker does.
+
+    ``mains_pm``: a column's position is a weighted mean over the lines it spans (rms spread
+    sigma_probe / sqrt 2 lines), so the mains line of amplitude A reaches the samples
+    attenuated by a = exp(-(w * spread)^2 / 2); its sine and cosine amplitudes, fitted on the
+    columns of the three frames a window holds, are known to sqrt(2 var / (N a^2)) per axis,
+    and never worse than not modelling the line at all (A / sqrt 2): the smaller of the two,
+    as a per-line rms. On slow lines (a = 0) this is the whole mains line."""
     from simulator.crlb import position_crlb_px
 
     crlb = np.asarray(position_crlb_px(config, truth), float)
@@ -145,12 +159,29 @@ def drift_bound(config: object, truth: object) -> DriftBound:
         q = 2.0 * (d.ou_sigma_nm * 1e3) ** 2 / d.ou_tau_s         # pm^2/s per axis
         r = (col_var / 2.0) / (n / scan_s)                        # pm^2 s per axis
         ou_pm = float(np.sqrt(2.0 * 0.5 * np.sqrt(q * r)))
-    return DriftBound(float(np.hypot(frame_pm, ou_pm)), float(frame_pm), ou_pm, n, float(np.sqrt(col_var)))
+    mains_pm = 0.0
+    if d.jitter_amp_nm > 0:
+        line_s = cols * config.dwell_us * 1e-6 + config.flyback_us * 1e-6
+        sigma_px = config.probe_fwhm / 2.3548 / float(np.mean(config.pixel_size))
+        att = float(np.exp(-0.5 * (2 * np.pi * d.jitter_hz * sigma_px / np.sqrt(2.0) * line_s) ** 2))
+        amp_pm = d.jitter_amp_nm * 1e3
+        fitted = np.sqrt(2.0 * (col_var / 2.0) / (3 * n)) / att if att > 0 else np.inf
+        mains_pm = float(min(amp_pm, fitted) / np.sqrt(2.0))
+    return DriftBound(float(np.sqrt(frame_pm ** 2 + ou_pm ** 2 + mains_pm ** 2)), float(frame_pm), ou_pm, n,
+                      float(np.sqrt(col_var)), mains_pm)
 
 
 def _num(v: float, nd: int = 4) -> float | None:
     """Rounded finite float, or None (JSON null)."""
     return round(float(v), nd) if v is not None and np.isfinite(v) else None
+
+
+def failed_entry(scenario: object, frames: int, error: str) -> dict:
+    """A scenario that could not be run: its parameters, ``error``, and null scores (the
+    summary's medians leave it out; ``matrix.failed`` lists it)."""
+    return {**scenario.to_dict(), "frames": int(frames), "error": error, "drift_rmse_pm": None,
+            "drift_bound_pm": None, "drift_over_bound": None, "false_jumps": 0, "closed_over_floor": None,
+            "closed_over_baseline": None, "interframe_shift_spacings": None}
 
 
 def scenario_report(scenario: object, run: ConfigRun, frames: int) -> dict:
@@ -169,7 +200,7 @@ def scenario_report(scenario: object, run: ConfigRun, frames: int) -> dict:
         "drift_rmse_pm": _num(rmse, 3), "drift_rmse_by_frame_pm": frame_drift_rmse_pm(run.open_loop),
         "drift_bound_pm": _num(bound, 3),
         "drift_over_bound": _num(rmse / bound if bound > 0 else float("nan"), 3),
-        "drift_bound_parts": {"frame_pm": _num(b.frame_pm, 4), "ou_pm": _num(b.ou_pm, 4),
+        "drift_bound_parts": {"frame_pm": _num(b.frame_pm, 4), "ou_pm": _num(b.ou_pm, 4), "mains_pm": _num(b.mains_pm, 4),
                               "columns": b.columns, "column_crlb_pm": _num(b.column_pm, 4)},
         "false_jumps": false_jumps(run.open_loop) + false_jumps(run.closed),
         "jump_frames": {"truth": list(run.open_loop.true_jump_frames),
@@ -199,6 +230,18 @@ def interframe_shift_spacings(res: SessionResult, specimen: str) -> float:
     return float(np.max(step[keep]) / lat.min_distance_nm) if keep.any() else float("nan")
 
 
+def scenario_limits(scenario: object, frames: int) -> object:
+    """The bridge's safety limits an operator would set for this drift: the defaults
+    (0.5 nm a step, 10 nm in all), raised to 3 frames' drift a step and twice the session's
+    drift in all where the drift is faster (at 20 nm/min over 8 s frames the defaults would
+    stop any corrector after a few frames: a test of the limits, not of the drift model)."""
+    from instrument_adapters.safety import Limits
+
+    per_frame_nm = scenario.drift_nm_per_min / 60.0 * scenario.frame_time_s
+    return Limits(max_step_nm=max(0.5, 3.0 * per_frame_nm),
+                  max_excursion_nm=max(10.0, 2.0 * per_frame_nm * frames + 1.0))
+
+
 def _stats(values: list, *, worst: bool = True) -> dict:
     v = np.array([x for x in values if x is not None], float)
     out = {"median": _num(np.median(v)) if len(v) else None}
@@ -217,6 +260,7 @@ def summarise(scenarios: list[dict]) -> dict:
         "closed_over_baseline": _stats([s["closed_over_baseline"] for s in scenarios], worst=False),
         # scenarios whose frames move by more than half a column spacing from one to the next
         "aliasing_risk": [s["index"] for s in scenarios if (s.get("interframe_shift_spacings") or 0) > 0.5],
+        "failed": [s["index"] for s in scenarios if s.get("error")],
     }
 
 
@@ -234,7 +278,14 @@ def run_matrix(n: int, seed: int, *, model: str = "rigid", frames: int | None = 
     for i, sc in enumerate(drawn):
         t1 = time.perf_counter()
         nf = int(frames) if frames is not None else frames_for(sc.size)
-        run = evaluate_config(sc.config(nf), nf, model=model, baseline=True, columns=False, keep_frames=1)
+        try:
+            run = evaluate_config(sc.config(nf), nf, model=model, baseline=True, columns=False, keep_frames=1,
+                                  limits=scenario_limits(sc, nf))
+        except Exception as exc:   # noqa: BLE001 - one scenario's failure is a row, not the end of the matrix
+            entries.append(failed_entry(sc, nf, f"{type(exc).__name__}: {exc}"))
+            if progress is not None:
+                progress(f"scenario {i + 1}/{n}: {sc.specimen} {sc.size} px: failed: {exc}")
+            continue
         entry = scenario_report(sc, run, nf)
         entries.append(entry)
         if progress is not None:

@@ -79,3 +79,29 @@ def as_bright(image: np.ndarray, contrast: str) -> np.ndarray:
         return img
     lo, hi = float(img[finite].min()), float(img[finite].max())
     return (hi + lo - img).astype(np.float32)
+
+
+#: detector names (upper case, as frames carry them) and the contrast their columns show
+DETECTOR_CONTRAST = {"HAADF": "bright", "ADF": "bright", "DF": "bright", "MAADF": "bright", "LAADF": "bright",
+                     "ABF": "dark", "BF": "dark", "EABF": "dark"}
+
+
+def detector_contrast(detector: str) -> str | None:
+    """"bright" | "dark" for a known detector name (``DETECTOR_CONTRAST``, case and spaces
+    ignored, "HAADF-STEM" style suffixes allowed), None for an unknown one."""
+    name = str(detector).strip().upper().replace(" ", "").replace("_", "-").split("-")[0]
+    return DETECTOR_CONTRAST.get(name)
+
+
+def frame_contrast(image: np.ndarray, contrast: str, detector: str = "") -> tuple[str, str]:
+    """("bright" | "dark", a one-line reason) for one frame: ``contrast`` as given where it is
+    "bright" or "dark"; for "auto" the frame's ``detector`` name where it is a known one
+    (free), else ``decide_contrast`` on the image (tens of ms at 512 px)."""
+    if contrast in ("bright", "dark"):
+        return contrast, f"{contrast} columns (as given)"
+    if contrast != "auto":
+        raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
+    known = detector_contrast(detector) if detector else None
+    if known is not None:
+        return known, f"{known} columns (the frames' detector is {detector})"
+    return decide_contrast(image)

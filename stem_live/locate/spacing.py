@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 
+#: peaks lower than this fraction of the 99th-percentile peak height (smoothed frame, above its
+#: 1st percentile) are left out of a second spacing measurement: an amorphous support's texture
+#: under a nanoparticle (< 0.5 %), the O columns HAADF does not show in PbTiO3 (1-3 %); the
+#: simulator's SrTiO3 O columns (5-7 %) stay in
+BRIGHT_FRACTION = 0.04
+#: a peak distance between SHORT_NN and 0.96 x the lattice scale L is no lattice's first shell (a
+#: honeycomb bond is L / sqrt 3, SrTiO3 cation-O L / sqrt 2; a first shell near L makes the ring at L): spurious peaks (an
+#: amorphous support's texture in a BF / ABF frame of a particle, 0.87-0.95 L) shortened it: the strong
+#: peaks' first shell is taken
+SHORT_NN = 0.8
+#: ... and the peaks at least this fraction of the 99th-percentile peak height give the spacing then
+STRONG_FRACTION = 0.2
+#: ... beyond 1.05 L up to LONG_NN x L the peaks are trusted over L (the autocorrelation ring of a
+#: bright-field frame at 30-40 px spacing lies 7-25 % short, its halo rings interfering)
+LONG_NN = 1.3
+
 
 def _radial_max(ac: np.ndarray, r_max: int):
     """Maximum of the (fft-shifted) autocorrelation over 1-px rings, and where it is."""
@@ -25,10 +41,17 @@ def estimate_spacing(image: np.ndarray, *, min_px: float = 4.0, max_px: float | 
 
     First the lattice scale L: the nearest strong ring of the (Hann-windowed, high-passed)
     image autocorrelation. In a honeycomb (graphene) that ring is the lattice constant,
-    sqrt(3) x the bond length, since the bond-length ring is weak on noisy data. So, with
+    sqrt(3) x the bond length, since the bond-length ring is weak on noisy data (where the power
+    spectrum shows no Bragg spot at L's frequencies, L is measured on the frame binned 2 or 4 x:
+    ``_binned_if_noise``). So, with
     ``check_peaks``, columns are then found with a spacing guess of L / 2 and their
     nearest-neighbour distance (``first_shell_distance``) is returned when it lies in
-    [0.45 L, 1.05 L].
+    [0.45 L, ``SHORT_NN`` L] or [0.96 L, ``LONG_NN`` L]; between those, the first shell of
+    the strong peaks (``STRONG_FRACTION``); L otherwise. Where the brighter columns alone (peak height >= ``BRIGHT_FRACTION``
+    of the 99th percentile, ``_peak_heights``, with hardly any peaks just above that cut, and
+    L >= 8 px) give a first shell more than 10 % from all of them (a lattice on an
+    amorphous support, whose texture makes peaks at its own scale; faint light columns between
+    heavy ones), the brighter columns' distance is returned.
 
     Raises ``ValueError`` with a one-line message when no lattice is visible: the strongest
     spot of the power spectrum (``quality.lattice_significance``) below
@@ -40,12 +63,21 @@ def estimate_spacing(image: np.ndarray, *, min_px: float = 4.0, max_px: float | 
     if img.ndim != 2 or min(img.shape) < 16:
         raise ValueError(f"estimate_spacing needs a 2-D image of at least 16x16 px, got {img.shape}")
     sig = lattice_significance(img, min_px=0.75 * min_px, max_px=max_px)
+    for b in (2, 4):  # a low-count lattice of wide columns shows its spots once binned (bright field, 40 px)
+        if sig >= MIN_LATTICE_SIGNIFICANCE or min(img.shape) < 64 * b:
+            break
+        sig = max(sig, lattice_significance(_bin(img, b), min_px=0.75 * min_px,
+                                            max_px=None if max_px is None else max_px / b))
     if sig < MIN_LATTICE_SIGNIFICANCE:
         raise ValueError(f"no lattice found in the image (strongest spot of its power spectrum {sig:.0f} x the "
                          f"background, a lattice gives >= {MIN_LATTICE_SIGNIFICANCE:g}): give the column spacing "
                          f"(--spacing-px)")
-    lat = _autocorr_spacing(img, min_px=min_px, max_px=max_px)
-    if not check_peaks:
+    try:
+        lat = _autocorr_spacing(img, min_px=min_px, max_px=max_px)
+    except ValueError:
+        lat = None  # no ring above the shot noise at full resolution: binned below
+    lat = _binned_if_noise(img, lat, min_px=min_px, max_px=max_px)
+    if not check_peaks or 0.5 * lat < 2.0:  # no peak search below 2 px: the lattice scale is the spacing
         return lat
     from stem_live.locate.classical import locate_classical
 
@@ -53,9 +85,85 @@ def estimate_spacing(image: np.ndarray, *, min_px: float = 4.0, max_px: float | 
     if len(cols) < 8:
         return lat
     nn = first_shell_distance(cols.positions)
-    if 0.45 * lat <= nn <= 1.05 * lat:
+    height = _peak_heights(np.asarray(image, np.float64), cols.positions, 0.1 * lat)
+    ref = np.percentile(height, 99)
+    bright = height >= BRIGHT_FRACTION * ref
+    # only where the faint peaks are a separate population (hardly any between 1 and 2.5 x the cut)
+    # and the lattice is resolved well enough for the frame's 1st percentile to be the background
+    # between the columns (at L < 8 px it is the level of faint columns: SrTiO3's O at 4 px)
+    # (counted away from the frame edge, where a cut column is lower)
+    m = 0.25 * lat
+    pos = cols.positions
+    inner = np.all((pos >= m) & (pos <= np.array(np.shape(image)) - 1 - m), axis=1)
+    gap = lat >= 8.0 and inner.any() and np.mean((bright & (height < 2.5 * BRIGHT_FRACTION * ref))[inner]) < 0.05
+    if gap and 8 <= bright.sum() < len(cols):
+        nn_bright = first_shell_distance(cols.positions[bright])
+        if abs(nn_bright - nn) > 0.1 * nn and 0.45 * lat <= nn_bright <= 1.05 * lat:
+            return nn_bright
+    if 0.45 * lat <= nn <= SHORT_NN * lat or 0.96 * lat <= nn <= LONG_NN * lat:
         return nn
+    strong = height >= STRONG_FRACTION * ref
+    if SHORT_NN * lat < nn < 0.96 * lat and 8 <= strong.sum() < 0.95 * len(cols):
+        # the strong peaks alone: an amorphous support's weak texture peaks left out (HAADF, ABF;
+        # in BF the support's peaks are as high as the columns: L then)
+        return first_shell_distance(cols.positions[strong])
     return lat
+
+
+def _bin(image: np.ndarray, b: int) -> np.ndarray:
+    """Mean over b x b blocks (the frame cropped to a multiple of b), float64."""
+    x = np.asarray(image, np.float64)
+    h, w = (x.shape[0] // b) * b, (x.shape[1] // b) * b
+    return x[:h, :w].reshape(h // b, b, w // b, b).mean(axis=(1, 3))
+
+
+def _band_significance(image: np.ndarray, lattice_px: float) -> float:
+    """The strongest Bragg spot (``quality.power_ratio``) at the spatial frequencies a lattice of
+    scale ``lattice_px`` (its nearest autocorrelation ring, px) puts them: 0.8-1.3 / L cycles/px
+    (square 1 / L, triangular and honeycomb 1.15 / L). Noise: ~15-25."""
+    from stem_live.locate.quality import power_ratio
+
+    ratio, _ = power_ratio(image)
+    h, w = np.shape(image)
+    fr = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :])
+    band = (fr >= 0.8 / lattice_px) & (fr <= 1.3 / lattice_px)
+    return float(ratio[band].max()) if band.any() else 0.0
+
+
+def _binned_if_noise(img: np.ndarray, lat: float | None, *, min_px: float, max_px: float | None) -> float:
+    """``lat``, or where the power spectrum shows no Bragg spot at the frequencies of ``lat``
+    (``_band_significance`` below ``quality.MIN_LATTICE_SIGNIFICANCE``: the autocorrelation ring
+    was shot noise, as in a bright-field frame at 30-40 px spacing, a few % contrast on a low
+    count) the lattice scale measured on the frame binned 2 x 2, else 4 x 4, where that one
+    shows its Bragg spots (px of the full frame). ``lat`` None (no ring at full resolution):
+    the binned frames' only; ``ValueError`` where none shows a lattice."""
+    from stem_live.locate.quality import MIN_LATTICE_SIGNIFICANCE
+
+    if lat is not None and (min(img.shape) < 128 or _band_significance(img, lat) >= MIN_LATTICE_SIGNIFICANCE):
+        return lat
+    for b in (2, 4):
+        small = _bin(img, b)
+        try:
+            lb = _autocorr_spacing(small, min_px=min_px, max_px=None if max_px is None else max_px / b)
+        except ValueError:
+            continue
+        if _band_significance(small, lb) >= MIN_LATTICE_SIGNIFICANCE:
+            return b * lb
+    if lat is None:
+        raise ValueError("no lattice found in the image: give the column spacing (--spacing-px)")
+    return lat
+
+
+def _peak_heights(image: np.ndarray, positions: np.ndarray, smooth_px: float) -> np.ndarray:
+    """(N,) the frame smoothed by a Gaussian of ``smooth_px`` (>= 1) at each position (row, col),
+    above its 1st percentile: a column's height over the lowest background, whatever its
+    neighbours (a band-pass gives a faint column between bright ones a negative value)."""
+    from scipy import ndimage
+
+    img = np.where(np.isfinite(image), image, np.nanmedian(image))
+    sm = ndimage.gaussian_filter(img, max(1.0, smooth_px))
+    idx = np.clip(np.rint(positions).astype(int), 0, np.array(sm.shape) - 1)
+    return sm[idx[:, 0], idx[:, 1]] - np.percentile(sm, 1)
 
 
 def first_shell_distance(positions: np.ndarray, *, k: int = 3, shell: float = 1.3) -> float:

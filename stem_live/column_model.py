@@ -1,0 +1,320 @@
+"""The gp model's per-frame pipeline for one stream (:class:`ColumnModel`): locate the columns,
+track them to a reference lattice, turn them into drift samples, update the online GP, decide
+the correction. Pure compute, no sockets; :class:`~stem_live.engine.Engine` owns one.
+
+The first frames: a reference built from one frame carries the drift during its scan (a skew
+of ``v * (t - t_mid)``); relative to it every later frame's drift reads as flat within the
+frame. On the second frame the velocity from the step between the two (over the time between a
+feature's two scans) takes that skew out of the reference (``_bootstrap``); from then on the GP
+de-skews every frame before it is linked (``_deskewed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from stem_live.protocol import Frame
+
+log = logging.getLogger("stem_live.engine")
+
+
+@dataclass(frozen=True)
+class ColumnResult:
+    columns: object
+    line_drift_nm: np.ndarray | None
+    line_sigma_nm: np.ndarray | None
+    decision: object | None
+    jump: bool
+    flagged: str = ""   # the quality gate's reason where the columns are not credible
+
+
+class ColumnModel:
+    """Locate -> track -> drift samples -> online GP -> correction decision, for one stream."""
+
+    def __init__(self, config) -> None:   # the engine's EngineConfig
+        from stem_live.distortion import CorrectionPolicy, OnlineDriftGP
+        from stem_live.distortion.hyperfit import HyperLearner
+        from stem_live.track import Tracker
+
+        self.config = config
+        self.spacing_px = config.spacing_px or None
+        self.tracker = Tracker(spacing_px=self.spacing_px, history=64)
+        # one padded GP size per session (512 sample groups: about 4 frames of 512 lines), so
+        # that no frame after the first waits for a compilation
+        # (mains: a set frequency, or 50 Hz until the stream says 60 or none; 0: no periodic term)
+        mains = 50.0 if config.mains_hz is None else (float(config.mains_hz) or None)
+        self.gp = OnlineDriftGP(window_frames=config.gp_window_frames, min_groups=512, max_groups=512,
+                                mains_hz=mains)
+        self.calibration = None
+        if config.calibration:  # drift velocity as the GP's prior mean, scan scale/shear taken out of the samples
+            from stem_live.calibration import load_cached
+
+            self.calibration = load_cached(config.calibration)
+            hyper = self.calibration.meta.get("hyperparameters") or {}
+            if hyper:  # the calibration's fitted values: the warm start of the online fit
+                self.gp.set_hyperparameters(**{k: v for k, v in hyper.items() if k in self.gp.learnt_hyperparameters()})
+            self.gp = self.calibration.wrap_gp(self.gp)
+        self.learner = None
+        if config.learn_hyperparameters:
+            self.learner = HyperLearner(self.gp, every_frames=config.hyperfit_every,
+                                        mains="auto" if config.mains_hz is None else config.mains_hz,
+                                        background=config.hyperfit_background)
+        self.policy = CorrectionPolicy(gain=config.gain, deadband_nm=config.deadband_nm,
+                                       max_sigma_nm=config.max_sigma_nm)
+        self.deskew_min_frames = 2  # GP frames needed before the tracker gets de-skewed positions
+        # the probe width (column Gaussian sigma, px) is measured on the first frame and again
+        # every `probe_refresh_frames`; in between the fit takes it as known (one free fit of the
+        # brightest columns less per frame, and no frame-to-frame jitter of the width)
+        self.probe_refresh_frames = 32
+        self.quality_every = 10   # frames between quality-gate checks of a steady stream
+        self.hyperfit_ms = 0.0    # the last frame's inline hyperparameter fit (ms; 0 when none ran)
+        self._probe_sigma_px: float | None = None
+        self._located = 0
+        self.lattice = None  # LatticePrior, made once the spacing is known (config.lattice_prior)
+        self._flyback_warned: set[tuple[float, float]] = set()
+        self._scan_key: tuple[float, float] | None = None  # (pixel size nm, dwell us) of the measured flyback
+        self._contrast: tuple[str, str] | None = None   # (detector, "bright" | "dark") decided for the stream
+        self.period_s = 0.0   # this frame's start to the next one's (s; set by the engine each frame)
+        self._first: tuple | None = None        # (frame, positions px, track ids) of the first tracked frame
+        self._boot_v_px: np.ndarray | None = None  # velocity (px/s) from the first two frames' step
+        self._boot_done = False
+
+    def process(self, frame: Frame, image: np.ndarray, hint_px: np.ndarray, timings: dict) -> ColumnResult:
+        from dataclasses import replace as dc_replace
+
+        from stem_live.locate import estimate_spacing, locate_classical
+
+        t0 = time.perf_counter()
+        img = np.asarray(image, dtype=np.float32)
+        if self.config.contrast != "bright":  # dark columns (ABF/BF): the locator finds bright ones
+            from stem_live.locate.contrast import as_bright, frame_contrast
+
+            if self._contrast is None or self._contrast[0] != frame.detector:   # decided once per detector
+                kind, why = frame_contrast(img, self.config.contrast, frame.detector)
+                self._contrast = (frame.detector, kind)
+                log.info("contrast: %s", why)
+            img = as_bright(img, self._contrast[1])
+        if self.spacing_px is None:
+            try:
+                self.spacing_px = float(estimate_spacing(img))
+            except ValueError as exc:   # no lattice (yet): a flagged frame; the next one tries again
+                timings.update(locate=(time.perf_counter() - t0) * 1e3)
+                return ColumnResult(None, None, None, None, False, flagged=str(exc))
+            self.tracker.spacing_px = self.spacing_px
+        if self.config.lattice_prior and self.lattice is None:
+            from stem_live.lattice_prior import LatticePrior
+
+            # without a calibration the lattice measures the flyback where the frames drift
+            self.lattice = LatticePrior(self.spacing_px, fit_flyback=self.calibration is None)
+        known = self._probe_sigma_px if self._located % self.probe_refresh_frames else None
+        # the flyback (a calibration's, or the lattice's measurement): the columns cut by the
+        # left edge are fitted on the distorted scan
+        flyback = self._flyback(frame) if self.calibration is not None else self._measured_flyback(frame)
+        if self._located == 0:   # the GP's padded size from the frame's lines: compiled once a session
+            self.gp.size_for_frames(img.shape[0], frame.line_time_s)
+        cols = locate_classical(img, self.spacing_px, probe_sigma_px=known, flyback_px=flyback, prior=self.lattice)
+        if self.lattice is not None:
+            self.lattice.update(cols)
+            if flyback is None and self.lattice.flyback_px is not None:
+                amp, decay = self.lattice.flyback_px
+                log.info("flyback measured from the frames: %.3g px decaying over %.3g px (%.3g pm, %.3g us); "
+                         "the left-edge columns are fitted on it from the next frame", amp, decay,
+                         amp * frame.pixel_size_nm[1] * 1e3, decay * frame.dwell_us)
+        self._located += 1
+        self._probe_sigma_px = cols.meta.get("probe_sigma_px", known)
+        reason = self._quality(img, cols)
+        if reason:
+            timings.update(locate=(time.perf_counter() - t0) * 1e3)
+            return ColumnResult(cols, None, None, None, False, flagged=reason)
+        t1 = time.perf_counter()
+        # the tracker and the drift model take the line-averaged positions: the random part of
+        # each scan line's offset, which the de-jitter puts back, is noise to a drift model
+        # (with them the replay test's correction error grew from 4.1 to 6.2 pm)
+        smooth = dc_replace(cols, positions=cols.line_averaged())
+        if self._first is not None and self._boot_v_px is None:
+            self._bootstrap(frame, hint_px)
+        ids = self.tracker.update(self._deskewed(frame, smooth), shift_hint=tuple(self._mid_frame_shift(frame, hint_px)))
+        matched = self._matched(ids)
+        if self._first is None:
+            self._first = (frame, smooth.positions, ids)
+        elif self._boot_v_px is not None and not self._boot_done:
+            self._restart_gp_on_first()
+        t2 = time.perf_counter()
+        line_mean, line_sd, decision, jump = self.gp_stage(frame, self.tracker.reference, smooth.positions, matched)
+        t3 = time.perf_counter()
+        # the gp stage without an inline hyperparameter fit (timed on its own, where one ran)
+        timings.update(locate=(t1 - t0) * 1e3, track=(t2 - t1) * 1e3, gp=(t3 - t2) * 1e3 - self.hyperfit_ms)
+        if self.hyperfit_ms > 1.0:
+            timings["hyperfit"] = self.hyperfit_ms
+        return ColumnResult(cols, line_mean, line_sd, decision, jump)
+
+    def _matched(self, ids: np.ndarray) -> np.ndarray:
+        """Index into ``tracker.reference`` of every track id (-1: not a reference site)."""
+        ref_ids = self.tracker.reference_ids
+        order = np.argsort(ref_ids)
+        pos = np.clip(np.searchsorted(ref_ids[order], ids), 0, max(len(ref_ids) - 1, 0))
+        return np.where(ref_ids[order][pos] == ids, order[pos], -1) if len(ref_ids) else np.full(len(ids), -1)
+
+    def _bootstrap(self, frame: Frame, hint_px: np.ndarray) -> None:
+        """On the second tracked frame: the drift velocity from the step since the first
+        (``hint_px``: apparent shift vs the first frame, px), and the first frame's skew (the
+        drift during its scan, ``v * (t - t_mid)``) taken out of the tracker's reference.
+
+        A feature seen at row y0 in the first frame and y0 + dy in this one was scanned
+        ``t_start1 - t_start0 + dy * line_time + dx * dwell`` apart: the velocity is the step
+        over that time, not over the frame period (at 20 nm/min over a 9 s frame the two
+        differ by 5 %). Without this the reference keeps the first frame's skew, and the
+        drift within every later frame reads as flat (its velocity only from frame to frame)."""
+        f0 = self._first[0]
+        px = np.asarray(frame.pixel_size_nm, dtype=np.float64)
+        h = np.asarray(hint_px, dtype=np.float64)
+        dt = (frame.t_start - f0.t_start) + h[0] * frame.line_time_s + h[1] * frame.dwell_us * 1e-6
+        if not (dt > 0 and np.all(np.isfinite(h))):
+            self._boot_v_px = np.zeros(2)
+            return
+        # the specimen's drift is the apparent step plus the beam shift added since
+        step_nm = h * px + (np.asarray(frame.beam_shift_nm, float) - np.asarray(f0.beam_shift_nm, float))
+        self._boot_v_px = step_nm / px / dt
+        ref = self.tracker.reference
+        t_ref = f0.t_start + ref[:, 0] * f0.line_time_s + ref[:, 1] * f0.dwell_us * 1e-6
+        self.tracker.move_reference(-self._boot_v_px[None, :] * (t_ref - (f0.t_start + 0.5 * f0.frame_time_s))[:, None])
+
+    def _velocity_px(self, frame: Frame) -> np.ndarray | None:
+        """The drift velocity (px/s) the de-skew uses for this frame: the GP's at mid-frame, or
+        the first two frames' step while the GP holds too few frames; None before either."""
+        if len(self.gp.frames) < self.deskew_min_frames:
+            return self._boot_v_px
+        t_mid = frame.t_start + 0.5 * frame.frame_time_s
+        h = 0.05 * frame.frame_time_s
+        mean, _ = self.gp.predict(np.array([t_mid - h, t_mid + h]))
+        v = (mean[1] - mean[0]) / (2 * h) / np.asarray(frame.pixel_size_nm, dtype=np.float64)
+        return v if np.all(np.isfinite(v)) else None
+
+    def _mid_frame_shift(self, frame: Frame, hint_px: np.ndarray) -> np.ndarray:
+        """The registration's shift (``hint_px``: a feature's displacement since the first
+        frame, px) as the shift between the de-skewed frames the tracker links (both moved to
+        their mid-frame times): a feature that moved by dy rows was scanned ``dy * line_time``
+        later in its frame, so the two differ by the drift over that time."""
+        h = np.asarray(hint_px, dtype=np.float64)
+        v = self._velocity_px(frame)
+        if v is None:
+            return h
+        return h - v * (h[0] * frame.line_time_s + h[1] * frame.dwell_us * 1e-6)
+
+    def _smear_s(self, frame: Frame) -> float:
+        """RMS spread (s) of the scan times a fitted column position averages over: the
+        position information of a Gaussian column of width sigma (px) comes from its lines
+        with weights ~ exp(-y^2 / sigma^2), a spread of sigma / sqrt 2 lines."""
+        sigma = self._probe_sigma_px
+        return 0.0 if not sigma or not np.isfinite(sigma) else float(sigma) / np.sqrt(2.0) * frame.line_time_s
+
+    def _restart_gp_on_first(self) -> None:
+        """The GP conditioned again on the first frame's samples, now against the de-skewed reference."""
+        from stem_live.distortion import observations_from_columns
+
+        f0, pos0, ids0 = self._first
+        obs = observations_from_columns(self.tracker.reference, pos0, self._matched(ids0), t_start=f0.t_start,
+                                        line_time_s=f0.line_time_s, dwell_s=f0.dwell_us * 1e-6,
+                                        pixel_size_nm=f0.pixel_size_nm, beam_shift_nm=f0.beam_shift_nm,
+                                        frame=f0.seq, smear_s=self._smear_s(f0))
+        if self.calibration is not None:
+            obs = self.calibration.correct_observations(obs, f0.beam_shift_nm)
+        self.gp.reset()
+        self.gp.add(obs)
+        self._boot_done = True
+
+    def _quality(self, img: np.ndarray, cols) -> str:
+        """The quality gate's reason where this frame's columns are not credible, else "". The
+        gate (10-40 ms) runs on the first frames, every ``quality_every`` frames, and whenever
+        far fewer columns are found than the tracker's reference holds."""
+        from stem_live.locate.quality import credible
+
+        n_ref = len(self.tracker.reference_ids)
+        due = self._located <= 3 or self._located % self.quality_every == 0 or len(cols) < 0.5 * n_ref
+        if not due:
+            return ""
+        ok, reason = credible(cols, img, spacing_px=self.spacing_px)
+        return "" if ok else reason
+
+    def _measured_flyback(self, frame: Frame) -> tuple[float, float] | None:
+        """The lattice's flyback measurement (px), valid while the pixel size and dwell stay the
+        ones it was measured at (a change starts a new measurement)."""
+        if self.lattice is None:
+            return None
+        key = (float(frame.pixel_size_nm[1]), float(frame.dwell_us))
+        if key != self._scan_key:
+            if self._scan_key is not None:
+                self.lattice.forget_flyback()
+            self._scan_key = key
+        return self.lattice.flyback_px
+
+    def _flyback(self, frame: Frame) -> tuple[float, float] | None:
+        """The calibration's flyback in this frame's pixels; where a flyback was measured but
+        cannot be used here (the frame carries no dwell time, or the pixel size and dwell make
+        it non-monotone), one warning per (pixel size, dwell): the left edge is then fitted as
+        a regular scan."""
+        cal = self.calibration
+        px, dwell = float(frame.pixel_size_nm[1]), float(frame.dwell_us)
+        fb = cal.flyback_px(px, dwell)
+        key = (px, dwell)
+        if fb is None and cal.flyback_measured(px) and key not in self._flyback_warned:
+            self._flyback_warned.add(key)
+            log.warning("calibration flyback (%.4g nm, %.4g us) not usable with %.4g nm pixels and %.4g us dwell: "
+                        "the left-edge columns are fitted as a regular scan; check the frames' dwell time or "
+                        "recalibrate at this scan setting", cal.flyback_amp_nm, cal.flyback_tau_us, px, dwell)
+        return fb
+
+    def gp_stage(self, frame: Frame, ref_px: np.ndarray, positions_px: np.ndarray, matched: np.ndarray) -> tuple:
+        """Drift samples in, correction decision out (the ``gp`` stage of the timings):
+        observations of the tracked columns, jump check + GP update, the model at every
+        line, the policy's decision. Returns (line_mean (rows, 2), line_sd, decision, jump)."""
+        from stem_live.distortion import observations_from_columns
+
+        obs = observations_from_columns(ref_px, positions_px, matched, t_start=frame.t_start,
+                                        line_time_s=frame.line_time_s, dwell_s=frame.dwell_us * 1e-6,
+                                        pixel_size_nm=frame.pixel_size_nm, beam_shift_nm=frame.beam_shift_nm,
+                                        frame=frame.seq, smear_s=self._smear_s(frame))
+        if self.calibration is not None:
+            obs = self.calibration.correct_observations(obs, frame.beam_shift_nm)
+        jump = self.policy.observe(self.gp, obs)
+        self.hyperfit_ms = 0.0
+        if self.learner is not None:
+            t0 = time.perf_counter()
+            self.learner.after_frame()   # live: starts a background fit when one is due; never waits
+            self.hyperfit_ms = (time.perf_counter() - t0) * 1e3   # an inline fit (replay, evaluate)
+        # the model at every line (the mean is O(1) a point in state-space form; a coarser grid
+        # would alias the 50 Hz term, a period of ~20 lines)
+        line_mean, line_sd = self.gp.predict(frame.line_times())
+        decision = self.policy.correction(self.gp, frame.t_start + self.period_s, frame.frame_time_s,
+                                          frame.beam_shift_nm)
+        return line_mean, line_sd, decision, jump
+
+    def _deskewed(self, frame: Frame, cols):
+        """The columns as if the whole frame had been scanned at its middle (px).
+
+        Each column is moved back by the modelled drift between the time it was scanned and
+        mid-frame. Without this the tracker's reference lattice would carry the drift of the
+        frames it was built from as a function of the row (``v * line_time * row``); once the
+        field has moved by some rows that skew reads as a spurious drift offset (about
+        ``v * line_time`` per row moved)."""
+        from dataclasses import replace as dc_replace
+
+        if not len(cols) or (len(self.gp.frames) < self.deskew_min_frames and self._boot_v_px is None):
+            return cols
+        pos = np.asarray(cols.positions, dtype=np.float64)
+        t_col = frame.t_start + pos[:, 0] * frame.line_time_s + pos[:, 1] * frame.dwell_us * 1e-6
+        t_mid = frame.t_start + 0.5 * frame.frame_time_s
+        if len(self.gp.frames) < self.deskew_min_frames:   # the velocity of the first two frames' step
+            return dc_replace(cols, positions=pos - self._boot_v_px[None, :] * (t_col - t_mid)[:, None])
+        mean, sd = self.gp.predict(np.append(t_col, t_mid))
+        px = np.asarray(frame.pixel_size_nm, dtype=np.float64)
+        dev = (mean[:-1] - mean[-1]) / px
+        # a fast drift over a slow scan moves the columns by several spacings within one frame: the
+        # size of the skew is no reason to distrust it, the model's uncertainty is
+        if not np.all(np.isfinite(dev)) or np.max(np.asarray(sd) / px) > 0.25 * (self.spacing_px or np.inf):
+            return cols  # the model is not trustworthy here: link the raw positions
+        return dc_replace(cols, positions=pos - dev)
