@@ -43,8 +43,9 @@ class ColumnModel:
         self.config = config
         self.spacing_px = config.spacing_px or None
         self.tracker = Tracker(spacing_px=self.spacing_px, history=64)
-        # one padded GP size per session (512 sample groups: about 4 frames of 512 lines), so
-        # that no frame after the first waits for a compilation
+        # one padded GP size per session (at least 512 sample groups; the first frame sets it
+        # from its lines, ``OnlineDriftGP.size_for_frames``), so that no frame after the first
+        # waits for a compilation
         # (mains: a set frequency, or 50 Hz until the stream says 60 or none; 0: no periodic term)
         mains = 50.0 if config.mains_hz is None else (float(config.mains_hz) or None)
         self.gp = OnlineDriftGP(window_frames=config.gp_window_frames, min_groups=512, max_groups=512,

@@ -171,7 +171,8 @@ class HyperLearner:
     with few cores the frames share the CPU with a fit only now and then; max_samples, max_groups: fixed padded size of the fit data; min_history_s:
     no fit before the history spans this (s). mains: "auto" (detect 50 / 60 Hz / none from
     the stream), a frequency (Hz), or 0 / None (off); min_span_no_mains_s: "no mains" is
-    decided only on a history at least this long (a line is found sooner when it is there). background: False runs the fit inside
+    decided only on a history at least this long (a line is found sooner when it is there).
+    background: False runs the fit inside
     ``after_frame`` (tests, offline replays that want reproducible values)."""
 
     def __init__(self, gp, *, every_frames: int = 4, steps: int = 40, lr: float = 0.08, max_step: float = 0.5,

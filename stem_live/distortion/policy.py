@@ -95,6 +95,7 @@ class CorrectionPolicy:
     miss_frames: int = 8
     jumps: list = field(default_factory=list)   # (frame, t_jump_s, step_nm) history
     misses: list = field(default_factory=list)  # median residual (nm) of the recent frames without a jump
+    _last_miss: float | None = field(default=None, init=False, repr=False)  # this frame's, set by detect_jump
     jump_detected: bool = False
 
     def detect_jump(self, gp, obs: Observations) -> tuple[bool, float, np.ndarray]:
