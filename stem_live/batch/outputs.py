@@ -13,20 +13,33 @@ import numpy as np
 __all__ = ["atomic_write", "write_figure", "write_hspy", "write_imagej_tiff", "write_text"]
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> Path:
-    """``write(fh)`` into ``.NAME.partial`` beside ``path`` (binary file), then rename it to ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
+def _replaced(path: Path, tmp: Path, write_to: Callable[[Path], None]) -> Path:
+    """``write_to(tmp)``, then ``tmp`` renamed over ``path``; ``tmp`` removed if anything fails."""
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_to(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _suffixed_tmp(path: Path) -> Path:
+    """``.STEM.partial.SUFFIX`` beside ``path``: hidden, and the suffix a writer picks its format by."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> Path:
+    """``write(fh)`` into ``.NAME.partial`` beside ``path`` (binary file), then rename it to ``path``."""
+    path = Path(path)
+
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    return _replaced(path, path.with_name(f".{path.name}.partial"), to_file)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -72,14 +85,7 @@ def write_hspy(path: str | os.PathLike, image: np.ndarray, *, pixel_size_nm, tit
               "original_metadata": {"stem_live": dict(extra or {})}, "tmp_parameters": {},
               "attributes": {"_lazy": False}, "package_info": {"package": "", "package_version": ""},
               "learning_results": {}, "models": {}}
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        file_writer(str(tmp), signal, show_progressbar=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return _replaced(path, _suffixed_tmp(path), lambda tmp: file_writer(str(tmp), signal, show_progressbar=False))
 
 
 def write_figure(path: str | os.PathLike, results: dict) -> Path:
@@ -87,11 +93,4 @@ def write_figure(path: str | os.PathLike, results: dict) -> Path:
     from stem_live.io.figures import replay_figure
 
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        replay_figure(results, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return _replaced(path, _suffixed_tmp(path), lambda tmp: replay_figure(results, tmp))

@@ -23,11 +23,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
     report = run_bench(a.stage, sizes=sizes, seconds=a.seconds, model=a.model, rvae=not a.no_rvae,
                        rate_hz=a.rate_hz, prerender=a.prerender, progress=prog.line)
     prog.done()
-    text = json.dumps(report, indent=1)
-    print(text)
     from stem_live.lab.bench import summary_table
 
-    print(summary_table(report), file=sys.stderr)
+    return _emit(a, report, summary_table(report))
+
+
+def _emit(a: argparse.Namespace, report: dict, table: str) -> int:
+    """The report as JSON on stdout (and in ``--json``), its table on stderr."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    print(table, file=sys.stderr)
     if a.json:
         Path(a.json).write_text(text + "\n")
     return 0
@@ -44,12 +49,7 @@ def _startup(a: argparse.Namespace) -> int:
     report = {"machine": machine(), "stage": "startup",
               "startup": bench_startup(size=a.size[0] if a.size else 512, model=a.model, progress=prog.line)}
     prog.done()
-    text = json.dumps(report, indent=1)
-    print(text)
-    print(startup_table(report["startup"]), file=sys.stderr)
-    if a.json:
-        Path(a.json).write_text(text + "\n")
-    return 0
+    return _emit(a, report, startup_table(report["startup"]))
 
 
 def _batch(a: argparse.Namespace) -> int:
@@ -72,12 +72,7 @@ def _batch(a: argparse.Namespace) -> int:
               "batch": bench_batch(files=a.files, size=a.size[0] if a.size else 192, frames=a.frames,
                                    progress=prog.line)}
     prog.done()
-    text = json.dumps(report, indent=1)
-    print(text)
-    print(batch_table(report["batch"]), file=sys.stderr)
-    if a.json:
-        Path(a.json).write_text(text + "\n")
-    return 0
+    return _emit(a, report, batch_table(report["batch"]))
 
 
 def add_parser(sub) -> None:
