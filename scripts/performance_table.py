@@ -28,7 +28,7 @@ OUT_DIR = "cal/"  # `calibrate --out`: a temporary folder at run time, "cal/" on
 FULL = [("protocol", "bench protocol --size 512 2048"), ("register", "bench register --size 512 2048"),
         ("locate", "bench locate --size 512 1024"), ("track", "bench track --size 512 1024"), ("gp", "bench gp"),
         ("rvae", "bench rvae"), ("pipeline", "bench pipeline --size 512 1024 --seconds 30"),
-        ("overload", "bench overload --size 512 --seconds 30"),
+        ("overload", "bench overload --size 512 --seconds 30"), ("startup", "bench startup"),
         ("evaluate", "evaluate --preset graphene --size 512 --frames 30 --model gp --seed 0"),
         ("calibrate", f"calibrate --preset srtio3 --frames 60 --out {OUT_DIR}")]
 QUICK = [("protocol", "bench protocol --size 256"), ("register", "bench register --size 256"),
@@ -137,8 +137,14 @@ def bench_rows(label: str, r: dict) -> list[tuple[str, str]]:
             out.append((f"pipeline, all stages, {size} px ({p['columns_per_frame']} columns/frame)",
                         (f"{p['fps']} frames/s at {p['offered_hz']} offered (capacity {p['capacity_fps']}); skipped "
                          f"{p['skipped']}, rVAE skipped {p['rvae_skipped']}; latency p50 {p['latency_p50_ms']} / "
-                         f"p99 {p['latency_p99_ms']} ms; stage medians (ms): {st}; memory {p['rss_growth_mb']:+} MB "
-                         f"over {p['seconds']:.0f} s")))
+                         f"p99 {p['latency_p99_ms']} ms (the stream's first frames included; the start: "
+                         f"{(p.get('start') or {}).get('seconds')} s, {p.get('start_cost_frames')} frames skipped); "
+                         f"stage medians (ms): {st}; memory {p['rss_growth_mb']:+} MB over {p['seconds']:.0f} s")))
+    elif label == "startup":
+        s = r["startup"]
+        out.append((f"start to the first processed frame, `{s['command']}`, {s['size']} px",
+                    f"cold {f(s['cold'].get('seconds'))} s, warm {f(s['warm'].get('seconds'))} s "
+                    f"(median of {len(s['warm'].get('runs', [])) or 1})"))
     elif label == "overload":
         o, t = r["overload"], r["overload"]["totals"]
         out.append((f"overload, {o['size']} px, frames at 5x capacity",

@@ -318,6 +318,11 @@ def test_stream_refine_compiles_once_when_the_count_wanders_across_a_bucket_edge
     assert buckets.stream_bucket(1100, ("test-key",)) == 1280  # 1.1 x 1100 -> 1280
     assert buckets.stream_bucket(1030, ("test-key",)) == 1280  # reused across the 1024 edge
     assert buckets.stream_bucket(500, ("test-key",)) == 640  # far fewer: a new, smaller size
+    # a chunked fit's chunk (1024) compiled when a frame had more: a count just below reuses it
+    buckets.note_bucket(("chunk-key",), 1024)
+    assert buckets.stream_bucket(1018, ("chunk-key",), cap=1024) == 1024
+    assert buckets.stream_bucket(1018, ("cap-key",), cap=1024) == 1024  # capped, not 1280
+    assert buckets.stream_bucket(1100, ("cap-key",), cap=1024) == 1280  # the cap must hold n
 
 
 def _line_sums(n_cols, n_rows, shifts, seed, span=9, info=25.0):

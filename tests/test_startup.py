@@ -68,9 +68,9 @@ def test_startup_timer_stops_at_the_first_frame_line():
 
 def test_run_compiles_on_the_first_frame_and_starts_from_the_next():
     from simulator import Microscope, MicroscopeConfig
-    from stem_live.cli.run import compiling_engine
     from stem_live.engine import EngineConfig
     from stem_live.lab.evaluate import frame_from_sim
+    from stem_live.service import compiling_engine
 
     # the rigid model in the gp model's place: the same steps without a minute of compiling under test
     scope = Microscope(MicroscopeConfig(preset="graphene", size=128, seed=3))
@@ -85,6 +85,6 @@ def test_run_compiles_on_the_first_frame_and_starts_from_the_next():
     r = engine.process(late)
     assert np.allclose(r.drift_nm, 0.0) and not r.jump and engine.frames == 1
     assert np.allclose(engine.start_beam_nm, [0.4, -0.3])
-    assert len(said) == 2  # compiled once
+    assert len(said) == 2 and engine.compile_s is not None and engine.compile_s >= 0  # compiled once
     engine.process(frames[2])
     assert engine.frames == 2 and len(said) == 2

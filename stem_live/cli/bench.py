@@ -47,7 +47,8 @@ def _startup(a: argparse.Namespace) -> int:
     if a.size and len(a.size) > 1:
         raise UserError("bench startup takes one --size")
     report = {"machine": machine(), "stage": "startup",
-              "startup": bench_startup(size=a.size[0] if a.size else 512, model=a.model, progress=prog.line)}
+              "startup": bench_startup(size=a.size[0] if a.size else 512, model=a.model, warm_runs=a.warm_runs,
+                                       progress=prog.line)}
     prog.done()
     return _emit(a, report, startup_table(report["startup"]))
 
@@ -81,7 +82,7 @@ def add_parser(sub) -> None:
     s.add_argument("stage", choices=("protocol", "register", "locate", "track", "gp", "rvae", "pipeline", "overload",
                                      "startup", "batch", "all"),
                    help="what to time; startup: cold and warm start of `stem-live replay` to its first processed "
-                        "frame (--size, --model; one size, default 512); batch: files/min of `stem-live batch` "
+                        "frame (--size, --model, --warm-runs; one size, default 512); batch: files/min of `stem-live batch` "
                         "with 1 and 2 workers, pinned to one core each and not (--files, --frames, --size)")
     s.add_argument("--size", type=positive(int), nargs="+", default=None, help="frame sizes (default 256..2048)")
     s.add_argument("--seconds", type=positive(float), default=10.0,
@@ -93,6 +94,8 @@ def add_parser(sub) -> None:
                    help="pipeline: offered frame rate (default 1.25 x the target: 25/12.5/3.75/1.25 Hz at 256/512/1024/2048 px)")
     s.add_argument("--prerender", type=int, default=60, metavar="N",
                    help="pipeline: frames the simulator renders before streaming them (0: render live)")
+    s.add_argument("--warm-runs", type=positive(int), default=3, metavar="N",
+                   help="startup: warm starts timed (the median is reported, with the spread)")
     s.add_argument("--files", type=positive(int), default=6, help="batch: simulated recordings (default 6)")
     s.add_argument("--frames", type=positive(int), default=8, help="batch: frames per recording (default 8)")
     s.add_argument("--json", type=Path, default=None, help="also write the report here")

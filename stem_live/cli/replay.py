@@ -7,6 +7,7 @@ import argparse
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from stem_live.cli.common import (
@@ -22,6 +23,16 @@ from stem_live.cli.common import (
 
 
 def cmd_replay(a: argparse.Namespace) -> int:
+    from stem_live.service import hold_gc
+
+    release_gc = hold_gc()  # until the first frame (see hold_gc)
+    try:
+        return _replay(a, release_gc)
+    finally:
+        release_gc()
+
+
+def _replay(a: argparse.Namespace, release_gc: Callable[[], None]) -> int:
     from instrument_adapters.base import EndOfStream
     from instrument_adapters.replay import ReplayInstrument
     from stem_live.engine import Engine, FrameRefused
@@ -71,11 +82,12 @@ def cmd_replay(a: argparse.Namespace) -> int:
     def on_frame(n: int, frame, r) -> None:
         if isinstance(r, FrameRefused):
             prog.line(f"[{n}/{total}] {r}")
-            return
-        what = (f"lost: no significant match (peak {r.peak:.2f} < {engine.config.min_peak:g})" if r.lost else
-                f"flagged: {r.flagged}" if r.flagged else
-                f"drift [{r.drift_nm[0]:+.3f}, {r.drift_nm[1]:+.3f}] nm  peak {r.peak:.2f}")
-        prog.line(f"[{n}/{total}] frame {r.seq}  {what}  {n / (time.perf_counter() - t0):.1f} fps")
+        else:
+            what = (f"lost: no significant match (peak {r.peak:.2f} < {engine.config.min_peak:g})" if r.lost else
+                    f"flagged: {r.flagged}" if r.flagged else
+                    f"drift [{r.drift_nm[0]:+.3f}, {r.drift_nm[1]:+.3f}] nm  peak {r.peak:.2f}")
+            prog.line(f"[{n}/{total}] frame {r.seq}  {what}  {n / (time.perf_counter() - t0):.1f} fps")
+        release_gc()  # the start is over
 
     try:
         try:

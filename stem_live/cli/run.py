@@ -28,6 +28,16 @@ from stem_live.cli.common import (
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    from stem_live.service import hold_gc
+
+    release_gc = hold_gc()  # until the first frame's result (see hold_gc)
+    try:
+        return _run(a, release_gc)
+    finally:
+        release_gc()
+
+
+def _run(a: argparse.Namespace, release_gc: Callable[[], None]) -> int:
     from stem_live.service import EngineService
 
     prog = Progress()
@@ -45,6 +55,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     def on_result(frame, result) -> None:
         prog.line(format_result(result, svc.counters.as_dict()))
+        release_gc()  # the start is over
         if a.count and svc.counters.processed + 1 >= a.count:
             done.set()
 
@@ -84,43 +95,11 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def compiling_engine(config, *, say: Callable[[str], None] = print, warm_frames: int = 3,
                      models: tuple[str, ...] = ("gp",)):
-    """An :class:`~stem_live.engine.Engine` that, for a model in ``models`` (the gp model: the
-    rigid one compiles nothing), compiles for the stream's
-    first frame before taking it: the first frame's size, from ``warm_frames`` copies of it
-    (later in time, shifted a pixel each), with a line before and after (``say``). The frames
-    that arrive meanwhile are skipped by the live service (it takes only the newest) and counted
-    so; the first frame's own result comes after the compilation, and the frame after it
-    becomes the reference, so the drift over the compilation is never taken for a jump."""
-    from dataclasses import replace
+    """The engine of ``run``: :func:`stem_live.service.compiling_engine` (compiles for the
+    stream's first frame before taking it)."""
+    from stem_live.service import compiling_engine as make
 
-    import numpy as np
-
-    from stem_live.engine import Engine
-
-    class CompilingEngine(Engine):
-        compiled = config.model not in models
-
-        def process(self, frame, *, encode: bool = True):
-            if self.compiled:
-                return super().process(frame, encode=encode)
-            h, w = np.shape(frame.image)[:2]
-            say(f"compiling the {self.config.model} model for {h}x{w} frames (once per size; a few seconds "
-                f"when an earlier start compiled it, up to a minute the first time) ...")
-            period = frame.frame_time_s
-            copies = [replace(frame, seq=frame.seq + k, t_start=frame.t_start + k * period,
-                              image=np.roll(frame.image, k, axis=1)) for k in range(warm_frames)]
-            self.compiled = True  # warm_up calls process: those frames go straight through
-            try:
-                seconds = self.warm_up(copies)
-            except BaseException:  # e.g. a refused frame: the next frame tries again
-                self.compiled = False
-                raise
-            say(f"compiled in {seconds:.1f} s")
-            result = super().process(frame, encode=encode)
-            self.reset()  # the next frame is the reference: not one from before the compilation
-            return result
-
-    return CompilingEngine(config)
+    return make(config, say=say, warm_frames=warm_frames, models=models)
 
 
 def beam_report(svc) -> str:

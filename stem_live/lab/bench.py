@@ -1,7 +1,8 @@
 """``stem-live bench``: stage and end-to-end timings, as measured, with the machine they ran on.
 
 Every benchmark returns a JSON-able dict; ``run_bench`` adds the machine and the versions.
-Timings are medians and 99th percentiles over repeats, first (compiling / warm-up) call excluded.
+Timings are medians and 99th percentiles over repeats, first (compiling / warm-up) call excluded;
+the pipeline's over every frame of the stream after the engine's start, whose cost it reports.
 """
 
 from __future__ import annotations
@@ -192,11 +193,15 @@ def _window_row(t_s: float, frame_ms: list[float]) -> dict:
             "rss_mb": round(rss_mb(), 1)}
 
 
-def pipeline_engine(model: str = "gp", rvae: bool = True, max_columns: int = 2000):
+def pipeline_engine(model: str = "gp", rvae: bool = True, max_columns: int = 2000, *,
+                    compile_on_first_frame: bool = False, say: Callable[[str], None] | None = None):
     """The engine as the pipeline benchmark runs it: ``model`` gp (locate, track, GP, policy)
     plus, with ``rvae``, the rVAE encoder on every column (seeded random weights: encoding
     costs the same as with trained ones; buckets compiled before the clock starts), encoding up
-    to ``max_columns`` columns a frame (the load the targets are set for)."""
+    to ``max_columns`` columns a frame (the load the targets are set for). With
+    ``compile_on_first_frame``, the engine of ``stem-live run``
+    (:func:`stem_live.service.compiling_engine`: compiles for the stream's first frame, lines
+    to ``say``)."""
     from stem_live.engine import Engine, EngineConfig
 
     stage = None
@@ -206,12 +211,71 @@ def pipeline_engine(model: str = "gp", rvae: bool = True, max_columns: int = 200
 
         stage = RvaeStage(init_params(RVAEConfig(), 0), warmup=False, max_columns=max_columns)
         stage.encoder.warmup()
+    if compile_on_first_frame:
+        from stem_live.service import compiling_engine
+
+        return compiling_engine(EngineConfig(model=model), say=say or (lambda _s: None), rvae=stage)
     return Engine(EngineConfig(model=model), rvae=stage)
+
+
+class JitWatch:
+    """Counts JAX's jit work while ``on`` (through ``jax.monitoring``): functions traced (each
+    a new function or argument signature), their tracing seconds, persistent-cache hits and
+    misses (a miss is an XLA compilation). A no-op where JAX is not imported (``load``: import it)."""
+
+    _TRACE = "/jax/core/compile/jaxpr_trace_duration"
+    _HIT = "/jax/compilation_cache/cache_hits"
+    _MISS = "/jax/compilation_cache/cache_misses"
+
+    def __init__(self, *, load: bool = False) -> None:
+        self.reset()
+        self._monitoring = None
+        if load or "jax" in sys.modules:
+            from jax import monitoring
+
+            self._monitoring = monitoring
+            monitoring.register_event_duration_secs_listener(self._duration)
+            monitoring.register_event_listener(self._event)
+
+    def _duration(self, name: str, seconds: float, **_kw) -> None:
+        if name == self._TRACE:
+            self.counts["traces"] += 1
+            self.counts["trace_s"] += seconds
+
+    def _event(self, name: str, **_kw) -> None:
+        if name in (self._HIT, self._MISS):
+            self.counts["cache_hits" if name == self._HIT else "cache_misses"] += 1
+
+    def result(self) -> dict:
+        return {**self.counts, "trace_s": round(self.counts["trace_s"], 3)}
+
+    def reset(self) -> None:
+        self.counts = {"traces": 0, "trace_s": 0.0, "cache_hits": 0, "cache_misses": 0}
+
+    def close(self) -> None:
+        m = self._monitoring
+        if m is not None:
+            m.unregister_event_duration_listener(self._duration)
+            m.unregister_event_listener(self._event)
+            self._monitoring = None
+
+
+def _drain(dq, into) -> list:
+    """Move what a deque the worker appends to holds into ``into`` (popleft: no sample lost
+    to an append between a copy and a clear); returns the moved values."""
+    moved = []
+    while True:
+        try:
+            moved.append(dq.popleft())
+        except IndexError:
+            break
+    into.extend(moved)
+    return moved
 
 
 def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | None = None, model: str = "gp",
                    rvae: bool = True, prerender: int = 60, preset: str = "graphene", window_s: float = 60.0,
-                   progress: Callable[[str], None] | None = None) -> dict:
+                   start_timeout_s: float = 300.0, progress: Callable[[str], None] | None = None) -> dict:
     """The whole engine fed through real sockets by the simulator in another process.
 
     The simulator pre-renders ``prerender`` frames of a seeded session (0: renders live, which
@@ -219,13 +283,23 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
     (default: ``OFFER_FACTOR`` x the target rate for this size, ``TARGET_HZ``, so that a
     processed rate at or above the target is a measurement, not the offered rate echoed back);
     the engine takes the newest frame.
-    All stages on by default (``model`` gp + ``rvae``). Reports frames/s processed, the
-    engine's capacity (1 / median busy time), latency from frame arrival to correction sent
-    (p50, p99), per-stage median / p99, skipped frames, memory, and per ``window_s`` the
-    median frame time and memory (flat over a long run: ``seconds=1800``).
+    All stages on by default (``model`` gp + ``rvae``). The engine is the one of ``stem-live
+    run``: it compiles for the stream's first frame (loaded from JAX's persistent cache when an
+    earlier start compiled it) while the frames that arrive meanwhile are skipped: ``start``
+    says how long that took from the first frame's arrival (``seconds``: the compilation, the
+    first frame, and the garbage collection held off until then, ``gc_s``), and how many frames
+    it cost (``start_cost_frames``). From the first frame's result on, ``seconds`` are measured and
+    every frame counts, the stream's first ones included (reference, bootstrap, first
+    hyperparameter fits): frames/s processed, the engine's capacity (1 / median busy time),
+    latency from frame arrival to correction sent (p50, p99, max, the first five), per-stage
+    median / p99, skipped frames, memory, per ``window_s`` the median frame time and memory
+    (flat over a long run: ``seconds=1800``), and the jit work done after the start
+    (``jit_after_start``: a function traced mid-stream stalls the frames).
     """
+    import gc
+
     from simulator import Microscope, MicroscopeConfig
-    from stem_live.service import EngineService
+    from stem_live.service import EngineService, hold_gc
 
     rate = float(rate_hz or OFFER_FACTOR * TARGET_HZ.get(size, 2.0))
     scope = Microscope(MicroscopeConfig(preset=preset, size=size))
@@ -233,15 +307,30 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
     frames_ep, corr_ep = _free_port_endpoint(), _free_port_endpoint()
     sim = _start_sim(frames_ep, corr_ep, size, speed, preset, prerender)
     if progress:
-        progress(f"pipeline {size}px: compiling the engine, simulator pre-rendering {prerender} frames ...")
-    engine = pipeline_engine(model, rvae)
+        progress(f"pipeline {size}px: building the engine, simulator pre-rendering {prerender} frames ...")
+    release_gc = hold_gc()  # as `run` does, until the first frame's result
+    engine = pipeline_engine(model, rvae, compile_on_first_frame=True,
+                             say=(lambda s: progress(f"pipeline {size}px: {s}")) if progress else None)
     engine.arm()
+    jit = JitWatch(load=model == "gp")  # the start's jit work; from the first result on, the stream's (a fresh count)
     # the bench's own bookkeeping in flat arrays (8 bytes a value, not a Python float each): with
     # lists a 30-minute run grows this process by 12 MB, mostly the bench's, not the engine's
     stages: dict[str, array] = {}
     n_cols = array("d")
+    start: dict = {}
 
-    def on_result(frame, result) -> None:
+    def on_result(frame, result) -> None:  # the worker thread, after the service's counters
+        c = svc.counters
+        if not start:  # the first result: the compilation is behind it; the measurement starts here
+            t_gc = time.monotonic()
+            release_gc()
+            start.update(t=time.monotonic(), gc_s=time.monotonic() - t_gc, processed=c.processed, skipped=c.skipped, received=c.received,
+                         rvae_skipped=c.rvae_skipped, first_frame_ms=c.frame_ms[-1] if c.frame_ms else None,
+                         jit=jit.result())
+            c.latency_ms.clear()
+            c.frame_ms.clear()
+            jit.reset()
+            return
         for k, v in result.timings_ms.items():
             stages.setdefault(k, array("d")).append(v)
         if result.columns is not None:
@@ -252,29 +341,22 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
     lat, frame_ms, windows = array("d"), array("d"), []
     try:
         svc.start()
-        t0 = time.monotonic()
-        while svc.counters.processed < 5:  # start-up: imports, pre-rendering, first frames, compilation
-            if time.monotonic() - t0 > 300 or sim.poll() is not None:
-                raise RuntimeError("the simulator sent no frames within 300 s")
-            time.sleep(0.05)
-        n0, sk0, r0 = svc.counters.processed, svc.counters.skipped, svc.counters.received
-        for v in stages.values():
-            del v[:]
-        del n_cols[:]
+        t_wait = time.monotonic()
+        while not start:  # imports, the simulator's pre-rendering, the first frame and its compilation
+            if time.monotonic() - t_wait > start_timeout_s or sim.poll() is not None:
+                raise RuntimeError(f"no frame processed within {start_timeout_s:.0f} s (simulator "
+                                   f"{'exited' if sim.poll() is not None else 'running'}, "
+                                   f"{svc.counters.received} frames received)")
+            time.sleep(0.02)
         mem0 = rss_mb()
-        svc.counters.latency_ms.clear()
-        svc.counters.frame_ms.clear()
+        t0 = start["t"]
+        n0, sk0, r0, rs0 = start["processed"], start["skipped"], start["received"], start["rvae_skipped"]
         svc.counters.rvae_ms.clear()
-        rs0 = svc.counters.rvae_skipped
-        t0 = time.monotonic()
         last, win_ms, win_t0 = t0, [], t0
         while (now := time.monotonic()) - t0 < seconds:
             time.sleep(0.2)
-            lat.extend(svc.counters.latency_ms)
-            svc.counters.latency_ms.clear()
-            new = list(svc.counters.frame_ms)
-            svc.counters.frame_ms.clear()
-            frame_ms.extend(new)
+            _drain(svc.counters.latency_ms, lat)
+            new = _drain(svc.counters.frame_ms, frame_ms)
             win_ms.extend(new)
             if now - win_t0 >= min(window_s, seconds):
                 windows.append(_window_row(now - t0, win_ms))
@@ -284,13 +366,16 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
                 progress(f"pipeline {size}px: {now - t0:.0f}/{seconds:.0f} s, "
                          f"{(svc.counters.processed - n0) / (now - t0):.1f} frames/s")
         elapsed = time.monotonic() - t0
-        if win_ms:  # the last, partial window
-            windows.append(_window_row(elapsed, win_ms))
         c = svc.counters
         processed = c.processed - n0
+        _drain(c.latency_ms, lat)
+        win_ms.extend(_drain(c.frame_ms, frame_ms))
+        if win_ms:  # the last, partial window
+            windows.append(_window_row(elapsed, win_ms))
         busy = stages.get("total", [])  # the frame path; the rVAE runs beside it in its own thread
         if c.rvae_ms:
-            stages["rvae"] = list(c.rvae_ms)
+            stages["rvae"] = array("d", c.rvae_ms)
+        first_ms = start["first_frame_ms"]
         return {
             "size": size, "model": model, "rvae": bool(rvae and model == "gp"), "offered_hz": round(rate, 2),
             "prerendered_frames": prerender, "seconds": round(elapsed, 2), "processed": processed,
@@ -300,14 +385,26 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
             "columns_per_frame": int(np.median(n_cols)) if n_cols else 0,
             "latency_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat else None,
             "latency_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat else None,
+            "latency_max_ms": round(float(np.max(lat)), 2) if lat else None,
+            "latency_first_ms": [round(v, 2) for v in lat[:5]], "latency_n": len(lat),
+            "first_frames_included": True,
             "frame_ms": _stats(frame_ms) if frame_ms else None,
             "stages": {k: _stats(v) for k, v in stages.items() if v},
             "windows": windows,
+            "start": {"seconds": None if first_ms is None else round(first_ms / 1e3 + start["gc_s"], 2),
+                      "compile_s": None if engine.compile_s is None else round(engine.compile_s, 2),
+                      "gc_s": round(start["gc_s"], 3),
+                      "frames_skipped": sk0, "first_seq": svc.first_seq, "jit": start["jit"]},
+            "start_cost_frames": sk0,
+            "jit_after_start": jit.result(),
             "rss_start_mb": round(mem0, 1), "rss_end_mb": round(rss_mb(), 1),
             "rss_growth_mb": round(rss_mb() - mem0, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
         }
     finally:
+        jit.close()
         svc.stop()
+        release_gc()
+        gc.unfreeze()  # the next run starts as a fresh process would
         if engine.rvae is not None:
             engine.rvae.close()
         sim.send_signal(signal.SIGINT)
@@ -524,9 +621,15 @@ def summary_table(report: dict) -> str:
     for size, r in (report.get("pipeline") or {}).items():
         if isinstance(r, dict) and "fps" in r:
             st = "  ".join(f"{k} {v['median_ms']:.1f}" for k, v in r.get("stages", {}).items())
+            start = r.get("start") or {}
+            begin = (f"  start {start.get('seconds')} s, {r.get('start_cost_frames')} frames skipped"
+                     if start else "")
+            jit = r.get("jit_after_start") or {}
+            mid = f", {jit['traces']} jit traces after it" if jit.get("traces") else ""
             rows.append(f"pipeline  {size:>5s} px  {r['fps']:6.2f} fps (offered {r['offered_hz']}, capacity "
-                        f"{r['capacity_fps']})  latency p50 {r['latency_p50_ms']} / p99 {r['latency_p99_ms']} ms  "
-                        f"skipped {r['skipped']}  rss +{r['rss_growth_mb']} MB  [{st}]")
+                        f"{r['capacity_fps']})  latency p50 {r['latency_p50_ms']} / p99 {r['latency_p99_ms']} ms "
+                        f"(first frames included)  skipped {r['skipped']}{begin}{mid}  rss +{r['rss_growth_mb']} MB  "
+                        f"[{st}]")
     ov = report.get("overload") or {}
     if "latency_p99_ms" in ov:
         rows.append(f"overload  {ov['size']} px at {ov['publish_rate_hz']} Hz: latency p99 {ov['latency_p99_ms']} ms  "

@@ -36,22 +36,33 @@ def bucket_size(n: int) -> int:
     return 1 << (k + 1)
 
 
-def stream_bucket(n: int, key: tuple, *, headroom: float = 1.1, max_overpad: float = 1.5) -> int:
+def stream_bucket(n: int, key: tuple, *, headroom: float = 1.1, max_overpad: float = 1.5,
+                  cap: int | None = None) -> int:
     """The padded length for ``n`` columns in a stream of frames fitted with ``key``.
 
     A size already compiled for ``key`` is reused when it holds ``n`` and is at most
     ``max_overpad`` times ``bucket_size(n)``; otherwise a new one is chosen with ``headroom``
-    (``bucket_size(headroom * n)``). A column count that wanders across a bucket edge, as
-    columns enter and leave the field, then compiles once (the first frame) instead of
-    stalling a live frame for a second every time it crosses."""
+    (``bucket_size(headroom * n)``, at most ``cap`` where that holds ``n``: the chunk size of a
+    chunked fit, compiled already when an earlier frame had more columns than a chunk). A
+    column count that wanders across a bucket edge, as columns enter and leave the field, then
+    compiles once (the first frame) instead of stalling a live frame for a second every time it
+    crosses."""
     n = max(int(n), 1)
     sizes = _STREAM_SIZES.setdefault(key, set())
     fits = [b for b in sizes if n <= b <= max_overpad * bucket_size(n)]
     if fits:
         return min(fits)
     b = bucket_size(int(np.ceil(headroom * n)))
+    if cap is not None and n <= cap < b:
+        b = int(cap)
     sizes.add(b)
     return b
+
+
+def note_bucket(key: tuple, size: int) -> None:
+    """Record that a fit with ``key`` was compiled for ``size`` columns (a chunked fit's chunk),
+    so that :func:`stream_bucket` reuses it."""
+    _STREAM_SIZES.setdefault(key, set()).add(int(size))
 
 
 def fit_chunk() -> int:

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 
 from stem_live.locate import flyback
-from stem_live.locate.buckets import count_trace, fit_chunk, stream_bucket
+from stem_live.locate.buckets import count_trace, fit_chunk, note_bucket, stream_bucket
 from stem_live.locate.refine import solve_sym
 
 
@@ -237,7 +237,9 @@ def refine_fixed_width(
     ``line_shift_px`` (H,) (the x shift of the image content on every line at the frame's
     middle column, px), ``line_jitter_px`` (the estimated rms of its random part), ``line_dx``
     (N,) (the x shift added to each column) and, where the pick-up was modelled,
-    ``line_pickup_px`` (its amplitude; 0 where none was found) and ``line_pickup_period_lines``.
+    ``line_pickup_px`` (its amplitude; 0 where none was found), ``line_pickup_period_lines`` and
+    ``line_pickup_shift_px`` (H,) (the pick-up's x shift of every line at its first pixel, px) and
+    ``line_pickup_model`` (``linejitter.pickup_shift``'s model: the shift anywhere in the frame).
     A fit that fails keeps its start position (amplitude NaN, pos_std inf, amp_snr 0).
     """
     from scipy.spatial import cKDTree
@@ -268,8 +270,9 @@ def refine_fixed_width(
     chunk = fit_chunk()
     if n > chunk:  # whole chunks of one compiled size: no compile as the count wanders
         nb = -(-n // chunk) * chunk
-    else:
-        nb = stream_bucket(n, (window, int(n_iter), h, w))
+        note_bucket((window, int(n_iter), h, w), chunk)
+    else:  # a count just below a chunk reuses the chunk's compiled size
+        nb = stream_bucket(n, (window, int(n_iter), h, w), cap=chunk)
         chunk = nb
     centers = np.rint(pos)
     centers[:, 0] = np.clip(centers[:, 0], 0, h - 1)
@@ -362,6 +365,8 @@ def refine_fixed_width(
         if pickup:
             info["line_pickup_px"] = ls.pickup_px
             info["line_pickup_period_lines"] = ls.pickup_period_lines
+            info["line_pickup_shift_px"] = ls.pickup_at(np.arange(h), 0.0)
+            info["line_pickup_model"] = ls.pickup_model()
     elif prior_prec is not None:  # no line model: the prior is a second measurement of x
         pi, s2 = prior_prec, 1.0 / np.maximum(info["pos_std"], 1e-6) ** 2
         if warp is not None:  # the prior is in scanned x there (``_apply_prior``): the fit's too
