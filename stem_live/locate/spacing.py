@@ -19,6 +19,22 @@ STRONG_FRACTION = 0.2
 #: ... beyond 1.05 L up to LONG_NN x L the peaks are trusted over L (the autocorrelation ring of a
 #: bright-field frame at 30-40 px spacing lies 7-25 % short, its halo rings interfering)
 LONG_NN = 1.3
+#: a lattice vector is a peak of the histogram of the vectors between peaks (VECTOR_LO-VECTOR_HI x
+#: the scale) with a partner for at least VECTOR_FRACTION of the peaks within VECTOR_RADIUS x the scale
+VECTOR_LO, VECTOR_HI, VECTOR_FRACTION, VECTOR_RADIUS = 0.8, 1.25, 0.25, 0.15
+#: a peak is on the lattice when, for at least half of the lattice vectors that keep it inside the
+#: frame, a peak lies within LATTICE_TOL x L of it shifted by the vector
+LATTICE_TOL = 0.2
+#: the lattice peaks' first shell replaces all peaks' where it is more than OFF_LATTICE longer and
+#: the peaks off the lattice are weaker (median height below WEAK_OFF x the lattice peaks': an
+#: amorphous support's texture) or it is more than OFF_LATTICE_FAR longer (maxima between the
+#: columns of an inverted BF frame); off-lattice peaks as high as the lattice's and a shell up to
+#: OFF_LATTICE_FAR longer are a jittered lattice of particles (the first shell of all peaks is its own)
+OFF_LATTICE, OFF_LATTICE_FAR, WEAK_OFF = 0.1, 0.2, 0.5
+#: a first shell between SHORT_NN and 0.96 x L is the peaks' where fewer than this fraction of the
+#: peaks have a neighbour within 0.6 x it (a jittered lattice of particles); more: columns split
+#: into two maxima (flat-topped BF columns under noise) or texture, and the strong peaks' / L is taken
+SPLIT_FRACTION = 0.1
 
 
 def _radial_max(ac: np.ndarray, r_max: int):
@@ -84,8 +100,17 @@ def estimate_spacing(image: np.ndarray, *, min_px: float = 4.0, max_px: float | 
     cols = locate_classical(image, 0.5 * lat, refine=False, threshold=3.0, saturation="auto")
     if len(cols) < 8:
         return lat
-    nn = first_shell_distance(cols.positions)
-    height = _peak_heights(np.asarray(image, np.float64), cols.positions, 0.1 * lat)
+    pos = cols.positions
+    height = _peak_heights(np.asarray(image, np.float64), pos, 0.1 * lat)
+    nn = first_shell_distance(pos)
+    vectors = lattice_vectors(pos, lat)
+    on = _on_lattice(pos, vectors, LATTICE_TOL * lat, np.shape(image))
+    if on.sum() >= 8 and (~on).any():
+        nn_on = first_shell_distance(pos[on])
+        weak = np.median(height[~on]) < WEAK_OFF * np.median(height[on])
+        if nn_on > (1.0 + (OFF_LATTICE if weak else OFF_LATTICE_FAR)) * nn:
+            # peaks off the lattice (maxima between the columns, a support's texture) made the first shell
+            pos, height, nn = pos[on], height[on], nn_on
     ref = np.percentile(height, 99)
     bright = height >= BRIGHT_FRACTION * ref
     # only where the faint peaks are a separate population (hardly any between 1 and 2.5 x the cut)
@@ -93,21 +118,101 @@ def estimate_spacing(image: np.ndarray, *, min_px: float = 4.0, max_px: float | 
     # between the columns (at L < 8 px it is the level of faint columns: SrTiO3's O at 4 px)
     # (counted away from the frame edge, where a cut column is lower)
     m = 0.25 * lat
-    pos = cols.positions
     inner = np.all((pos >= m) & (pos <= np.array(np.shape(image)) - 1 - m), axis=1)
     gap = lat >= 8.0 and inner.any() and np.mean((bright & (height < 2.5 * BRIGHT_FRACTION * ref))[inner]) < 0.05
-    if gap and 8 <= bright.sum() < len(cols):
-        nn_bright = first_shell_distance(cols.positions[bright])
+    if gap and 8 <= bright.sum() < len(pos):
+        nn_bright = first_shell_distance(pos[bright])
         if abs(nn_bright - nn) > 0.1 * nn and 0.45 * lat <= nn_bright <= 1.05 * lat:
             return nn_bright
     if 0.45 * lat <= nn <= SHORT_NN * lat or 0.96 * lat <= nn <= LONG_NN * lat:
         return nn
-    strong = height >= STRONG_FRACTION * ref
-    if SHORT_NN * lat < nn < 0.96 * lat and 8 <= strong.sum() < 0.95 * len(cols):
-        # the strong peaks alone: an amorphous support's weak texture peaks left out (HAADF, ABF;
-        # in BF the support's peaks are as high as the columns: L then)
-        return first_shell_distance(cols.positions[strong])
+    if nn > LONG_NN * lat and not len(vectors) and len(lattice_vectors(pos, nn)):
+        return nn  # L is no distance between the peaks (a noise ring) and their first shell is a lattice's
+    if SHORT_NN * lat < nn < 0.96 * lat:
+        if _split_fraction(pos, nn) < SPLIT_FRACTION:
+            return nn
+        strong = height >= STRONG_FRACTION * ref
+        if 8 <= strong.sum() < 0.95 * len(pos):
+            # the strong peaks alone: an amorphous support's weak texture peaks left out (HAADF, ABF;
+            # in BF the support's peaks are as high as the columns: L then)
+            return first_shell_distance(pos[strong])
     return lat
+
+
+def lattice_vectors(positions: np.ndarray, scale_px: float) -> np.ndarray:
+    """(K, 2) px: the vectors (row, col) between peaks that most peaks share, of length
+    ``VECTOR_LO``-``VECTOR_HI`` x ``scale_px``: maxima of the histogram of the vectors between all
+    pairs, counted within ``VECTOR_RADIUS`` x the scale, with a partner for at least
+    ``VECTOR_FRACTION`` of the peaks; each the mean of the vectors within that radius. Both signs.
+    Empty where the peaks show no lattice at that scale (texture, noise, a wrong scale)."""
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
+    pos = np.asarray(positions, np.float64).reshape(-1, 2)
+    empty = np.empty((0, 2))
+    if len(pos) < 8 or not scale_px > 0:
+        return empty
+    pairs = cKDTree(pos).query_pairs(VECTOR_HI * scale_px, output_type="ndarray")
+    if not len(pairs):
+        return empty
+    v = pos[pairs[:, 1]] - pos[pairs[:, 0]]
+    v = np.concatenate([v, -v])
+    r = np.hypot(v[:, 0], v[:, 1])
+    v = v[(r >= VECTOR_LO * scale_px) & (r <= VECTOR_HI * scale_px)]
+    if not len(v):
+        return empty
+    b = 0.05 * scale_px  # histogram bin, px
+    n = int(np.ceil(VECTOR_HI / 0.05)) + 1
+    hist = np.zeros((2 * n + 1, 2 * n + 1))
+    ij = np.clip(np.rint(v / b).astype(int) + n, 0, 2 * n)
+    np.add.at(hist, (ij[:, 0], ij[:, 1]), 1.0)
+    k = int(np.ceil(VECTOR_RADIUS / 0.05))
+    yy, xx = np.mgrid[-k : k + 1, -k : k + 1]
+    count = ndimage.convolve(hist, (np.hypot(yy, xx) <= k).astype(float), mode="constant")
+    peak = (ndimage.maximum_filter(count, size=2 * k + 1, mode="constant") == count) & (
+        count >= VECTOR_FRACTION * len(pos))
+    idx = np.argwhere(peak)
+    centre = (idx - n) * b
+    rc = np.hypot(centre[:, 0], centre[:, 1])
+    keep = (rc >= VECTOR_LO * scale_px) & (rc <= VECTOR_HI * scale_px)
+    centre, c = centre[keep], count[tuple(idx[keep].T)]
+    if not len(centre):
+        return empty
+    # one vector per maximum: of maxima closer than the radius (a plateau) the first of the highest
+    d = np.hypot(*(centre[:, None, :] - centre[None, :, :]).transpose(2, 0, 1))
+    order = np.lexsort((np.arange(len(c)), -c))
+    rank = np.empty(len(c), int)
+    rank[order] = np.arange(len(c))
+    beaten = (d <= VECTOR_RADIUS * scale_px) & (rank[None, :] < rank[:, None])
+    centre = centre[~beaten.any(axis=1)]
+    near = np.hypot(*(v[:, None, :] - centre[None, :, :]).transpose(2, 0, 1)) <= VECTOR_RADIUS * scale_px
+    return (near.T.astype(float) @ v) / near.sum(axis=0)[:, None]
+
+
+def _on_lattice(positions: np.ndarray, vectors: np.ndarray, tol_px: float, shape: tuple[int, ...]) -> np.ndarray:
+    """(N,) bool: the peaks that the lattice ``vectors`` (K, 2 px) map onto peaks: for at least half
+    of the vectors that keep a peak inside the frame, another peak lies within ``tol_px`` of the
+    shifted position. All False without vectors."""
+    from scipy.spatial import cKDTree
+
+    pos = np.asarray(positions, np.float64).reshape(-1, 2)
+    if not len(vectors) or len(pos) < 2:
+        return np.zeros(len(pos), bool)
+    target = pos[:, None, :] + np.asarray(vectors, np.float64)[None, :, :]
+    inside = np.all((target >= 0) & (target <= np.array(shape[:2]) - 1), axis=2)
+    d, _ = cKDTree(pos).query(target.reshape(-1, 2), distance_upper_bound=tol_px)
+    hit = np.isfinite(d).reshape(inside.shape) & inside
+    n_in = inside.sum(axis=1)
+    return (n_in > 0) & (2 * hit.sum(axis=1) >= n_in)
+
+
+def _split_fraction(positions: np.ndarray, nn_px: float) -> float:
+    """Fraction of the peaks with a neighbour closer than 0.6 x ``nn_px`` (px)."""
+    from scipy.spatial import cKDTree
+
+    pos = np.asarray(positions, np.float64).reshape(-1, 2)
+    d, _ = cKDTree(pos).query(pos, k=2)
+    return float(np.mean(d[:, 1] < 0.6 * nn_px))
 
 
 def _bin(image: np.ndarray, b: int) -> np.ndarray:
