@@ -20,6 +20,10 @@ import numpy as np
 from stem_live.protocol import Frame
 
 log = logging.getLogger("stem_live.engine")
+#: a line pick-up the locator finds is the mains line when its frequency is within this
+#: fraction of 50 or 60 Hz (other periodic line shifts, e.g. 178 Hz at 4 pm on a fast SrTiO3
+#: scan, are not drift)
+PICKUP_MAINS_TOL = 0.05
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,8 @@ class ColumnModel:
         # the tracker and the drift model take the line-averaged positions: the random part of
         # each scan line's offset, which the de-jitter puts back, is noise to a drift model
         # (with them the replay test's correction error grew from 4.1 to 6.2 pm)
-        smooth = dc_replace(cols, positions=cols.line_averaged())
+        pickup = self._pickup_model(cols, frame)
+        smooth = dc_replace(cols, positions=self._without_pickup(cols.line_averaged(), pickup))
         if self._first is not None and self._boot_v_px is None:
             self._bootstrap(frame, hint_px)
         ids = self.tracker.update(self._deskewed(frame, smooth), shift_hint=tuple(self._mid_frame_shift(frame, hint_px)))
@@ -145,7 +150,8 @@ class ColumnModel:
         elif self._boot_v_px is not None and not self._boot_done:
             self._restart_gp_on_first()
         t2 = time.perf_counter()
-        line_mean, line_sd, decision, jump = self.gp_stage(frame, self.tracker.reference, smooth.positions, matched)
+        line_mean, line_sd, decision, jump = self.gp_stage(frame, self.tracker.reference, smooth.positions, matched,
+                                                           pickup=pickup)
         t3 = time.perf_counter()
         # the gp stage without an inline hyperparameter fit (timed on its own, where one ran)
         timings.update(locate=(t1 - t0) * 1e3, track=(t2 - t1) * 1e3, gp=(t3 - t2) * 1e3 - self.hyperfit_ms)
@@ -269,10 +275,13 @@ class ColumnModel:
                         "recalibrate at this scan setting", cal.flyback_amp_nm, cal.flyback_tau_us, px, dwell)
         return fb
 
-    def gp_stage(self, frame: Frame, ref_px: np.ndarray, positions_px: np.ndarray, matched: np.ndarray) -> tuple:
+    def gp_stage(self, frame: Frame, ref_px: np.ndarray, positions_px: np.ndarray, matched: np.ndarray,
+                 pickup: tuple[float, ...] | None = None) -> tuple:
         """Drift samples in, correction decision out (the ``gp`` stage of the timings):
         observations of the tracked columns, jump check + GP update, the model at every
-        line, the policy's decision. Returns (line_mean (rows, 2), line_sd, decision, jump)."""
+        line, the policy's decision. ``pickup``: the locator's periodic line pick-up, added to
+        the model's lines (:meth:`_with_pickup`). Returns (line_mean (rows, 2),
+        line_sd, decision, jump)."""
         from stem_live.distortion import observations_from_columns
 
         obs = observations_from_columns(ref_px, positions_px, matched, t_start=frame.t_start,
@@ -290,9 +299,57 @@ class ColumnModel:
         # the model at every line (the mean is O(1) a point in state-space form; a coarser grid
         # would alias the 50 Hz term, a period of ~20 lines)
         line_mean, line_sd = self.gp.predict(frame.line_times())
+        line_mean = self._with_pickup(frame, line_mean, pickup)
         decision = self.policy.correction(self.gp, frame.t_start + self.period_s, frame.frame_time_s,
                                           frame.beam_shift_nm)
         return line_mean, line_sd, decision, jump
+
+    def _pickup_model(self, cols, frame: Frame) -> tuple[float, ...] | None:
+        """The locator's periodic line pick-up (``linejitter.LineShifts.pickup_model``) where it
+        is the mains line (within ``PICKUP_MAINS_TOL`` of 50 or 60 Hz: other periodic line
+        shifts are left to the GP's noise) and the GP does not follow that line itself (slow
+        lines, where the columns' samples average it away, or before the GP has found the
+        grid's frequency); None otherwise. Where the GP follows it, its sinusoid, phase-continuous
+        over its window, is the better estimate than one frame's fit."""
+        model = cols.meta.get("line_pickup_model")
+        if model is None or len(model) != 7 or not np.all(np.isfinite(model)) or not model[0]:
+            return None
+        hz = abs(model[0]) / (2.0 * np.pi * frame.line_time_s)
+        mains = [f for f in (50.0, 60.0) if abs(hz / f - 1.0) <= PICKUP_MAINS_TOL]
+        if not mains:
+            return None
+        gp = self.gp
+        if gp.mains_on and abs(gp.mains_hz - mains[0]) < 1.0 and gp.follows_mains(self._smear_s(frame)):
+            return None
+        return tuple(float(v) for v in model)
+
+    def _without_pickup(self, positions: np.ndarray, model: tuple[float, ...] | None) -> np.ndarray:
+        """Line-averaged positions (px) less the share of the pick-up their fit averaged in: a
+        column spans ``sigma / sqrt 2`` lines (rms), so a pick-up of ``w`` rad per line reaches
+        its fitted x attenuated by ``exp(-(w spread)^2 / 2)``."""
+        if model is None or not len(positions):
+            return positions
+        from stem_live.locate.linejitter import pickup_shift
+
+        sigma = self._probe_sigma_px if self._probe_sigma_px and np.isfinite(self._probe_sigma_px) else 0.0
+        att = float(np.exp(-0.5 * (model[0] * sigma / np.sqrt(2.0)) ** 2))
+        out = np.array(positions, dtype=np.float64, copy=True)
+        out[:, 1] -= att * pickup_shift(model, out[:, 0], out[:, 1])
+        return out
+
+    def _with_pickup(self, frame: Frame, line_mean: np.ndarray, model: tuple[float, ...] | None) -> np.ndarray:
+        """The per-line drift with the lines' periodic pick-up (mains) along x, as the locator
+        measured it line by line (``linejitter``) at each line's first pixel. The columns' drift
+        samples carry it attenuated (all of it on slow lines, where a column spans several
+        periods), so they go to the GP without it (``_without_pickup``) and it is added here;
+        the frame-mean correction is unchanged by it."""
+        if model is None:
+            return line_mean
+        from stem_live.locate.linejitter import pickup_shift
+
+        out = np.array(line_mean, dtype=np.float64, copy=True)
+        out[:, 1] += pickup_shift(model, np.arange(len(out)), 0.0) * float(frame.pixel_size_nm[1])
+        return out
 
     def _deskewed(self, frame: Frame, cols):
         """The columns as if the whole frame had been scanned at its middle (px).

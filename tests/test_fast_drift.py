@@ -139,3 +139,54 @@ def test_a_correction_holds_the_frames_mean_not_a_mains_phase():
     assert np.all(np.abs(decision.predicted_nm) < 0.002)
     mid, _ = gp.predict(np.array([t_next + 0.5 * scan]))
     assert abs(mid[0, 1]) > 0.005                      # the instant would have been a poor target
+
+
+def _slow_line_mains_errors(pickup: bool, monkeypatch) -> np.ndarray:
+    """Per-line x drift error (nm, frames 2-5, one offset removed) on a slow scan (40 us dwell,
+    5.2 ms lines) with a 20 pm, 60 Hz mains line along x: a column spans a mains period there,
+    so its fitted position averages the line away."""
+    from stem_live import column_model
+
+    if not pickup:
+        monkeypatch.setattr(column_model.ColumnModel, "_pickup_model", lambda self, cols, frame: None)
+    cfg = MicroscopeConfig(preset="graphene", size=128, pixel_size_nm=0.025, dwell_us=40.0, seed=5,
+                           drift=DriftConfig(drift_nm_per_min=1.0, ou_sigma_nm=0.002, jitter_amp_nm=0.02,
+                                             jitter_hz=60.0))
+    scope = Microscope(cfg)
+    engine = Engine(EngineConfig(model="gp", hyperfit_background=False, learn_hyperparameters=False))
+    errs = []
+    for k in range(6):
+        image, meta, truth = scope.acquire()
+        res = engine.process(frame_from_sim(image, meta))
+        if k >= 2:
+            errs.append(np.asarray(res.line_drift_nm)[:, 1] - np.asarray(truth.drift_nm)[:, 1])
+    e = np.concatenate(errs)
+    return e - e.mean()
+
+
+def test_mains_on_slow_lines_is_taken_from_the_scan_lines(monkeypatch):
+    """On slow lines the columns cannot see the mains line (each spans a period); the locator's
+    per-line x shifts can: the engine adds its 50/60 Hz pick-up to the GP's lines. Without it
+    the per-line x error is the line itself (~20 pm / sqrt 2)."""
+    with_pickup = np.sqrt(np.mean(_slow_line_mains_errors(True, monkeypatch) ** 2))
+    without = np.sqrt(np.mean(_slow_line_mains_errors(False, monkeypatch) ** 2))
+    print(f"per-line x error: {with_pickup * 1e3:.1f} pm with the pick-up, {without * 1e3:.1f} pm without")
+    assert without > 0.010  # the mains line is there and the GP alone misses it
+    assert with_pickup < 0.5 * without and with_pickup < 0.008
+
+
+@pytest.mark.parametrize("hz,used", [(60.0, True), (50.0, False), (178.0, False)])
+def test_only_a_mains_pick_up_the_gp_does_not_follow_is_added(hz, used):
+    """60 Hz where the GP models 50 Hz: the scan lines' pick-up is used; 50 Hz, which the GP
+    follows on these fast lines (a column spans a small part of a period): the GP's; 178 Hz,
+    no mains frequency: not drift."""
+    from types import SimpleNamespace
+
+    from stem_live.column_model import ColumnModel
+
+    cm = ColumnModel(EngineConfig(model="gp"))
+    frame = Frame(seq=0, image=np.zeros((256, 256), np.float32), dwell_us=1.0, flyback_us=20.0)
+    assert cm.gp.mains_on and cm.gp.mains_hz == 50.0
+    w = 2.0 * np.pi * hz * frame.line_time_s  # rad per line
+    cols = SimpleNamespace(meta={"line_pickup_model": (w, 0.5, 0.0, 0.0, 0.0, 0.0, 256.0)})
+    assert (cm._pickup_model(cols, frame) is not None) == used

@@ -92,6 +92,10 @@ def test_drift_bound_follows_dose_and_wander():
     # attenuated and costs more to follow
     slow = drift_bound(replace(cfg, dwell_us=20 * cfg.dwell_us), truth)
     assert slow.mains_pm > b.mains_pm
+    # ... but never more than the scan lines' own x shifts tell: one frame's columns, unattenuated
+    crawl = drift_bound(replace(cfg, dwell_us=200 * cfg.dwell_us), truth)
+    assert crawl.mains_pm == pytest.approx(crawl.column_pm / math.sqrt(2 * crawl.columns), rel=1e-6)
+    assert crawl.mains_pm < 5.0 / math.sqrt(2)
 
 
 def test_summary_medians_worst_and_nulls():

@@ -337,6 +337,14 @@ class OnlineDriftGP:
                 fn["predict_mean"](snap.mean_state, np.zeros(m), snap.omega)
             jax.block_until_ready(fn["predict"](snap.state, np.zeros(16), snap.omega))
 
+    def follows_mains(self, smear_s: float) -> bool:
+        """Whether the model follows the mains line in samples that average over ``smear_s``
+        (s, rms spread of their scan times): the term on and at least ``MIN_MAINS_ATTENUATION``
+        of it seen (not on slow lines, where a column spans several mains periods)."""
+        if not self.mains_on or self._omega is None:
+            return False
+        return bool(np.exp(-0.5 * (self._omega * float(smear_s)) ** 2) >= MIN_MAINS_ATTENUATION)
+
     def prior_var_for(self, data: dict) -> np.ndarray:
         """The linear terms' prior variances for a window: the mains sinusoid pinned to zero
         where the samples see less than ``MIN_MAINS_ATTENUATION`` of it (slow lines: a column

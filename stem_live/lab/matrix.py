@@ -137,9 +137,11 @@ def drift_bound(config: object, truth: object) -> DriftBound:
     ``mains_pm``: a column's position is a weighted mean over the lines it spans (rms spread
     sigma_probe / sqrt 2 lines), so the mains line of amplitude A reaches the samples
     attenuated by a = exp(-(w * spread)^2 / 2); its sine and cosine amplitudes, fitted on the
-    columns of the three frames a window holds, are known to sqrt(2 var / (N a^2)) per axis,
-    and never worse than not modelling the line at all (A / sqrt 2): the smaller of the two,
-    as a per-line rms. On slow lines (a = 0) this is the whole mains line."""
+    columns of the three frames a window holds, are known to sqrt(2 var / (N a^2)) per axis;
+    the scan lines' own x shifts (the line pick-up the locator fits, on the fast axis the
+    simulator's mains line lies along) know them unattenuated from one frame's columns,
+    sqrt(2 var / N); never worse than not modelling the line at all (A / sqrt 2): the smallest,
+    as a per-line rms."""
     from simulator.crlb import position_crlb_px
 
     crlb = np.asarray(position_crlb_px(config, truth), float)
@@ -166,7 +168,8 @@ def drift_bound(config: object, truth: object) -> DriftBound:
         att = float(np.exp(-0.5 * (2 * np.pi * d.jitter_hz * sigma_px / np.sqrt(2.0) * line_s) ** 2))
         amp_pm = d.jitter_amp_nm * 1e3
         fitted = np.sqrt(2.0 * (col_var / 2.0) / (3 * n)) / att if att > 0 else np.inf
-        mains_pm = float(min(amp_pm, fitted) / np.sqrt(2.0))
+        from_lines = np.sqrt(2.0 * (col_var / 2.0) / n)
+        mains_pm = float(min(amp_pm, fitted, from_lines) / np.sqrt(2.0))
     return DriftBound(float(np.sqrt(frame_pm ** 2 + ou_pm ** 2 + mains_pm ** 2)), float(frame_pm), ou_pm, n,
                       float(np.sqrt(col_var)), mains_pm)
 

@@ -525,7 +525,8 @@ def _refine_fixed(img, start, prom, spacing_px, sigma_px, window_px, window_give
                                                 line_jitter=line_jitter, line_min_amp_snr=min_amp_snr,
                                                 line_pickup=line_pickup,
                                                 flyback_px=flyback_px, prior=prior)
-    line_meta = {k: info[k] for k in ("line_jitter_px", "line_shift_px", "line_pickup_px", "line_pickup_period_lines")
+    line_meta = {k: info[k] for k in ("line_jitter_px", "line_shift_px", "line_pickup_px", "line_pickup_period_lines",
+                                       "line_pickup_model")
                  if k in info}
     good = _fit_trusted(info, pos, start, border, max_move, max_fit_std)
     # inside or outside the frame: wherever the fit converged decides, even when it moved

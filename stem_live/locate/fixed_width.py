@@ -238,7 +238,6 @@ def refine_fixed_width(
     middle column, px), ``line_jitter_px`` (the estimated rms of its random part), ``line_dx``
     (N,) (the x shift added to each column) and, where the pick-up was modelled,
     ``line_pickup_px`` (its amplitude; 0 where none was found), ``line_pickup_period_lines`` and
-    ``line_pickup_shift_px`` (H,) (the pick-up's x shift of every line at its first pixel, px) and
     ``line_pickup_model`` (``linejitter.pickup_shift``'s model: the shift anywhere in the frame).
     A fit that fails keeps its start position (amplitude NaN, pos_std inf, amp_snr 0).
     """
@@ -365,7 +364,6 @@ def refine_fixed_width(
         if pickup:
             info["line_pickup_px"] = ls.pickup_px
             info["line_pickup_period_lines"] = ls.pickup_period_lines
-            info["line_pickup_shift_px"] = ls.pickup_at(np.arange(h), 0.0)
             info["line_pickup_model"] = ls.pickup_model()
     elif prior_prec is not None:  # no line model: the prior is a second measurement of x
         pi, s2 = prior_prec, 1.0 / np.maximum(info["pos_std"], 1e-6) ** 2

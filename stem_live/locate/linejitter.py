@@ -105,6 +105,12 @@ class LineShifts:
         """(n_rows,) every line's whole x shift (random + pick-up) at column ``col`` (px)."""
         return self.line_dx + self.pickup_at(np.arange(len(self.line_dx)), col)
 
+    def pickup_model(self) -> tuple[float, ...]:
+        """The pick-up as plain floats (``pickup_shift`` evaluates it): (rad per line, a, b, c,
+        d, pixel_lines, n_rows)."""
+        return (float(self.pickup_rad_per_line), *(float(v) for v in self.pickup_coef),
+                float(self.pixel_lines), float(self.n_rows))
+
     @property
     def pickup_px(self) -> float:
         """The pick-up's amplitude at the frame's middle line (px; 0 where none)."""
@@ -120,6 +126,14 @@ class LineShifts:
         a, b, c, d = self.pickup_coef
         dw = (c * b - d * a) / (max(self.n_rows, 1) * max(a * a + b * b, 1e-30))
         return float(2.0 * np.pi / (self.pickup_rad_per_line + dw))
+
+
+def pickup_shift(model: tuple[float, ...], row, col) -> np.ndarray:
+    """The pick-up's x shift (px) at (row, col) (px, broadcast) from ``LineShifts.pickup_model()``."""
+    w, a, b, c, d, pixel_lines, n_rows = model
+    ls = LineShifts(np.zeros(0), np.zeros(int(n_rows)), 0.0, pixel_lines=pixel_lines, pickup_rad_per_line=w,
+                    pickup_coef=np.array([a, b, c, d]), n_rows=int(n_rows))
+    return ls.pickup_at(row, col)
 
 
 def _sinusoids(y: np.ndarray, r: np.ndarray, w: np.ndarray):
@@ -207,7 +221,7 @@ def line_shifts(row_b: np.ndarray, row_a: np.ndarray, first_row: np.ndarray, n_r
                 n_iter: int = 10, start_px: float = 0.5, floor_px: float = 0.01,
                 prior_dx: np.ndarray | None = None, prior_prec: np.ndarray | None = None,
                 col_x: np.ndarray | None = None, pixel_lines: float = 0.0, pickup_min_chi2: float = 60.0,
-                pickup_min_period: float = 2.5, pickup_min_cycles: float = 4.0,
+                pickup_min_period: float = 2.1, pickup_min_cycles: float = 4.0,
                 pickup_prior_px: float = 1.0) -> LineShifts:
     """Per-column offsets, per-line x shifts and the periodic pick-up (px) from the fit's sums.
 
