@@ -17,7 +17,8 @@ Target: Gaussian blobs (sigma = 0.15 x nearest-neighbour spacing, clipped to 1-2
 columns) at the columns the detector shows (``truth.visible``: no O columns in HAADF
 perovskite; the amorphous carbon of the nanoparticle support is background). Loss: binary
 cross-entropy. Optimiser: Adam with a cosine learning-rate decay over the time budget.
-Everything is seeded; the result is reproducible up to how many steps fit in the budget.
+Everything is seeded; with ``--steps`` the weights are the same on any machine, with ``--minutes``
+up to how many steps fit in the budget.
 """
 
 from __future__ import annotations
@@ -266,7 +267,7 @@ def train(out_path, *, minutes: float = MINUTES, seed: int = 0, progress=print, 
     step_fn = make_train_step(optimizer)
     n_params = int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params)))
     progress(f"train_unet: {n_params} parameters, batch {batch} x {crop}x{crop} crops of {size}x{size} frames, "
-             f"budget {minutes:g} min, seed {seed}")
+             f"{f'{max_steps} steps' if max_steps is not None else f'budget {minutes:g} min'}, seed {seed}")
     pool_x, pool_y = make_batch(rng, pool_size, size)
     progress(f"  pool of {pool_size} frames rendered in {time.perf_counter() - t0:.0f} s")
     step, losses, t_last = 0, [], t0
@@ -297,7 +298,7 @@ def train(out_path, *, minutes: float = MINUTES, seed: int = 0, progress=print, 
              f"{np.mean(losses[-100:]):.4f}; saved {size_b / 1024:.0f} KiB to {out_path}")
     metrics = {"steps": step, "train_minutes": round(train_s / 60, 2), "seed": seed, "batch": batch,
                "frame": size, "crop": crop, "pool": pool_size, "refresh": refresh, "final_loss": float(np.mean(losses[-100:])) if losses else None,
-               "n_params": n_params, "weights_bytes": size_b, "budget_minutes": minutes}
+               "n_params": n_params, "weights_bytes": size_b, "budget_minutes": minutes, "max_steps": max_steps}
     if evaluate_after:
         metrics["eval"] = calibrate_and_evaluate(params, progress=progress)
     if model_card:
@@ -490,11 +491,12 @@ def write_model_card(path: Path, m: dict) -> None:
         f"  of intensities clipped (p = {CLIP_P:g}); fast-scan smear of 10-40 % (p = {LINE_BLUR_P:g}); random flips/transpose.",
         "- Target: max over Gaussian blobs at the columns the detector shows (`truth.visible`: no O in HAADF PbTiO3), sigma = 0.15 x NN spacing clipped",
         "  to [1, 2] px. Loss: sigmoid binary cross-entropy. Adam, lr 3e-3 with cosine decay over the",
-        "  wall-clock budget.",
+        "  steps (`--steps`) or the wall-clock budget (`--minutes`).",
         f"- Seed {m['seed']}, batch {m['batch']} x {m['crop']}x{m['crop']}, {m['steps']} steps in "
         f"{m['train_minutes']} min on the 2-core CPU (shared with other jobs); final loss {m['final_loss']:.4f}.",
         "- Reproduce: `nice -n 19 python -m stem_live.lab.train_unet --out stem_live/locate/weights/unet.msgpack"
-        f" --minutes {m.get('budget_minutes', m['train_minutes'])} --seed {m['seed']}`",
+        + (f" --steps {m['max_steps']}" if m.get("max_steps") else f" --minutes {m.get('budget_minutes', m['train_minutes'])}")
+        + f" --seed {m['seed']}`",
         "",
         "## Evaluation (held-out simulator seeds 1e6 and 1e6 + 1, 512x512, preset default pixel size, dose, scan)",
         "Matching one-to-one within 0.3 x NN spacing; `locate_unet(image, estimate_spacing(image))` with defaults",
@@ -534,6 +536,8 @@ def main(argv=None) -> int:
                     help="weights file to write (msgpack); MODEL.md is written next to it")
     ap.add_argument("--minutes", type=float, default=MINUTES, help="wall-clock training budget")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train for this many steps instead of --minutes (the same weights on any machine)")
     ap.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     ap.add_argument("--eval-only", action="store_true",
                     help="no training: re-evaluate the weights at --out (after a change to the locator) and "
@@ -550,7 +554,11 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"error: cannot write to {out.parent}: {e.strerror}", file=sys.stderr)
         return 2
-    train(out, minutes=a.minutes, seed=a.seed, evaluate_after=not a.no_eval, progress=lambda s: print(s, flush=True))
+    if a.steps is not None and a.steps < 1:
+        print("error: --steps must be >= 1", file=sys.stderr)
+        return 2
+    train(out, minutes=a.minutes, seed=a.seed, evaluate_after=not a.no_eval, max_steps=a.steps,
+          progress=lambda s: print(s, flush=True))
     return 0
 
 
