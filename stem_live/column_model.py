@@ -318,6 +318,8 @@ class ColumnModel:
         mains = [f for f in (50.0, 60.0) if abs(hz / f - 1.0) <= PICKUP_MAINS_TOL]
         if not mains:
             return None
+        if self.learner is not None:
+            self.learner.line_pickup_vote(mains[0])
         gp = self.gp
         if gp.mains_on and abs(gp.mains_hz - mains[0]) < 1.0 and gp.follows_mains(self._smear_s(frame)):
             return None

@@ -175,18 +175,22 @@ def test_mains_on_slow_lines_is_taken_from_the_scan_lines(monkeypatch):
     assert with_pickup < 0.5 * without and with_pickup < 0.008
 
 
-@pytest.mark.parametrize("hz,used", [(60.0, True), (50.0, False), (178.0, False)])
-def test_only_a_mains_pick_up_the_gp_does_not_follow_is_added(hz, used):
-    """60 Hz where the GP models 50 Hz: the scan lines' pick-up is used; 50 Hz, which the GP
-    follows on these fast lines (a column spans a small part of a period): the GP's; 178 Hz,
-    no mains frequency: not drift."""
+@pytest.mark.parametrize("hz,dwell_us,used,gp_hz", [(60.0, 1.0, False, 60.0), (60.0, 20.0, True, 60.0),
+                                                  (50.0, 20.0, True, 50.0), (178.0, 1.0, False, 50.0)])
+def test_a_mains_pick_up_sets_the_frequency_and_is_added_where_the_gp_cannot_follow(hz, dwell_us, used, gp_hz):
+    """The scan lines' pick-up at 60 Hz moves the GP (starting at 50 Hz) to 60 Hz; on fast lines
+    (1 us dwell: a column spans a small part of a period) the GP then follows the line itself
+    and the pick-up is not added; on slow lines (20 us) it is. 178 Hz is no mains frequency:
+    not drift, and the GP keeps its 50 Hz."""
     from types import SimpleNamespace
 
     from stem_live.column_model import ColumnModel
 
     cm = ColumnModel(EngineConfig(model="gp"))
-    frame = Frame(seq=0, image=np.zeros((256, 256), np.float32), dwell_us=1.0, flyback_us=20.0)
+    cm._probe_sigma_px = 1.5  # as the locator measures it
+    frame = Frame(seq=0, image=np.zeros((256, 256), np.float32), dwell_us=dwell_us, flyback_us=20.0)
     assert cm.gp.mains_on and cm.gp.mains_hz == 50.0
     w = 2.0 * np.pi * hz * frame.line_time_s  # rad per line
     cols = SimpleNamespace(meta={"line_pickup_model": (w, 0.5, 0.0, 0.0, 0.0, 0.0, 256.0)})
     assert (cm._pickup_model(cols, frame) is not None) == used
+    assert cm.gp.mains_hz == pytest.approx(gp_hz)

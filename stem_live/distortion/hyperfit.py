@@ -277,7 +277,18 @@ class HyperLearner:
             return
         if det.hz is None and det.span_s < self.min_span_no_mains_s:
             return          # no line yet: too short to say there is none (a weak line needs longer)
-        self._mains_votes.append(det.hz)
+        self._vote(det.hz)
+
+    def line_pickup_vote(self, hz: float) -> None:
+        """The locator found a pick-up at the mains frequency ``hz`` (50 or 60) in a frame's scan
+        lines: one vote, as a decision from the drift samples is, while the frequency is undecided
+        (on slow lines the samples cannot show the line; on fast ones this decides a frame sooner)."""
+        if self.mains == "auto" and self.mains_detection_pending:
+            self._vote(float(hz))
+
+    def _vote(self, hz: float | None) -> None:
+        """The GP's mains frequency changes after two equal votes in a row."""
+        self._mains_votes.append(hz)
         votes = list(self._mains_votes)
         current = self.gp.mains_hz if self.gp.mains_on else None
         if len(votes) == votes.count(votes[0]) and votes[0] != current:
