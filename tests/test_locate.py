@@ -325,6 +325,31 @@ def test_stream_refine_compiles_once_when_the_count_wanders_across_a_bucket_edge
     assert buckets.stream_bucket(1100, ("cap-key",), cap=1024) == 1280  # the cap must hold n
 
 
+def test_side_fits_compile_in_the_background_only_in_a_live_engine():
+    """Outside ``compiling_in_background`` a side fit always runs where it is needed (the same
+    result every run); inside it, a new one starts compiling in a background thread and the
+    frame goes on without it until it is ready."""
+    import threading
+
+    from stem_live.locate import buckets
+
+    calls, release = [], threading.Event()
+
+    def fit():
+        calls.append(1)
+        release.wait(5.0)
+
+    assert buckets.side_fit_ready(("test-sync",), fit) and calls == []   # runs inline, by the caller
+    with buckets.compiling_in_background():
+        assert not buckets.side_fit_ready(("test-bg",), fit)   # compiling in the background
+        assert not buckets.side_fit_ready(("test-bg",), fit)   # still
+        release.set()
+        for th in list(buckets._THREADS):
+            th.join(5.0)
+        assert buckets.side_fit_ready(("test-bg",), fit) and calls == [1]
+    assert not getattr(buckets._BACKGROUND, "on", False)
+
+
 def _line_sums(n_cols, n_rows, shifts, seed, span=9, info=25.0):
     """Per-line sums as the fit hands them to ``line_shifts``: column c spans ``span`` lines
     from first[c]; its line i measures X_c + shifts[row] relative to the fit's weighted mean

@@ -9,10 +9,20 @@ often a fit has been traced (compiled).
 
 from __future__ import annotations
 
+import atexit
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+
 import numpy as np
 
 _STREAM_SIZES: dict[tuple, set[int]] = {}  # padded sizes compiled per fit (window, iterations, image shape)
 _TRACES = [0]  # how often a fit was traced (compiled), for tests and benchmarks
+_BACKGROUND = threading.local()  # .on: side fits of a new size compile in a background thread (this thread)
+_READY: set[tuple] = set()    # side fits (function and argument shapes) compiled
+_PENDING: set[tuple] = set()  # ... compiling in the background
+_LOCK = threading.Lock()
+_THREADS: list[threading.Thread] = []
 MIN_BUCKET = 64
 
 
@@ -77,3 +87,59 @@ def fit_chunk() -> int:
 def count_trace() -> None:
     """Called by a fit while JAX traces it (at compile time only)."""
     _TRACES[0] += 1
+
+
+@contextmanager
+def compiling_in_background():
+    """Within it (in this thread; a live engine's frames): a side fit (the columns near the left
+    edge on the flyback grid, those beside columns outside the frame) that needs an argument
+    shape not compiled yet compiles in a background thread, and the frame goes on without it
+    (those columns keep the main fit's result) instead of waiting 1-4 s for XLA. Outside it (the
+    default: replays, evaluations) a fit compiles where it is needed and every run gives the
+    same result."""
+    before = getattr(_BACKGROUND, "on", False)
+    _BACKGROUND.on = True
+    try:
+        yield
+    finally:
+        _BACKGROUND.on = before
+
+
+def side_fit_ready(key: tuple, call: Callable[[], object]) -> bool:
+    """Whether a side fit with ``key`` (its function and argument shapes) can run now: always
+    when not compiling in the background; otherwise once compiled. The first time a key is
+    seen, ``call`` (the fit itself, its result dropped) runs in a background thread and this
+    returns False."""
+    if not getattr(_BACKGROUND, "on", False):
+        _READY.add(key)
+        return True
+    with _LOCK:
+        if key in _READY:
+            return True
+        if key in _PENDING:
+            return False
+        _PENDING.add(key)
+
+    def compile_it() -> None:
+        try:
+            call()
+        except Exception:  # noqa: BLE001 - the next frame runs it where it is needed and reports it
+            pass
+        finally:
+            with _LOCK:
+                _PENDING.discard(key)
+                _READY.add(key)
+
+    th = threading.Thread(target=compile_it, name="stem-live-compile", daemon=True)
+    if not _THREADS:
+        atexit.register(_join_compiles)
+    _THREADS.append(th)
+    th.start()
+    return False
+
+
+def _join_compiles() -> None:
+    """At exit: wait for the background compilations (XLA aborts the process when the
+    interpreter goes away under a compiling thread)."""
+    for th in list(_THREADS):
+        th.join(timeout=60.0)

@@ -11,9 +11,13 @@ import warnings
 import numpy as np
 
 from stem_live.locate import flyback
-from stem_live.locate.buckets import count_trace, fit_chunk, note_bucket, stream_bucket
+from stem_live.locate.buckets import count_trace, fit_chunk, note_bucket, side_fit_ready, stream_bucket
 from stem_live.locate.refine import solve_sym
 
+#: headroom of the side fits' padded sizes (the columns near the left edge, those beside columns
+#: outside the frame): a few hundred columns at most, so a generous size costs little and spares
+#: the compilations a count wandering over a bucket edge would make (1.1: 5 in 14 frames at 1024 px)
+SIDE_HEADROOM = 1.5
 
 # ----------------------------------------------------------------------------- fixed width
 @functools.cache
@@ -459,11 +463,15 @@ def _refit_beside_outside(res, nbr, n, centers, warp, flyback_px, imgp, corner, 
     if not len(idx):
         return
     m = len(idx)
-    b = stream_bucket(m, (window, n_iter, h, w, "outside"))
+    b = stream_bucket(m, (window, n_iter, h, w, "outside"), headroom=SIDE_HEADROOM, max_overpad=2.0)
     fn = _build_fixed(window, n_iter, fit_b, sums)
     far = np.full(2, -10 * window, np.int32)
-    out = fn(imgp, _pad_rows(corner[idx], b, 0), _pad_rows(c_pad[idx], b, far), _pad_rows(p[idx], b, 0.0),
-             _pad_rows(nb_off[idx], b, -1e4), _pad_rows(nb_amp[idx], b, 0.0), sigma, var_floor, shape)
+    args = (imgp, _pad_rows(corner[idx], b, 0), _pad_rows(c_pad[idx], b, far), _pad_rows(p[idx], b, 0.0),
+            _pad_rows(nb_off[idx], b, -1e4), _pad_rows(nb_amp[idx], b, 0.0), sigma, var_floor, shape)
+    if not side_fit_ready(("outside", window, n_iter, fit_b, sums, shape, *(np.shape(a) for a in args[:6])),
+                          lambda: fn(*args)):
+        return
+    out = fn(*args)
     for r_, o in zip(res, out):
         r_[idx] = np.asarray(o)[:m]
 
@@ -474,7 +482,8 @@ def _fit_warped(res, warp, flyback_px, imgp, corner, c_pad, p, nb_off, nb_amp, c
     results (positions back on the pixel grid) into ``res`` (the pass's outputs) in place."""
     idx, xs = warp
     m = len(idx)
-    b = stream_bucket(m, (window, n_iter, shape[0], shape[1], "flyback"))
+    b = stream_bucket(m, (window, n_iter, shape[0], shape[1], "flyback"), headroom=SIDE_HEADROOM,
+                      max_overpad=2.0)
     cx = centers[idx, 1].astype(np.float64)
     u0 = cx + flyback.shift(cx, flyback_px)  # the scanned x at each window centre
 
@@ -489,8 +498,12 @@ def _fit_warped(res, warp, flyback_px, imgp, corner, c_pad, p, nb_off, nb_amp, c
     nbo[:, :, 1] = nxa + flyback.shift(nxa, flyback_px) - u0[:, None]
     fn = _build_fixed(window, n_iter, fit_b, sums, warped=True)
     far = np.full(2, -10 * window, np.int32)
-    out = fn(imgp, pad(corner[idx], 0), pad(c_pad[idx], far), pad(pw, 0.0), pad(nbo, -1e4), pad(nb_amp[idx], 0.0),
-             sigma, var_floor, shape, pad(xs, 0.0))
+    args = (imgp, pad(corner[idx], 0), pad(c_pad[idx], far), pad(pw, 0.0), pad(nbo, -1e4), pad(nb_amp[idx], 0.0),
+            sigma, var_floor, shape, pad(xs, 0.0))
+    if not side_fit_ready(("flyback", window, n_iter, fit_b, sums, shape, *(np.shape(a) for a in args[:6]),
+                           np.shape(args[9])), lambda: fn(*args)):
+        return
+    out = fn(*args)
     out = [np.asarray(o)[:m] for o in out]
     fit = out[0].copy()
     fit[:, 2] = flyback.to_pixels(u0 + fit[:, 2], flyback_px) - cx  # back on the pixel grid
