@@ -24,6 +24,8 @@ log = logging.getLogger("stem_live.engine")
 #: fraction of 50 or 60 Hz (other periodic line shifts, e.g. 178 Hz at 4 pm on a fast SrTiO3
 #: scan, are not drift)
 PICKUP_MAINS_TOL = 0.05
+#: frames between two measurements of the reference's lattice vectors (``_unwarped_reference``)
+VECTORS_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class ColumnModel:
         self._first: tuple | None = None        # (frame, positions px, track ids) of the first tracked frame
         self._boot_v_px: np.ndarray | None = None  # velocity (px/s) from the first two frames' step
         self._boot_done = False
+        self._vectors: np.ndarray | None = None   # the reference's lattice vectors (px), for row_warp
 
     def process(self, frame: Frame, image: np.ndarray, hint_px: np.ndarray, timings: dict) -> ColumnResult:
         from dataclasses import replace as dc_replace
@@ -150,8 +153,8 @@ class ColumnModel:
         elif self._boot_v_px is not None and not self._boot_done:
             self._restart_gp_on_first()
         t2 = time.perf_counter()
-        line_mean, line_sd, decision, jump = self.gp_stage(frame, self.tracker.reference, smooth.positions, matched,
-                                                           pickup=pickup)
+        line_mean, line_sd, decision, jump = self.gp_stage(frame, self._unwarped_reference(frame), smooth.positions,
+                                                           matched, pickup=pickup)
         t3 = time.perf_counter()
         # the gp stage without an inline hyperparameter fit (timed on its own, where one ran)
         timings.update(locate=(t1 - t0) * 1e3, track=(t2 - t1) * 1e3, gp=(t3 - t2) * 1e3 - self.hyperfit_ms)
@@ -303,6 +306,22 @@ class ColumnModel:
         decision = self.policy.correction(self.gp, frame.t_start + self.period_s, frame.frame_time_s,
                                           frame.beam_shift_nm)
         return line_mean, line_sd, decision, jump
+
+    def _unwarped_reference(self, frame: Frame) -> np.ndarray:
+        """The tracker's reference less its warp along the rows (``row_warp``: what repeats from
+        frame to frame as a function of the row), where the sites show a lattice."""
+        from stem_live.locate.spacing import lattice_vectors
+        from stem_live.row_warp import row_warp
+
+        ref = self.tracker.reference
+        spacing = self.tracker.spacing_px
+        if not spacing or len(ref) < 8:
+            return ref
+        # they change while the first frames settle the reference (its de-skew), then hardly: once in a while
+        if self._vectors is None or self._located <= 4 or self._located % VECTORS_EVERY == 0:
+            self._vectors = lattice_vectors(ref, spacing)
+        warp = row_warp(ref, spacing, frame.image.shape[0], vectors=self._vectors)
+        return ref if warp is None else ref - np.nan_to_num(warp)
 
     def _pickup_model(self, cols, frame: Frame) -> tuple[float, ...] | None:
         """The locator's periodic line pick-up (``linejitter.LineShifts.pickup_model``) where it

@@ -186,7 +186,9 @@ def lattice_vectors(positions: np.ndarray, scale_px: float) -> np.ndarray:
     beaten = (d <= VECTOR_RADIUS * scale_px) & (rank[None, :] < rank[:, None])
     centre = centre[~beaten.any(axis=1)]
     near = np.hypot(*(v[:, None, :] - centre[None, :, :]).transpose(2, 0, 1)) <= VECTOR_RADIUS * scale_px
-    return (near.T.astype(float) @ v) / near.sum(axis=0)[:, None]
+    count = near.sum(axis=0)
+    near = near[:, count > 0]   # a maximum at a bin's edge can hold no vector itself
+    return (near.T.astype(float) @ v) / count[count > 0][:, None]
 
 
 def _on_lattice(positions: np.ndarray, vectors: np.ndarray, tol_px: float, shape: tuple[int, ...]) -> np.ndarray:
