@@ -70,7 +70,7 @@ def test_run_compiles_on_the_first_frame_and_starts_from_the_next():
     from simulator import Microscope, MicroscopeConfig
     from stem_live.engine import EngineConfig
     from stem_live.lab.evaluate import frame_from_sim
-    from stem_live.service import compiling_engine
+    from stem_live.live_engine import compiling_engine
 
     # the rigid model in the gp model's place: the same steps without a minute of compiling under test
     scope = Microscope(MicroscopeConfig(preset="graphene", size=128, seed=3))

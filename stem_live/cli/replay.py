@@ -23,7 +23,7 @@ from stem_live.cli.common import (
 
 
 def cmd_replay(a: argparse.Namespace) -> int:
-    from stem_live.service import hold_gc
+    from stem_live.live_engine import hold_gc
 
     release_gc = hold_gc()  # until the first frame (see hold_gc)
     try:

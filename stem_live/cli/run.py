@@ -28,7 +28,7 @@ from stem_live.cli.common import (
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from stem_live.service import hold_gc
+    from stem_live.live_engine import hold_gc
 
     release_gc = hold_gc()  # until the first frame's result (see hold_gc)
     try:
@@ -95,9 +95,9 @@ def _run(a: argparse.Namespace, release_gc: Callable[[], None]) -> int:
 
 def compiling_engine(config, *, say: Callable[[str], None] = print, warm_frames: int = 3,
                      models: tuple[str, ...] = ("gp",)):
-    """The engine of ``run``: :func:`stem_live.service.compiling_engine` (compiles for the
+    """The engine of ``run``: :func:`stem_live.live_engine.compiling_engine` (compiles for the
     stream's first frame before taking it)."""
-    from stem_live.service import compiling_engine as make
+    from stem_live.live_engine import compiling_engine as make
 
     return make(config, say=say, warm_frames=warm_frames, models=models)
 

@@ -200,7 +200,7 @@ def pipeline_engine(model: str = "gp", rvae: bool = True, max_columns: int = 200
     costs the same as with trained ones; buckets compiled before the clock starts), encoding up
     to ``max_columns`` columns a frame (the load the targets are set for). With
     ``compile_on_first_frame``, the engine of ``stem-live run``
-    (:func:`stem_live.service.compiling_engine`: compiles for the stream's first frame, lines
+    (:func:`stem_live.live_engine.compiling_engine`: compiles for the stream's first frame, lines
     to ``say``)."""
     from stem_live.engine import Engine, EngineConfig
 
@@ -212,52 +212,10 @@ def pipeline_engine(model: str = "gp", rvae: bool = True, max_columns: int = 200
         stage = RvaeStage(init_params(RVAEConfig(), 0), warmup=False, max_columns=max_columns)
         stage.encoder.warmup()
     if compile_on_first_frame:
-        from stem_live.service import compiling_engine
+        from stem_live.live_engine import compiling_engine
 
         return compiling_engine(EngineConfig(model=model), say=say or (lambda _s: None), rvae=stage)
     return Engine(EngineConfig(model=model), rvae=stage)
-
-
-class JitWatch:
-    """Counts JAX's jit work while ``on`` (through ``jax.monitoring``): functions traced (each
-    a new function or argument signature), their tracing seconds, persistent-cache hits and
-    misses (a miss is an XLA compilation). A no-op where JAX is not imported (``load``: import it)."""
-
-    _TRACE = "/jax/core/compile/jaxpr_trace_duration"
-    _HIT = "/jax/compilation_cache/cache_hits"
-    _MISS = "/jax/compilation_cache/cache_misses"
-
-    def __init__(self, *, load: bool = False) -> None:
-        self.reset()
-        self._monitoring = None
-        if load or "jax" in sys.modules:
-            from jax import monitoring
-
-            self._monitoring = monitoring
-            monitoring.register_event_duration_secs_listener(self._duration)
-            monitoring.register_event_listener(self._event)
-
-    def _duration(self, name: str, seconds: float, **_kw) -> None:
-        if name == self._TRACE:
-            self.counts["traces"] += 1
-            self.counts["trace_s"] += seconds
-
-    def _event(self, name: str, **_kw) -> None:
-        if name in (self._HIT, self._MISS):
-            self.counts["cache_hits" if name == self._HIT else "cache_misses"] += 1
-
-    def result(self) -> dict:
-        return {**self.counts, "trace_s": round(self.counts["trace_s"], 3)}
-
-    def reset(self) -> None:
-        self.counts = {"traces": 0, "trace_s": 0.0, "cache_hits": 0, "cache_misses": 0}
-
-    def close(self) -> None:
-        m = self._monitoring
-        if m is not None:
-            m.unregister_event_duration_listener(self._duration)
-            m.unregister_event_listener(self._event)
-            self._monitoring = None
 
 
 def _drain(dq, into) -> list:
@@ -299,7 +257,8 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
     import gc
 
     from simulator import Microscope, MicroscopeConfig
-    from stem_live.service import EngineService, hold_gc
+    from stem_live.live_engine import hold_gc
+    from stem_live.service import EngineService
 
     rate = float(rate_hz or OFFER_FACTOR * TARGET_HZ.get(size, 2.0))
     scope = Microscope(MicroscopeConfig(preset=preset, size=size))
@@ -312,6 +271,8 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
     engine = pipeline_engine(model, rvae, compile_on_first_frame=True,
                              say=(lambda s: progress(f"pipeline {size}px: {s}")) if progress else None)
     engine.arm()
+    from stem_live.lab.jit_watch import JitWatch
+
     jit = JitWatch(load=model == "gp")  # the start's jit work; from the first result on, the stream's (a fresh count)
     # the bench's own bookkeeping in flat arrays (8 bytes a value, not a Python float each): with
     # lists a 30-minute run grows this process by 12 MB, mostly the bench's, not the engine's
