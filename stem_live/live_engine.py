@@ -10,6 +10,30 @@ import numpy as np
 from stem_live.engine import Engine
 
 
+class LiveEngine(Engine):
+    """An :class:`~stem_live.engine.Engine` for a live stream: a side fit of the locator that
+    needs a size not compiled yet compiles in a background thread and the frame goes on without
+    it (``locate.buckets.compiling_in_background``: a live frame never waits 1-4 s for XLA);
+    ``warm_up`` still compiles everything where it is needed."""
+
+    _warming = False
+
+    def warm_up(self, frames) -> float:
+        self._warming = True
+        try:
+            return super().warm_up(frames)
+        finally:
+            self._warming = False
+
+    def process(self, frame, *, encode: bool = True):
+        if self._warming:
+            return super().process(frame, encode=encode)
+        from stem_live.locate.buckets import compiling_in_background
+
+        with compiling_in_background():
+            return super().process(frame, encode=encode)
+
+
 def compiling_engine(config, *, say: Callable[[str], None] = print, warm_frames: int = 3,
                      models: tuple[str, ...] = ("gp",), rvae: object | None = None) -> Engine:
     """An :class:`~stem_live.engine.Engine` that, for a model in ``models`` (the gp model: the
@@ -18,24 +42,17 @@ def compiling_engine(config, *, say: Callable[[str], None] = print, warm_frames:
     with a line before and after (``say``). The frames that arrive meanwhile are skipped by the
     live service (it takes only the newest) and counted so; the first frame's own result comes
     after the compilation, and the frame after it becomes the reference, so the drift over the
-    compilation is never taken for a jump. From then on a side fit of the locator that needs a
-    new size compiles in the background (``locate.buckets.compiling_in_background``: a live
-    frame never waits for XLA). ``compile_s``: the seconds the compilation took (None before it; 0.0
-    for a model that compiles nothing). ``rvae``: as ``Engine`` takes it."""
+    compilation is never taken for a jump. It is a :class:`LiveEngine`. ``compile_s``: the
+    seconds the compilation took (None before it; 0.0 for a model that compiles nothing).
+    ``rvae``: as ``Engine`` takes it."""
     from dataclasses import replace
 
-    from stem_live.locate.buckets import compiling_in_background
-
-    class CompilingEngine(Engine):
+    class CompilingEngine(LiveEngine):
         compiled = config.model not in models
         compile_s: float | None = 0.0 if compiled else None
-        live = compiled   # after the first frame (not while warming up)
 
         def process(self, frame, *, encode: bool = True):
-            if self.live:
-                with compiling_in_background():
-                    return super().process(frame, encode=encode)
-            if self.compiled:   # warm_up's frames: everything compiles here, now
+            if self.compiled:   # warm_up's frames too: LiveEngine compiles those in place
                 return super().process(frame, encode=encode)
             h, w = np.shape(frame.image)[:2]
             say(f"compiling the {self.config.model} model for {h}x{w} frames (once per size; a few seconds "
@@ -53,7 +70,6 @@ def compiling_engine(config, *, say: Callable[[str], None] = print, warm_frames:
             say(f"compiled in {seconds:.1f} s")
             result = super().process(frame, encode=encode)
             self.reset()  # the next frame is the reference: not one from before the compilation
-            self.live = True
             return result
 
     return CompilingEngine(config, rvae=rvae)

@@ -88,3 +88,18 @@ def test_run_compiles_on_the_first_frame_and_starts_from_the_next():
     assert len(said) == 2 and engine.compile_s is not None and engine.compile_s >= 0  # compiled once
     engine.process(frames[2])
     assert engine.frames == 2 and len(said) == 2
+
+
+def test_a_live_engine_compiles_side_fits_in_the_background_but_not_while_warming_up(monkeypatch):
+    from stem_live.engine import Engine, EngineConfig
+    from stem_live.live_engine import LiveEngine
+    from stem_live.locate import buckets
+
+    seen = []
+    monkeypatch.setattr(Engine, "process", lambda self, frame, encode=True: seen.append(
+        (frame, bool(getattr(buckets._BACKGROUND, "on", False)))))
+    engine = LiveEngine(EngineConfig(model="rigid"))
+    engine.warm_up(["w1", "w2"])
+    engine.process("live")
+    assert seen == [("w1", False), ("w2", False), ("live", True)]
+    assert not getattr(buckets._BACKGROUND, "on", False)   # only inside the live frame

@@ -119,7 +119,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     default the gp model with an rVAE trained from scratch on the stream's first columns."""
     from instrument_adapters.bridge import Bridge
     from instrument_adapters.simulated import SimulatedInstrument
-    from stem_live.engine import Engine
+    from stem_live.live_engine import LiveEngine
     from stem_live.service import EngineService
 
     if a.no_rvae and a.rvae is not None:
@@ -127,7 +127,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     inst = SimulatedInstrument(sim_config(a), speed=a.speed or None, frames=a.count)
     bridge = Bridge(inst, frames_endpoint="tcp://127.0.0.1:*", corrections_endpoint="tcp://127.0.0.1:*",
                     wait_for_subscriber=True)
-    engine = Engine(engine_config(a))
+    engine = LiveEngine(engine_config(a))
     if engine.config.model == "gp":  # compile on simulated frames of this size first: no stalled first frame
         from dataclasses import replace
 
