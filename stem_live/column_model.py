@@ -329,7 +329,8 @@ class ColumnModel:
         shifts are left to the GP's noise) and the GP does not follow that line itself (slow
         lines, where the columns' samples average it away, or before the GP has found the
         grid's frequency); None otherwise. Where the GP follows it, its sinusoid, phase-continuous
-        over its window, is the better estimate than one frame's fit."""
+        over its window, is the better estimate than one frame's fit. A mains pick-up also votes
+        for its frequency (``HyperLearner.line_pickup_vote``)."""
         model = cols.meta.get("line_pickup_model")
         if model is None or len(model) != 7 or not np.all(np.isfinite(model)) or not model[0]:
             return None

@@ -4,7 +4,8 @@ octave), the chunk size of a stream's fit, and a count of how often a fit was tr
 The fixed-width fit of a stream goes in chunks of :func:`fit_chunk` columns; below one chunk it
 pads with headroom and reuses a larger size it has already compiled (:func:`stream_bucket`), so a
 column count that wanders across a bucket edge does not recompile. :func:`trace_count` tells how
-often a fit has been traced (compiled).
+often a fit has been traced (compiled). In a live engine (:func:`compiling_in_background`) a side
+fit of a new size compiles in a background thread (:func:`side_fit_ready`) while the frames go on.
 """
 
 from __future__ import annotations
