@@ -69,7 +69,10 @@ def compiling_engine(config, *, say: Callable[[str], None] = print, warm_frames:
             self.compile_s = seconds
             say(f"compiled in {seconds:.1f} s")
             result = super().process(frame, encode=encode)
+            spacing = None if self._columns is None else self._columns.spacing_px
             self.reset()  # the next frame is the reference: not one from before the compilation
+            if spacing and self._columns is not None:   # the same stream: not estimated again (0.5 s at 1024 px)
+                self._columns.spacing_px = self._columns.tracker.spacing_px = spacing
             return result
 
     return CompilingEngine(config, rvae=rvae)

@@ -103,3 +103,25 @@ def test_a_live_engine_compiles_side_fits_in_the_background_but_not_while_warmin
     engine.process("live")
     assert seen == [("w1", False), ("w2", False), ("live", True)]
     assert not getattr(buckets._BACKGROUND, "on", False)   # only inside the live frame
+
+
+def test_the_compiled_stream_keeps_its_column_spacing(monkeypatch):
+    """The frames that compiled the gp model are the stream's own: after the reset that makes
+    the next frame the reference, the spacing measured on them is kept (estimating it again
+    cost the first frame after the start 0.5 s at 1024 px)."""
+    from simulator import Microscope, MicroscopeConfig
+    from stem_live.engine import Engine, EngineConfig
+    from stem_live.lab.evaluate import frame_from_sim
+    from stem_live.live_engine import compiling_engine
+
+    def warm_up(self, frames):   # stands in for a minute of compiling: what it leaves is the spacing
+        self._columns.spacing_px = 9.5
+        return 0.0
+
+    monkeypatch.setattr(Engine, "warm_up", warm_up)
+    monkeypatch.setattr(Engine, "process", lambda self, frame, encode=True: None)
+    engine = compiling_engine(EngineConfig(model="gp"), say=lambda _s: None)
+    frame = frame_from_sim(*Microscope(MicroscopeConfig(preset="graphene", size=64, seed=1)).acquire())
+    engine.process(frame)
+    assert engine._columns.spacing_px == 9.5 and engine._columns.tracker.spacing_px == 9.5
+    assert engine.frames == 0   # reset: the next frame is the reference
