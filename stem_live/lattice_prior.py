@@ -37,7 +37,7 @@ import numpy as np
 from stem_live.locate.columns import Columns
 
 
-def _hat_weights(rows: np.ndarray, lo: float, hi: float, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
+def hat_weights(rows: np.ndarray, lo: float, hi: float, n_knots: int) -> tuple[np.ndarray, np.ndarray]:
     """The piecewise-linear ("hat") basis in the row, knots evenly over [lo, hi], in sparse
     form: every row is between knots k and k + 1 with weights (1 - f, f). Returns (k (N,), f (N,))."""
     step = (hi - lo) / max(n_knots - 1, 1)
@@ -48,7 +48,7 @@ def _hat_weights(rows: np.ndarray, lo: float, hi: float, n_knots: int) -> tuple[
 
 def eval_row_offsets(coef: np.ndarray, rows: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """The piecewise-linear offset with knot values ``coef`` (n_knots, 2) at ``rows`` (N,): (N, 2)."""
-    k, f = _hat_weights(rows, lo, hi, len(coef))
+    k, f = hat_weights(rows, lo, hi, len(coef))
     return coef[k] * (1.0 - f)[:, None] + coef[k + 1] * f[:, None]
 
 
@@ -61,7 +61,7 @@ def fit_row_offsets(rows: np.ndarray, resid: np.ndarray, weight: np.ndarray, lo:
     from scipy.linalg import solveh_banded
 
     n_knots = max(int(n_knots), 2)
-    k, f = _hat_weights(rows, lo, hi, n_knots)
+    k, f = hat_weights(rows, lo, hi, n_knots)
     w = np.asarray(weight, np.float64)
     r = np.asarray(resid, np.float64)
     a0, a1 = w * (1.0 - f), w * f

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from stem_live.engine import Engine
+from stem_live.locate.buckets import compiling_in_background
 
 
 class LiveEngine(Engine):
@@ -28,8 +29,6 @@ class LiveEngine(Engine):
     def process(self, frame, *, encode: bool = True):
         if self._warming:
             return super().process(frame, encode=encode)
-        from stem_live.locate.buckets import compiling_in_background
-
         with compiling_in_background():
             return super().process(frame, encode=encode)
 

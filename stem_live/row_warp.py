@@ -19,16 +19,17 @@ from __future__ import annotations
 import numpy as np
 
 
-def _hat(rows: np.ndarray, knots: np.ndarray):
-    """(n, K) sparse linear-interpolation weights of ``rows`` on ``knots`` (clamped at the ends)."""
+def _hat(rows: np.ndarray, n_rows: int, n_knots: int):
+    """(n, n_knots) sparse hat basis of ``rows`` on knots evenly over [0, n_rows - 1]
+    (``lattice_prior.hat_weights``)."""
     from scipy import sparse
 
-    r = np.clip(rows, knots[0], knots[-1])
-    k = np.clip(np.searchsorted(knots, r, side="right") - 1, 0, len(knots) - 2)
-    f = (r - knots[k]) / (knots[k + 1] - knots[k])
-    n = len(r)
+    from stem_live.lattice_prior import hat_weights
+
+    k, f = hat_weights(rows, 0.0, n_rows - 1.0, n_knots)
+    n = len(k)
     return sparse.csr_matrix((np.concatenate([1.0 - f, f]), (np.tile(np.arange(n), 2), np.concatenate([k, k + 1]))),
-                             shape=(n, len(knots)))
+                             shape=(n, n_knots))
 
 
 def row_warp(ref_px: np.ndarray, spacing_px: float, n_rows: int, *, vectors: np.ndarray | None = None,
@@ -45,6 +46,7 @@ def row_warp(ref_px: np.ndarray, spacing_px: float, n_rows: int, *, vectors: np.
     period, stays near zero)."""
     from scipy.spatial import cKDTree
 
+    from stem_live.lattice_prior import eval_row_offsets
     from stem_live.locate.spacing import lattice_vectors
 
     ref = np.asarray(ref_px, np.float64).reshape(-1, 2)
@@ -69,7 +71,7 @@ def row_warp(ref_px: np.ndarray, spacing_px: float, n_rows: int, *, vectors: np.
         return None
     step = max(8.0, float(knot_rows or spacing_px))
     knots = np.linspace(0.0, n_rows - 1.0, max(3, int(np.ceil((n_rows - 1) / step)) + 1))
-    a = _hat(pts[j, 0], knots) - _hat(pts[i, 0], knots)
+    a = _hat(pts[j, 0], n_rows, len(knots)) - _hat(pts[i, 0], n_rows, len(knots))
     diff = pts[j] - pts[i]
     # the lattice vectors as the pairs measure them (their mean): the linear part of the warp
     counts = np.bincount(vk, minlength=len(vecs))
@@ -85,5 +87,5 @@ def row_warp(ref_px: np.ndarray, spacing_px: float, n_rows: int, *, vectors: np.
         res = np.linalg.norm(y - a @ e, axis=1)
         keep = res <= 3.0 * 1.4826 * np.median(res) + 1e-9
     out = np.full(ref.shape, np.nan)
-    out[good] = _hat(pts[:, 0], knots) @ e
+    out[good] = eval_row_offsets(e, pts[:, 0], 0.0, n_rows - 1.0)
     return out

@@ -10,9 +10,9 @@ from simulator.drift import DriftConfig
 from simulator.microscope import Microscope, MicroscopeConfig
 from stem_live.distortion import CorrectionPolicy, Observations, OnlineDriftGP
 from stem_live.engine import Engine, EngineConfig
-from stem_live.lab.evaluate import frame_from_sim
 from stem_live.protocol import Frame
 from stem_live.register import aperiodic_shift, make_reference, register_resolved
+from tests.engine_sessions import line_drift_errors
 
 STILL = DriftConfig(drift_nm_per_min=0.0, ou_sigma_nm=0.0, jitter_amp_nm=0.0)
 
@@ -64,16 +64,7 @@ def test_slow_scan_with_fast_drift_is_followed_line_by_line():
                            si_fraction=0.01,
                            drift=DriftConfig(drift_nm_per_min=25.0, direction_rad=0.4, ou_sigma_nm=0.003,
                                              jitter_amp_nm=0.0))
-    scope = Microscope(cfg)
-    engine = Engine(EngineConfig(model="gp", hyperfit_background=False, learn_hyperparameters=False))
-    errs, jumps = [], []
-    for k in range(6):
-        image, meta, truth = scope.acquire()
-        res = engine.process(frame_from_sim(image, meta))
-        jumps.append(res.jump)
-        if k >= 2:
-            errs.append(np.asarray(res.line_drift_nm) - np.asarray(truth.drift_nm))
-    e = np.concatenate(errs)
+    e, jumps = line_drift_errors(cfg, 6, skip=2)
     e -= e.mean(axis=0)
     assert not any(jumps)
     assert np.sqrt(np.mean(np.sum(e ** 2, axis=1))) < 0.015
@@ -152,15 +143,7 @@ def _slow_line_mains_errors(pickup: bool, monkeypatch) -> np.ndarray:
     cfg = MicroscopeConfig(preset="graphene", size=128, pixel_size_nm=0.025, dwell_us=40.0, seed=5,
                            drift=DriftConfig(drift_nm_per_min=1.0, ou_sigma_nm=0.002, jitter_amp_nm=0.02,
                                              jitter_hz=60.0))
-    scope = Microscope(cfg)
-    engine = Engine(EngineConfig(model="gp", hyperfit_background=False, learn_hyperparameters=False))
-    errs = []
-    for k in range(6):
-        image, meta, truth = scope.acquire()
-        res = engine.process(frame_from_sim(image, meta))
-        if k >= 2:
-            errs.append(np.asarray(res.line_drift_nm)[:, 1] - np.asarray(truth.drift_nm)[:, 1])
-    e = np.concatenate(errs)
+    e = line_drift_errors(cfg, 6, skip=2)[0][:, 1]
     return e - e.mean()
 
 

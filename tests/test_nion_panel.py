@@ -183,6 +183,17 @@ def _until(dc, what, timeout_s: float = 10.0) -> None:
     dc.periodic()
 
 
+def _assert_ports_free(*endpoints: str) -> None:
+    """The bridge let go of its ports: binding them again works (raises otherwise)."""
+    probe = zmq.Context.instance().socket(zmq.PUB)
+    try:
+        probe.setsockopt(zmq.LINGER, 0)
+        for ep in endpoints:
+            probe.bind(ep)
+    finally:
+        probe.close(0)
+
+
 def _fill(panel: StemLivePanel, commands_endpoint: str) -> None:
     panel.frames_edit.text = "tcp://127.0.0.1:*"  # free ports, read back from the bridge
     panel.corrections_edit.text = "tcp://127.0.0.1:*"
@@ -278,13 +289,7 @@ def test_start_arm_correct_disarm_stop_through_the_panel(swift, usim, engine):
     assert not [t.name for t in threading.enumerate() if t.name in THREADS]
     np.testing.assert_allclose(_csh_nm(usim), start, atol=1e-6)
     _until(dc, lambda: not usim.scan_hardware_source.is_playing, timeout_s=5.0)
-    probe = zmq.Context.instance().socket(zmq.PUB)
-    try:
-        probe.setsockopt(zmq.LINGER, 0)
-        probe.bind(frames_ep)
-        probe.bind(corrections_ep)
-    finally:
-        probe.close(0)
+    _assert_ports_free(frames_ep, corrections_ep)
     assert panel.state_label.text == "stopped" and panel.frames_edit.enabled
     assert "applied 2 " in panel.corrections_label.text  # the last run's totals stay on display
 
@@ -372,10 +377,4 @@ def test_a_failed_restore_is_reported_and_the_ports_are_freed(usim):
     assert not st.running and "could not restore the starting beam shift" in st.last_error
     assert "set it back by hand" in st.last_error and "\n" not in st.last_error
     assert not [t.name for t in threading.enumerate() if t.name in THREADS]
-    probe = zmq.Context.instance().socket(zmq.PUB)
-    try:
-        probe.setsockopt(zmq.LINGER, 0)
-        probe.bind(frames_ep)
-        probe.bind(corrections_ep)
-    finally:
-        probe.close(0)
+    _assert_ports_free(frames_ep, corrections_ep)

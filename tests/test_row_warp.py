@@ -7,11 +7,10 @@ from __future__ import annotations
 import numpy as np
 
 from simulator.drift import DriftConfig
-from simulator.microscope import Microscope, MicroscopeConfig
-from stem_live.engine import Engine, EngineConfig
-from stem_live.lab.evaluate import frame_from_sim
+from simulator.microscope import MicroscopeConfig
 from stem_live.lab.synthetic import honeycomb
 from stem_live.row_warp import row_warp
+from tests.engine_sessions import line_drift_errors
 
 
 def _without_line(e: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -46,15 +45,7 @@ def test_a_mains_line_locked_to_the_frames_is_followed():
     cfg = MicroscopeConfig(preset="srtio3", size=256, dwell_us=1.0, seed=2, frame_gap_s=gap,
                            drift=DriftConfig(drift_nm_per_min=2.0, ou_sigma_nm=0.005, jitter_amp_nm=0.029,
                                              jitter_hz=50.0))
-    scope = Microscope(cfg)
-    engine = Engine(EngineConfig(model="gp", hyperfit_background=False, learn_hyperparameters=False))
-    errs = []
-    for k in range(8):
-        image, meta, truth = scope.acquire()
-        res = engine.process(frame_from_sim(image, meta))
-        if k >= 3:
-            errs.append(np.asarray(res.line_drift_nm)[:, 1] - np.asarray(truth.drift_nm)[:, 1])
-    e = np.concatenate(errs)
+    e = line_drift_errors(cfg, 8, skip=3)[0][:, 1]
     rms = np.sqrt(np.mean((e - e.mean()) ** 2))
     print(f"per-line x error {rms * 1e3:.1f} pm")
     assert rms < 0.006

@@ -341,8 +341,10 @@ class OnlineDriftGP:
         """Whether the model follows the mains line in samples that average over ``smear_s``
         (s, rms spread of their scan times): the term on and at least ``MIN_MAINS_ATTENUATION``
         of it seen (not on slow lines, where a column spans several mains periods)."""
-        if not self.mains_on or self._omega is None:
-            return False
+        return self.mains_on and self._omega is not None and self._mains_seen(smear_s)
+
+    def _mains_seen(self, smear_s: float) -> bool:
+        """Samples averaging over ``smear_s`` (s, rms) see at least ``MIN_MAINS_ATTENUATION`` of the mains line."""
         return bool(np.exp(-0.5 * (self._omega * float(smear_s)) ** 2) >= MIN_MAINS_ATTENUATION)
 
     def prior_var_for(self, data: dict) -> np.ndarray:
@@ -353,7 +355,7 @@ class OnlineDriftGP:
         if self._omega is None:
             return pv
         smear = float(np.median(data["smear"][:data["_n"]])) if data["_n"] else 0.0
-        if np.exp(-0.5 * (self._omega * smear) ** 2) >= MIN_MAINS_ATTENUATION:
+        if self._mains_seen(smear):
             return pv
         pv = pv.copy()
         pv[5:7] = 1e-16

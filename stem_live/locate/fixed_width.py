@@ -468,12 +468,20 @@ def _refit_beside_outside(res, nbr, n, centers, warp, flyback_px, imgp, corner, 
     far = np.full(2, -10 * window, np.int32)
     args = (imgp, _pad_rows(corner[idx], b, 0), _pad_rows(c_pad[idx], b, far), _pad_rows(p[idx], b, 0.0),
             _pad_rows(nb_off[idx], b, -1e4), _pad_rows(nb_amp[idx], b, 0.0), sigma, var_floor, shape)
-    if not side_fit_ready(("outside", window, n_iter, fit_b, sums, shape, *(np.shape(a) for a in args[:6])),
-                          lambda: fn(*args)):
+    out = _side_fit("outside", fn, args, window, n_iter, fit_b, sums)
+    if out is None:
         return
-    out = fn(*args)
     for r_, o in zip(res, out):
         r_[idx] = np.asarray(o)[:m]
+
+
+def _side_fit(kind: str, fn, args: tuple, *static):
+    """``fn(*args)`` for a side fit, or None while a fit of these argument shapes compiles in the
+    background (``buckets.side_fit_ready``; the image's padded shape stands for the frame's)."""
+    key = (kind, *static, *(np.shape(a) for a in args))
+    if not side_fit_ready(key, lambda: fn(*args)):
+        return None
+    return fn(*args)
 
 
 def _fit_warped(res, warp, flyback_px, imgp, corner, c_pad, p, nb_off, nb_amp, centers, window, n_iter, fit_b,
@@ -500,10 +508,9 @@ def _fit_warped(res, warp, flyback_px, imgp, corner, c_pad, p, nb_off, nb_amp, c
     far = np.full(2, -10 * window, np.int32)
     args = (imgp, pad(corner[idx], 0), pad(c_pad[idx], far), pad(pw, 0.0), pad(nbo, -1e4), pad(nb_amp[idx], 0.0),
             sigma, var_floor, shape, pad(xs, 0.0))
-    if not side_fit_ready(("flyback", window, n_iter, fit_b, sums, shape, *(np.shape(a) for a in args[:6]),
-                           np.shape(args[9])), lambda: fn(*args)):
+    out = _side_fit("flyback", fn, args, window, n_iter, fit_b, sums)
+    if out is None:
         return
-    out = fn(*args)
     out = [np.asarray(o)[:m] for o in out]
     fit = out[0].copy()
     fit[:, 2] = flyback.to_pixels(u0 + fit[:, 2], flyback_px) - cx  # back on the pixel grid
