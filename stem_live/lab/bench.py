@@ -246,7 +246,7 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
     earlier start compiled it) while the frames that arrive meanwhile are skipped: ``start``
     says how long that took from the first frame's arrival (``seconds``: the compilation, the
     first frame, and the garbage collection held off until then, ``gc_s``), and how many frames
-    it cost (``start_cost_frames``). From the first frame's result on, ``seconds`` are measured and
+    it cost (``start_cost_frames``: every frame sent before the first one processed after it). From the first frame's result on, ``seconds`` are measured and
     every frame counts, the stream's first ones included (reference, bootstrap, first
     hyperparameter fits): frames/s processed, the engine's capacity (1 / median busy time),
     latency from frame arrival to correction sent (p50, p99, max, the first five), per-stage
@@ -292,6 +292,8 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
             c.frame_ms.clear()
             jit.reset()
             return
+        if "next_seq" not in start:  # frames older than this one were queued during the start: its cost
+            start["next_seq"] = frame.seq
         for k, v in result.timings_ms.items():
             stages.setdefault(k, array("d")).append(v)
         if result.columns is not None:
@@ -337,10 +339,13 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
         if c.rvae_ms:
             stages["rvae"] = array("d", c.rvae_ms)
         first_ms = start["first_frame_ms"]
+        # the start's cost: every frame sent before the first one processed after the start (those
+        # still in the sockets' buffers when it ended are skipped then, but were sent during it)
+        cost = max(sk0, start["next_seq"] - svc.first_seq - 1 if "next_seq" in start else sk0)
         return {
             "size": size, "model": model, "rvae": bool(rvae and model == "gp"), "offered_hz": round(rate, 2),
             "prerendered_frames": prerender, "seconds": round(elapsed, 2), "processed": processed,
-            "received": c.received - r0, "skipped": c.skipped - sk0, "fps": round(processed / elapsed, 2),
+            "received": c.received - r0, "skipped": c.skipped - cost, "fps": round(processed / elapsed, 2),
             "rvae_skipped": c.rvae_skipped - rs0,
             "capacity_fps": round(1e3 / float(np.median(busy)), 2) if busy else None,
             "columns_per_frame": int(np.median(n_cols)) if n_cols else 0,
@@ -355,8 +360,8 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
             "start": {"seconds": None if first_ms is None else round(first_ms / 1e3 + start["gc_s"], 2),
                       "compile_s": None if engine.compile_s is None else round(engine.compile_s, 2),
                       "gc_s": round(start["gc_s"], 3),
-                      "frames_skipped": sk0, "first_seq": svc.first_seq, "jit": start["jit"]},
-            "start_cost_frames": sk0,
+                      "frames_skipped": cost, "first_seq": svc.first_seq, "jit": start["jit"]},
+            "start_cost_frames": cost,
             "jit_after_start": jit.result(),
             "rss_start_mb": round(mem0, 1), "rss_end_mb": round(rss_mb(), 1),
             "rss_growth_mb": round(rss_mb() - mem0, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
