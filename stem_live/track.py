@@ -121,6 +121,43 @@ def _refine_shift_points(ref: np.ndarray, pts: np.ndarray, shift, radius: float,
     return s, frac
 
 
+def _band_shifts(ref: np.ndarray, pts: np.ndarray, shift, radius: float, spacing: float, tree, *,
+                 min_frac: float = 0.9, band_spacings: float = 2.0) -> np.ndarray | None:
+    """Per-point link shift ((N, 2) px) where one shift for the whole frame leaves a band of
+    rows unlinked; None where it links every band (``min_frac`` of its points).
+
+    Rows are times: drift the prediction did not expect moves a band of rows away from the
+    reference, by more than the link radius where it is fast (an Ornstein-Uhlenbeck wander of
+    tens of pm within a slow frame). Bands of ``band_spacings`` x the spacing in rows, each
+    refined (:func:`_refine_shift_points`) from its neighbour's shift outwards from the band
+    the frame's shift links best: the drift moves little from one band to the next. A band
+    that does not link (a jump, a new area) keeps its neighbour's shift."""
+    rows = pts[:, 0]
+    lo, hi = float(rows.min()), float(rows.max())
+    nb = int(np.clip((hi - lo) / (band_spacings * spacing), 1, 64))
+    if nb < 2:
+        return None
+    band = np.minimum(((rows - lo) / (hi - lo) * nb).astype(int), nb - 1)
+    d, _ = tree.query(pts - shift, distance_upper_bound=radius)
+    count = np.bincount(band, minlength=nb)
+    frac = np.bincount(band, np.isfinite(d), nb) / np.maximum(count, 1)
+    if np.all(frac[count >= 3] >= min_frac):
+        return None
+    out = np.zeros((nb, 2))
+    start = int(np.argmax(np.where(count >= 3, frac, -1.0)))
+    out[start] = _refine_shift_points(ref, pts[band == start], shift, radius, tree=tree)[0]
+    for order in (range(start + 1, nb), range(start - 1, -1, -1)):
+        prev = out[start]
+        for b in order:   # a few bands, not atoms
+            m = band == b
+            if m.sum() >= 3:
+                s, f = _refine_shift_points(ref, pts[m], prev, radius, tree=tree)
+                if f >= 0.5 and np.hypot(*(s - prev)) < radius:
+                    prev = s
+            out[b] = prev
+    return out[band]
+
+
 def _shift_points(ref: np.ndarray, pts: np.ndarray, spacing: float, prior, prior_sigma) -> tuple[float, float]:
     from scipy import fft
 
@@ -312,7 +349,10 @@ class Tracker:
                     coarse = pred
                 shift, _ = _refine_shift_points(ref, p, coarse, radius, tree=tree)
             q = p - shift
-            d, site = tree.query(q, distance_upper_bound=radius)
+            # linked band by band where the frame's one shift leaves rows out; the reference
+            # still averages q (its errors average out over the frames, a band's shift would not)
+            local = _band_shifts(ref, p, shift, radius, spacing, tree) if len(p) >= 8 else None
+            d, site = tree.query(q if local is None else p - local, distance_upper_bound=radius)
             linked = np.isfinite(d)
             # one column per site: the closest wins, the others become new sites
             if linked.any():

@@ -135,6 +135,32 @@ def test_tracker_uses_shift_hint():
     assert np.allclose(tr.shift, jump, atol=0.1)
 
 
+def test_tracker_links_rows_the_drift_moved_within_the_frame():
+    """Rows are times: drift that the prediction missed moves the last third of the rows by
+    0.45 of a spacing, beyond the link radius (0.3) for one shift per frame. Every column
+    still links to its own site, and the reference averages the frame's one shift (a band's
+    shift would freeze the drift into it)."""
+    seq, _ = make_sequence(n_frames=1, step_frac=0.0)
+    cols0, _ = seq[0]
+    tr = Tracker()
+    ids0 = tr.update(cols0)
+    ref0 = tr.reference.copy()
+    p = cols0.positions.copy()
+    spacing = tr.spacing_px
+    ramp = np.clip((p[:, 0] - 100.0) / 33.0, 0.0, 1.0)[:, None] * np.array([0.0, 0.45 * spacing])  # rows 100-133 ramp up
+    moved = Columns(p + ramp, cols0.klass, cols0.intensity, cols0.confidence, cols0.border)
+    ids1 = tr.update(moved, shift_hint=(0.0, 0.0))
+    assert (ramp[:, 1] > 0.3 * spacing).sum() > 50
+    assert np.array_equal(ids1, ids0)   # before band linking, the moved rows became new sites
+    assert len(tr.reference) == len(ref0)
+    # each site's reference: the mean of its two sightings less the frame's one shift
+    order = np.argsort(tr.reference_ids)
+    shift = np.asarray(tr.shift)
+    exp = 0.5 * (p + (p + ramp - shift))
+    got = tr.reference[order][np.searchsorted(tr.reference_ids[order], ids0)]
+    assert np.allclose(got, exp, atol=1e-9)
+
+
 def test_estimate_shift_images_and_points():
     rng = np.random.default_rng(0)
     img = rng.normal(size=(128, 128))
