@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import tempfile
 import threading
 import time
@@ -341,6 +342,7 @@ class UsimSession:
     configuration: Any
     scan_hardware_source: Any
     instrument: Any  # the usim STEM controller (GetVal/SetVal, stage_position_m)
+    settings_dir: Path | None = None  # a folder start_usim made for usim's settings: removed on close
     _closed: bool = field(default=False, repr=False)
 
     def close(self) -> None:
@@ -366,6 +368,8 @@ class UsimSession:
                         camera.close()
                     except Exception:  # noqa: BLE001 - already closed
                         pass
+            if self.settings_dir is not None:
+                shutil.rmtree(self.settings_dir, ignore_errors=True)
 
     def __enter__(self) -> UsimSession:
         return self
@@ -389,7 +393,8 @@ def start_usim(sample_index: int = 1, settings_dir: str | Path | None = None) ->
     conf = DeviceConfiguration.AcquisitionContextConfiguration(sample_index=sample_index,
                                                                set_configuration_location=False)
     HardwareSource.run()
-    scan_base.run(Path(settings_dir or tempfile.mkdtemp(prefix="stem-live-usim-")))
+    own_dir = None if settings_dir else Path(tempfile.mkdtemp(prefix="stem-live-usim-"))
+    scan_base.run(Path(settings_dir) if settings_dir else own_dir)
     conf.run()
     hs = HardwareSource.HardwareSourceManager().get_hardware_source_for_hardware_source_id(
         conf.scan_module.device.scan_device_id)
@@ -397,8 +402,10 @@ def start_usim(sample_index: int = 1, settings_dir: str | Path | None = None) ->
         conf.stop()
         scan_base.stop()
         HardwareSource.stop()
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
         raise InstrumentError("nionswift-usim did not register its scan device")
-    session = UsimSession(conf, hs, conf.instrument)
+    session = UsimSession(conf, hs, conf.instrument, settings_dir=own_dir)
     # usim's camera and scan threads are not daemons: a forgotten session would keep the
     # interpreter from exiting. threading's own pre-shutdown hook (the one concurrent.futures
     # uses) closes it before Python waits for those threads.

@@ -30,8 +30,10 @@ FOV_NM = 31.25  # 256 px of 0.1220703125 nm: 4 px per texel
 @pytest.fixture(scope="module")
 def usim():
     session = start_usim(sample_index=1)
+    assert session.settings_dir is not None and session.settings_dir.is_dir()
     yield session
     session.close()
+    assert not session.settings_dir.exists()  # usim's settings folder goes with the session
 
 
 @pytest.fixture
