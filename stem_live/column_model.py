@@ -26,6 +26,35 @@ log = logging.getLogger("stem_live.engine")
 PICKUP_MAINS_TOL = 0.05
 #: frames between two measurements of the reference's lattice vectors (``_unwarped_reference``)
 VECTORS_EVERY = 16
+#: share (y, x) of the model's mains line in the reference's de-skew (:func:`drift_without_mains`)
+DESKEW_MAINS_KEEP = (0.0, 1.0)
+
+
+def drift_without_mains(gp, t_s: np.ndarray, *, keep: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """The drift model's (``OnlineDriftGP``) drift (n, 2) nm and its sd at times ``t_s`` (s),
+    averaged over one period of its mains frequency (the mains line and its harmonics left out);
+    ``keep``: the share (y, x) of the model's mains line kept on each axis.
+
+    The de-skew (``ColumnModel._deskewed``) takes out of the tracker's reference the drift
+    during the frame; the mains line is the locator's and the GP's to model, line by line. Put
+    into the reference, the model's own mains line comes back in the next frames' samples from
+    the sites seen in few frames (a drifting field brings new ones every frame) and feeds
+    itself: a 50 Hz line in y that grew to 70 pm in 20 frames of a stream that had none.
+    ``DESKEW_MAINS_KEEP`` keeps it along x, the fast axis, where every line's columns pin it
+    (no such growth seen) and where taking it out of the reference is what lets the model see a
+    line locked to the frames (``tests/test_row_warp.py``: 0.8 pm kept, 15 pm left out)."""
+    t_s = np.asarray(t_s, np.float64)
+    mean, sd = gp.predict(t_s)
+    hz = gp.mains_hz
+    if not hz or not len(t_s):
+        return mean, sd
+    step = 1.0 / (8.0 * hz)
+    grid = np.arange(t_s.min() - 4.0 * step, t_s.max() + 5.0 * step, step)
+    g, _ = gp.predict(grid)
+    box = np.r_[0.5, np.ones(7), 0.5] / 8.0   # one period, centred
+    smooth = np.stack([np.convolve(g[:, q], box, mode="same") for q in range(2)], axis=1)
+    smooth = np.stack([np.interp(t_s, grid, smooth[:, q]) for q in range(2)], axis=1)
+    return smooth + np.asarray(keep, np.float64)[None, :] * (mean - smooth), sd
 
 
 @dataclass(frozen=True)
@@ -390,7 +419,7 @@ class ColumnModel:
         t_mid = frame.t_start + 0.5 * frame.frame_time_s
         if len(self.gp.frames) < self.deskew_min_frames:   # the velocity of the first two frames' step
             return dc_replace(cols, positions=pos - self._boot_v_px[None, :] * (t_col - t_mid)[:, None])
-        mean, sd = self.gp.predict(np.append(t_col, t_mid))
+        mean, sd = drift_without_mains(self.gp, np.append(t_col, t_mid), keep=DESKEW_MAINS_KEEP)
         px = np.asarray(frame.pixel_size_nm, dtype=np.float64)
         dev = (mean[:-1] - mean[-1]) / px
         # a fast drift over a slow scan moves the columns by several spacings within one frame: the

@@ -155,3 +155,36 @@ def test_a_running_fit_never_blocks_a_frame(monkeypatch):
     finally:
         release.set()
     assert learner.wait(10) and learner.n_fits == 1
+
+
+def test_the_de_skew_leaves_the_mains_line_out_along_y():
+    """The tracker's reference is de-skewed with the model's drift less its mains line along y
+    (``drift_without_mains`` with ``DESKEW_MAINS_KEEP``): on a stream with a 30 pm 50 Hz line on
+    both axes the model carries the line on both; the de-skew's drift keeps it along x only, and
+    keeps the rest of the model (velocity, wander) on both."""
+    from stem_live.column_model import DESKEW_MAINS_KEEP, drift_without_mains
+
+    frames = stream(8, ou_sigma=0.02, ou_tau=2.0, mains_amp=0.03, mains_hz=50.0, mains_axes=(0, 1), seed=5)
+    gp = OnlineDriftGP(window_frames=4, max_samples=4000, min_groups=256, max_groups=256, mains_hz=50.0)
+    for o in frames:
+        gp.add(o)
+    t = np.sort(frames[-1].t_s)
+    full, _ = gp.predict(t)
+    deskew, _ = drift_without_mains(gp, t, keep=DESKEW_MAINS_KEEP)
+
+    def at_50_hz(d):   # amplitude (nm) of the 50 Hz sinusoid in d, and d without it (offset and slope fitted too)
+        a = np.stack([np.sin(2 * np.pi * 50 * t), np.cos(2 * np.pi * 50 * t), np.ones_like(t), t - t.mean()], 1)
+        c = np.linalg.lstsq(a, d, rcond=None)[0]
+        return np.hypot(c[0], c[1]), d - a[:, :2] @ c[:2]
+
+    for axis, kept in ((0, False), (1, True)):
+        amp_full, rest_full = at_50_hz(full[:, axis])
+        amp, rest = at_50_hz(deskew[:, axis])
+        assert amp_full == pytest.approx(0.03, rel=0.3)          # the model follows the line ...
+        if kept:
+            assert amp == pytest.approx(amp_full, rel=1e-6)      # ... the de-skew along x too
+        else:
+            assert amp < 0.002                                   # ... along y not
+        # the rest of the model is kept (a one-period average of a wander on seconds: < 1 pm off)
+        assert np.sqrt(np.mean((rest - rest_full) ** 2)) < 0.001
+    assert np.ptp(deskew[:, 1]) > 0.02                           # the frame's drift itself is there
