@@ -246,9 +246,10 @@ def bench_pipeline(size: int = 512, *, seconds: float = 10.0, rate_hz: float | N
     earlier start compiled it) while the frames that arrive meanwhile are skipped: ``start``
     says how long that took from the first frame's arrival (``seconds``: the compilation, the
     first frame, and the garbage collection held off until then, ``gc_s``), and how many frames
-    it cost (``start_cost_frames``: every frame sent before the first one processed after it). From the first frame's result on, ``seconds`` are measured and
-    every frame counts, the stream's first ones included (reference, bootstrap, first
-    hyperparameter fits): frames/s processed, the engine's capacity (1 / median busy time),
+    it cost (``start_cost_frames``: every frame sent before the first one processed after it).
+    From the first frame's result on, ``seconds`` are measured and every frame counts, the
+    stream's first ones included (reference, bootstrap, first hyperparameter fits): frames/s
+    processed, the engine's capacity (1 / median busy time),
     latency from frame arrival to correction sent (p50, p99, max, the first five), per-stage
     median / p99, skipped frames, memory, per ``window_s`` the median frame time and memory
     (flat over a long run: ``seconds=1800``), and the jit work done after the start
