@@ -235,6 +235,21 @@ def test_train_locator_eval_only_needs_weights_and_their_record(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_train_locator_steps_reach_the_trainer(monkeypatch, tmp_path):
+    """--steps N trains N steps (the committed weights' reproducible length), --minutes a budget;
+    a step count that is not a positive integer is refused before anything runs."""
+    import stem_live.lab.train_unet as T
+    from stem_live.cli import app
+
+    seen = []
+    monkeypatch.setattr(T, "train", lambda out, **kw: seen.append(kw) or {})
+    assert app.main(["train-locator", "--out", str(tmp_path / "w.msgpack"), "--steps", "7", "--seed", "3"]) == 0
+    assert app.main(["train-locator", "--out", str(tmp_path / "w.msgpack"), "--minutes", "2"]) == 0
+    assert (seen[0]["max_steps"], seen[0]["seed"]) == (7, 3) and (seen[1]["max_steps"], seen[1]["minutes"]) == (None, 2.0)
+    r = stem_live("train-locator", "--out", str(tmp_path / "w.msgpack"), "--steps", "0")
+    assert r.returncode == 2 and "must be positive" in r.stderr
+
+
 def test_locate_bad_file_is_one_line(tmp_path):
     bad = tmp_path / "bad.tif"
     bad.write_bytes(b"II*\x00garbage")

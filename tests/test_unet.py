@@ -116,15 +116,23 @@ def real_graphene_score():
 
 def test_real_graphene_f1(real_graphene_score):
     """The target on the real image: F1 >= 0.95 against the AtomNet reference (measured
-    about 0.956 at the calibrated threshold 0.15), no more false positives than the classical
-    locator's 27, and nothing on a saturated pixel of the contamination."""
+    0.985 at the calibrated threshold 0.05), no more false positives than the classical
+    locator's 27, and nothing on a saturated pixel of the contamination (the 8-bit image also
+    clips the tops of bright columns: 5-120 px plateaus, columns still; the contamination is
+    one region of ~9,900 px)."""
+    from scipy import ndimage
+
     img, cols, sc = real_graphene_score
     print(sc)
     assert sc["f1"] >= 0.95
     assert sc["fp"] <= 27, sc
-    sat = img >= img.max()
-    ij = np.rint(cols.positions).astype(int)
-    assert not np.any(sat[ij[:, 0], ij[:, 1]])
+    labels, _ = ndimage.label(img >= img.max())
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    contamination = sizes[labels] > 1000
+    assert contamination.sum() > 5000
+    ij = np.clip(np.rint(cols.positions).astype(int), 0, np.array(img.shape) - 1)
+    assert not np.any(contamination[ij[:, 0], ij[:, 1]])
 
 
 def test_train_step_smoke(tmp_path):

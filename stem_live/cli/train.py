@@ -14,7 +14,7 @@ def cmd_train_locator(a: argparse.Namespace) -> int:
 
     if a.eval_only:
         return reevaluate(a.out)
-    train(a.out, minutes=a.minutes, seed=a.seed, progress=print)
+    train(a.out, minutes=a.minutes, seed=a.seed, max_steps=a.steps, progress=print)
     return 0
 
 
@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     s = sub.add_parser("train-locator", help="train the U-Net column locator on simulated frames (seeded)")
     s.add_argument("--out", type=Path, required=True, help="weights to write (.msgpack); MODEL.md goes beside them")
     s.add_argument("--minutes", type=positive(float), default=20.0, help="wall-clock training budget")
+    s.add_argument("--steps", type=positive(int), default=None,
+                   help="train for this many steps instead of --minutes: the same weights on any machine "
+                        "(the committed weights: 12000)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--eval-only", action="store_true",
                    help="no training: re-evaluate the weights at --out and rewrite their metrics.json and MODEL.md")

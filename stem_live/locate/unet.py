@@ -218,7 +218,7 @@ def normalise(image: np.ndarray) -> np.ndarray:
 
 #: detection threshold on the column probability: the maximum of the per-frame mean F1 on held-out
 #: simulated frames (``train_unet.calibrate_threshold``, recorded in weights/metrics.json; keep the two in step)
-THRESHOLD = 0.15
+THRESHOLD = 0.05
 #: columns lower than this fraction of the 99th-percentile column height are dropped (``locate_unet``):
 #: an amorphous support beside Au columns (< 0.8 %), the O columns of PbTiO3 that HAADF does not show at
 #: real doses (1-3 %); SrTiO3's O stand at >= 5.2 % (as ``spacing.BRIGHT_FRACTION``)
