@@ -43,8 +43,8 @@ def add_parser(sub) -> None:
     s.add_argument("--out", type=Path, required=True, help="weights to write (.msgpack); MODEL.md goes beside them")
     s.add_argument("--minutes", type=positive(float), default=20.0, help="wall-clock training budget")
     s.add_argument("--steps", type=positive(int), default=None,
-                   help="train for this many steps instead of --minutes: the same weights on any machine "
-                        "(the committed weights: 12000)")
+                   help="train for this many steps instead of --minutes (a length that does not depend on "
+                        "the machine's speed; the committed weights: 12000)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--eval-only", action="store_true",
                    help="no training: re-evaluate the weights at --out and rewrite their metrics.json and MODEL.md")

@@ -17,7 +17,7 @@ Target: Gaussian blobs (sigma = 0.15 x nearest-neighbour spacing, clipped to 1-2
 columns) at the columns the detector shows (``truth.visible``: no O columns in HAADF
 perovskite; the amorphous carbon of the nanoparticle support is background). Loss: binary
 cross-entropy. Optimiser: Adam with a cosine learning-rate decay over the time budget.
-Everything is seeded; with ``--steps`` the weights are the same on any machine, with ``--minutes``
+Everything is seeded; with ``--steps`` the run does not depend on the machine's speed, with ``--minutes``
 up to how many steps fit in the budget.
 """
 
@@ -537,7 +537,7 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=MINUTES, help="wall-clock training budget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None,
-                    help="train for this many steps instead of --minutes (the same weights on any machine)")
+                    help="train for this many steps instead of --minutes (a length independent of the machine's speed)")
     ap.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     ap.add_argument("--eval-only", action="store_true",
                     help="no training: re-evaluate the weights at --out (after a change to the locator) and "
