@@ -53,7 +53,9 @@ def test_pipeline_reports_what_the_start_cost(monkeypatch):
     r = bench.bench_pipeline(128, seconds=2.0, rate_hz=10.0, model="rigid", rvae=False, prerender=6)
     assert r["start"]["compile_s"] == 1.5 and r["start"]["seconds"] >= 1.5
     assert 10 <= r["start_cost_frames"] <= 20  # 1.5 s at 10 Hz, less the one waiting when it ends
-    assert r["processed"] >= 15 and r["skipped"] <= 2  # after the start: every frame
+    # after the start: the frames are processed, not the start's backlog skipped (a loaded 2-core CI
+    # machine holds an odd frame past the 100 ms period: 3 of 25 seen there, 0 when idle)
+    assert r["processed"] >= 15 and r["skipped"] <= 0.2 * r["processed"]
     assert r["latency_p99_ms"] < 100.0 and r["latency_n"] >= 5  # the stall is the start's, not a frame's latency
 
 
