@@ -121,10 +121,11 @@ def _refine_shift_points(ref: np.ndarray, pts: np.ndarray, shift, radius: float,
     return s, frac
 
 
-def _band_shifts(ref: np.ndarray, pts: np.ndarray, shift, radius: float, spacing: float, tree, *,
-                 min_frac: float = 0.9, band_spacings: float = 2.0) -> np.ndarray | None:
+def _band_shifts(ref: np.ndarray, pts: np.ndarray, linked: np.ndarray, shift, radius: float, spacing: float,
+                 tree, *, min_frac: float = 0.9, band_spacings: float = 2.0) -> np.ndarray | None:
     """Per-point link shift ((N, 2) px) where one shift for the whole frame leaves a band of
-    rows unlinked; None where it links every band (``min_frac`` of its points).
+    rows unlinked (``linked``: (N,) bool, each point linked with ``shift``); None where it links
+    every band (``min_frac`` of its points).
 
     Rows are times: drift the prediction did not expect moves a band of rows away from the
     reference, by more than the link radius where it is fast (an Ornstein-Uhlenbeck wander of
@@ -138,9 +139,8 @@ def _band_shifts(ref: np.ndarray, pts: np.ndarray, shift, radius: float, spacing
     if nb < 2:
         return None
     band = np.minimum(((rows - lo) / (hi - lo) * nb).astype(int), nb - 1)
-    d, _ = tree.query(pts - shift, distance_upper_bound=radius)
     count = np.bincount(band, minlength=nb)
-    frac = np.bincount(band, np.isfinite(d), nb) / np.maximum(count, 1)
+    frac = np.bincount(band, linked, nb) / np.maximum(count, 1)
     if np.all(frac[count >= 3] >= min_frac):
         return None
     out = np.zeros((nb, 2))
@@ -351,8 +351,10 @@ class Tracker:
             q = p - shift
             # linked band by band where the frame's one shift leaves rows out; the reference
             # still averages q (its errors average out over the frames, a band's shift would not)
-            local = _band_shifts(ref, p, shift, radius, spacing, tree) if len(p) >= 8 else None
-            d, site = tree.query(q if local is None else p - local, distance_upper_bound=radius)
+            d, site = tree.query(q, distance_upper_bound=radius)
+            local = _band_shifts(ref, p, np.isfinite(d), shift, radius, spacing, tree) if len(p) >= 8 else None
+            if local is not None:
+                d, site = tree.query(p - local, distance_upper_bound=radius)
             linked = np.isfinite(d)
             # one column per site: the closest wins, the others become new sites
             if linked.any():
