@@ -733,3 +733,27 @@ def test_the_c_neighbours_of_si_dopants_are_kept(dose):
         if want:
             assert hit[neighbour].mean() >= want
             assert hit.mean() >= 0.99 and len(r) / len(cols) >= 0.99
+
+
+def test_the_residual_pass_model_is_the_sum_of_the_columns_gaussians():
+    """``residual.render_model`` (a sparse product of the columns' row and column profiles)
+    equals the sum of the Gaussians, each cut off at 4 sigma, pixel by pixel: at the frame
+    edges (columns partly or wholly outside), for unequal heights and with NaN positions
+    skipped."""
+    from stem_live.locate.residual import render_model
+
+    rng = np.random.default_rng(3)
+    h, w, sigma = 40, 56, 2.3
+    pos = np.concatenate([rng.uniform(-5, [h + 5, w + 5], (30, 2)), [[np.nan, 3.0]]])
+    amp = np.concatenate([rng.uniform(0.5, 4.0, 30), [9.0]])
+    got = render_model((h, w), pos, amp, sigma)
+    yy, xx = np.mgrid[:h, :w]
+    want = np.zeros((h, w))
+    rad = int(np.ceil(4.0 * sigma))
+    for (py, px), a in zip(pos[:-1], amp[:-1]):
+        inside = (np.abs(yy - np.rint(py)) <= rad) & (np.abs(xx - np.rint(px)) <= rad)
+        want += np.where(inside, a * np.exp(-((yy - py) ** 2 + (xx - px) ** 2) / (2 * sigma**2)), 0.0)
+    assert got.shape == (h, w) and got.dtype == np.float32
+    assert want.max() > 1.0
+    np.testing.assert_allclose(got, want, atol=1e-5 * want.max())
+    assert not render_model((h, w), np.zeros((0, 2)), np.zeros(0), sigma).any()
