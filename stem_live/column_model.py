@@ -57,6 +57,23 @@ def drift_without_mains(gp, t_s: np.ndarray, *, keep: tuple[float, float] = (0.0
     return smooth + np.asarray(keep, np.float64)[None, :] * (mean - smooth), sd
 
 
+def line_drift(gp, line_times_s: np.ndarray, smear_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The drift model's (``OnlineDriftGP``) drift (rows, 2) nm and its sd at every line's
+    time (s) of a frame whose columns average over ``smear_s`` (s, rms) of scan time.
+
+    Every line, not a coarser grid: that would alias the 50 Hz term (a period of ~20 lines);
+    the mean is O(1) a point in state-space form. Where the samples hide the mains line
+    (``gp.follows_mains`` false: slow lines, a column spans much of a mains period), the model's
+    quasi-periodic term only soaks up what the columns leave of the line (it stays in the fit:
+    without it the other terms take that variance, and a stream of 2-line mains periods lost
+    its lock) and follows their noise at the mains frequency on both axes; the lines then get
+    the model averaged over a mains period (``drift_without_mains``), and the locator's
+    line-by-line pick-up gives the line along x (``ColumnModel._with_pickup``)."""
+    if gp.mains_on and not gp.follows_mains(smear_s):
+        return drift_without_mains(gp, line_times_s)
+    return gp.predict(line_times_s)
+
+
 @dataclass(frozen=True)
 class ColumnResult:
     columns: object
@@ -328,9 +345,7 @@ class ColumnModel:
             t0 = time.perf_counter()
             self.learner.after_frame()   # live: starts a background fit when one is due; never waits
             self.hyperfit_ms = (time.perf_counter() - t0) * 1e3   # an inline fit (replay, evaluate)
-        # the model at every line (the mean is O(1) a point in state-space form; a coarser grid
-        # would alias the 50 Hz term, a period of ~20 lines)
-        line_mean, line_sd = self.gp.predict(frame.line_times())
+        line_mean, line_sd = line_drift(self.gp, frame.line_times(), self._smear_s(frame))
         line_mean = self._with_pickup(frame, line_mean, pickup)
         decision = self.policy.correction(self.gp, frame.t_start + self.period_s, frame.frame_time_s,
                                           frame.beam_shift_nm)

@@ -188,3 +188,52 @@ def test_the_de_skew_leaves_the_mains_line_out_along_y():
         # the rest of the model is kept (a one-period average of a wander on seconds: < 1 pm off)
         assert np.sqrt(np.mean((rest - rest_full) ** 2)) < 0.001
     assert np.ptp(deskew[:, 1]) > 0.02                           # the frame's drift itself is there
+
+
+def _with_smear(frames, smear_s, attenuation):
+    """The frames as columns that average over ``smear_s`` (s, rms) of scan time: their mains
+    line (the stream's 50 Hz along x) reaches the samples times ``attenuation``."""
+    out = []
+    for o in frames:
+        d = np.array(o.disp_nm, copy=True)
+        d[:, 1] -= (1.0 - attenuation) * 0.02 * np.sin(2 * np.pi * 50.0 * o.t_s + 0.7)
+        out.append(Observations(t_s=o.t_s, pos_px=o.pos_px, disp_nm=d, sigma_nm=o.sigma_nm, frame=o.frame,
+                                t_line_s=o.t_line_s, pixel_size_nm=o.pixel_size_nm,
+                                smear_s=np.full(len(o.t_s), smear_s)))
+    return out
+
+
+def _line_50hz_nm(mean, t):
+    """(y, x) amplitude (nm) of the 50 Hz line in a drift ``mean`` (n, 2) nm at times ``t`` (s)."""
+    a = np.stack([np.sin(2 * np.pi * 50 * t), np.cos(2 * np.pi * 50 * t), np.ones_like(t), t - t.mean()], 1)
+    coef = np.linalg.lstsq(a, mean, rcond=None)[0]
+    return np.hypot(coef[0], coef[1])
+
+
+def test_slow_lines_leave_the_mains_line_to_the_locator():
+    """Samples that see less than ``MIN_MAINS_ATTENUATION`` of the mains line (a column spans a
+    large part of its period: slow lines) leave it to the locator's line-by-line pick-up: the
+    per-line drift (``column_model.line_drift``) carries no 50 Hz on either axis (the model's
+    terms would follow the samples' noise there). Fast lines: the model follows the 20 pm line
+    on x, none on y."""
+    from stem_live.column_model import line_drift
+    from stem_live.distortion.gp import MIN_MAINS_ATTENUATION
+
+    base = stream(12, ou_sigma=0.01, ou_tau=2.0, mains_amp=0.02, mains_hz=50.0, seed=11)
+    omega = 2 * np.pi * 50.0
+    for smear, follows in ((0.5e-3, True), (4e-3, False)):
+        att = float(np.exp(-0.5 * (omega * smear) ** 2))
+        assert (att >= MIN_MAINS_ATTENUATION) == follows
+        gp = OnlineDriftGP(window_frames=3, max_samples=3000, min_groups=256, max_groups=256, mains_hz=50.0)
+        for o in _with_smear(base, smear, att):
+            gp.add(o)
+        assert gp.follows_mains(smear) == follows
+        assert gp.mains_hidden(gp._window_data()) == (not follows)
+        t = np.linspace(base[-1].t_s.min(), base[-1].t_s.max(), 2000)
+        amp = _line_50hz_nm(*line_drift(gp, t, smear)[:1], t)
+        if follows:
+            assert amp[1] == pytest.approx(0.02, rel=0.2) and amp[0] < 0.002, amp
+        else:
+            assert amp.max() < 0.0005, amp
+            # what the model alone would give the lines: the samples' leftover line on x
+            assert _line_50hz_nm(gp.predict(t)[0], t)[1] > 0.002

@@ -51,8 +51,13 @@ from stem_live.distortion.observations import Observations
 
 __all__ = ["OnlineDriftGP", "GPSnapshot", "HYPER_NAMES", "BOUNDS"]
 
-#: the coherent mains term is fitted only where the samples see at least this fraction of it
-MIN_MAINS_ATTENUATION = 0.3
+#: the model follows the mains line only where the samples see at least this fraction of it
+#: (a column's scan times spread over less than about 1/6 of a mains period); elsewhere its
+#: coherent term is pinned to zero and the lines get the model averaged over a mains period
+#: (``column_model.line_drift``), the locator's line-by-line pick-up carrying the line
+#: (``ColumnModel._pickup_model``). docs/drift-model.md, "Mains seen through the columns", has
+#: the scenarios behind the value
+MIN_MAINS_ATTENUATION = 0.6
 _MEAN_CHUNKS = (16, 1024)  # padded sizes of the prediction (each compiles once per window size)
 _N_VAR = 32            # points of the posterior-sd grid computed with each conditioning
 
@@ -347,15 +352,19 @@ class OnlineDriftGP:
         """Samples averaging over ``smear_s`` (s, rms) see at least ``MIN_MAINS_ATTENUATION`` of the mains line."""
         return bool(np.exp(-0.5 * (self._omega * float(smear_s)) ** 2) >= MIN_MAINS_ATTENUATION)
 
+    def mains_hidden(self, data: dict) -> bool:
+        """Whether a window's samples (median spread of their scan times) see less than
+        ``MIN_MAINS_ATTENUATION`` of the mains line: slow lines, where a column averages over
+        a large part of a mains period and the line-by-line mains cannot be followed."""
+        if self._omega is None or not data["_n"]:
+            return False
+        return not self._mains_seen(float(np.median(data["smear"][:data["_n"]])))
+
     def prior_var_for(self, data: dict) -> np.ndarray:
         """The linear terms' prior variances for a window: the mains sinusoid pinned to zero
-        where the samples see less than ``MIN_MAINS_ATTENUATION`` of it (slow lines: a column
-        averages over several mains periods, the line-by-line mains cannot be followed)."""
+        where the samples hide the mains line (``mains_hidden``)."""
         pv = self._prior_var
-        if self._omega is None:
-            return pv
-        smear = float(np.median(data["smear"][:data["_n"]])) if data["_n"] else 0.0
-        if self._mains_seen(smear):
+        if not self.mains_hidden(data):
             return pv
         pv = pv.copy()
         pv[5:7] = 1e-16
