@@ -46,6 +46,15 @@ class Instrument(ABC):
     def set_beam_shift(self, target_nm: np.ndarray) -> None:
         """Move the beam shift to ``target_nm`` (nm, (y, x)); limits are the bridge's job."""
 
+    #: True where the instrument can follow a beam-shift path line by line (``follow_path``)
+    follows_paths: bool = False
+
+    def follow_path(self, t_s: np.ndarray, shift_nm: np.ndarray) -> None:
+        """Set the beam shift to ``shift_nm[i]`` (nm, (y, x)) at the scan line that starts at
+        ``t_s[i]`` (s, the frames' ``t_start`` clock), one value per line; the limits are the
+        bridge's job. Only called where ``follows_paths`` is True."""
+        raise InstrumentError(f"{type(self).__name__} cannot follow a beam-shift path: send single corrections")
+
     def hand_over_to_stage(self, shift_nm: np.ndarray) -> bool:
         """Move the stage so that the specimen moves as a beam shift of ``shift_nm`` (nm, (y, x)) moved
         it, so that the bridge can set the beam shift back to its start. True when done; the

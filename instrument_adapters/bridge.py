@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
-from instrument_adapters.safety import Limits, clamp_target
+from instrument_adapters.safety import Limits, clamp_path, clamp_target
 from stem_live import protocol
 from stem_live.protocol import Ack, Correction, Frame, ProtocolError
 from stem_live.security import KeyFileError, ServerKeys, is_loopback
@@ -150,6 +150,7 @@ class Bridge:
             self._subscribed.set()
         self._lock = threading.Lock()  # serialises calls into the instrument
         self._last_seq = -1
+        self._line_time_s = float("nan")   # the last frame's line time: a trajectory is followed line by line
         self._last_id: dict[bytes, int] = {}
         self._threads: list[threading.Thread] = []
 
@@ -262,6 +263,7 @@ class Bridge:
             try:
                 protocol.send(self._pub, frame, flags=0 if self.instrument.lossless else zmq.NOBLOCK)
                 self._last_seq = frame.seq
+                self._line_time_s = frame.line_time_s
                 self.stats.frames_published += 1
             except zmq.Again:
                 self.stats.frames_dropped += 1
@@ -307,22 +309,33 @@ class Bridge:
         if corr.for_seq <= self._handover_seq:
             return self._refuse(corr, current, f"correction for frame {corr.for_seq} predates the stage handover "
                                                f"after frame {self._handover_seq}")
-        d = clamp_target(np.asarray(corr.beam_shift_nm), current, self.start_shift_nm, self.limits)
+        path = None
+        if corr.trajectory is not None and self.instrument.follows_paths:
+            path = clamp_path(corr.trajectory.t_s, corr.trajectory.beam_shift_nm, self._line_time_s, current,
+                              self.start_shift_nm, self.limits)
+            d = path
+            end = path.applied_nm[-1]   # where the path leaves the beam
+        else:   # a single shift (an instrument that cannot follow a path applies the path's first point)
+            d = clamp_target(np.asarray(corr.beam_shift_nm), current, self.start_shift_nm, self.limits)
+            end = d.applied_nm
         if d.error:
             return self._refuse(corr, current, d.error)
         budget = self.limits.max_excursion_nm
         now_exc = float(np.hypot(*(current - self.start_shift_nm)))
-        new_exc = float(np.hypot(*(d.applied_nm - self.start_shift_nm)))
+        new_exc = float(np.hypot(*(end - self.start_shift_nm)))
         if self._budget_spent and new_exc >= now_exc - 1e-9:  # only moves back towards the start
             return self._refuse(corr, current, BUDGET_REACHED.format(budget=budget))
         try:
             with self._lock:
-                self.instrument.set_beam_shift(d.applied_nm)
+                if path is not None:
+                    self.instrument.follow_path(path.t_s, path.applied_nm)
+                else:
+                    self.instrument.set_beam_shift(d.applied_nm)
         except Exception as exc:
             return self._refuse(corr, current, f"instrument failed to move the beam: {exc}")
         self.stats.corrections_applied += 1
         self.stats.corrections_clamped += int(d.clamped)
-        applied, warning = self._budget(d.applied_nm, new_exc)
+        applied, warning = self._budget(np.asarray(end, np.float64), new_exc)
         return Ack(id=corr.id, applied_nm=(float(applied[0]), float(applied[1])), clamped=d.clamped, warning=warning)
 
     def _budget(self, applied: np.ndarray, excursion: float) -> tuple[np.ndarray, str]:

@@ -79,13 +79,66 @@ class Frame:
 
 
 @dataclass(frozen=True)
+class Strip:
+    """Rows ``row0 .. row0 + image.shape[0] - 1`` of frame ``seq`` (instrument -> engine), sent
+    as they are scanned. The scan's metadata are the whole frame's (``t_start`` is the frame's
+    first line, ``frame_rows`` its number of rows): a strip's row ``i`` was scanned at
+    ``t_start + (row0 + i) * line_time_s``."""
+
+    seq: int
+    row0: int
+    frame_rows: int
+    image: np.ndarray
+    t_start: float = 0.0
+    pixel_size_nm: tuple[float, float] = (0.01, 0.01)
+    dwell_us: float = 1.0
+    flyback_us: float = 0.0
+    scan_rotation_rad: float = 0.0
+    beam_shift_nm: tuple[float, float] = (0.0, 0.0)
+    stream: str = "default"
+    detector: str = "HAADF"
+
+    @property
+    def line_time_s(self) -> float:
+        """Time from one line start to the next (s): ``cols * dwell + flyback``."""
+        return (self.image.shape[1] * self.dwell_us + self.flyback_us) * 1e-6
+
+    @property
+    def last(self) -> bool:
+        """Whether this strip ends its frame."""
+        return self.row0 + self.image.shape[0] == self.frame_rows
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A beam-shift path: absolute targets ``beam_shift_nm`` (K, 2) nm (y, x) at times ``t_s``
+    (K,) s, increasing, on the clock of the frames' ``t_start``; linear between knots, the last
+    knot held after it. A start and a rate are two knots."""
+
+    t_s: tuple[float, ...]
+    beam_shift_nm: tuple[tuple[float, float], ...]
+
+    def at(self, t_s) -> np.ndarray:
+        """The path (n, 2) nm at times ``t_s`` (n,) s (the first knot before it, the last after it)."""
+        t = np.asarray(t_s, np.float64).reshape(-1)
+        knots = np.asarray(self.t_s, np.float64)
+        b = np.asarray(self.beam_shift_nm, np.float64).reshape(-1, 2)
+        return np.stack([np.interp(t, knots, b[:, q]) for q in range(2)], axis=1)
+
+
+@dataclass(frozen=True)
 class Correction:
-    """Beam-shift target (engine -> instrument), nm (y, x), computed for frame ``for_seq``."""
+    """Beam-shift target (engine -> instrument), nm (y, x), computed for frame ``for_seq``.
+
+    ``trajectory`` (optional): the path to follow line by line over the coming lines; an
+    instrument that cannot follow one applies ``beam_shift_nm`` (the path's first point) at once,
+    as for a correction without one."""
 
     id: int
     beam_shift_nm: tuple[float, float]
     for_seq: int
     reason: str = ""
+    trajectory: Trajectory | None = None
 
 
 @dataclass(frozen=True)
@@ -127,8 +180,11 @@ class Reply:
     state: Mapping[str, Any] = field(default_factory=dict)
 
 
-Message = Frame | Correction | Ack | Maps | Command | Reply
-_TYPES = {Frame: "frame", Correction: "correction", Ack: "ack", Maps: "maps", Command: "command", Reply: "reply"}
+Message = Frame | Strip | Correction | Ack | Maps | Command | Reply
+_TYPES = {Frame: "frame", Strip: "strip", Correction: "correction", Ack: "ack", Maps: "maps", Command: "command",
+          Reply: "reply"}
+#: most knots a trajectory may carry
+MAX_KNOTS = 1024
 
 
 # ----------------------------------------------------------------------------- encode
@@ -166,9 +222,21 @@ def encode(msg: Message) -> list[Any]:
                     flyback_us=float(msg.flyback_us), scan_rotation_rad=float(msg.scan_rotation_rad),
                     beam_shift_nm=[float(v) for v in msg.beam_shift_nm], detector=msg.detector)
         arrays.append(("image", msg.image))
+    elif isinstance(msg, Strip):
+        if msg.image.dtype.name not in IMAGE_DTYPES or msg.image.ndim != 2:
+            raise ProtocolError("strip image must be 2-D uint8, uint16 or float32")
+        head.update(seq=int(msg.seq), row0=int(msg.row0), frame_rows=int(msg.frame_rows), stream=msg.stream,
+                    t_start=float(msg.t_start), pixel_size_nm=[float(v) for v in msg.pixel_size_nm],
+                    dwell_us=float(msg.dwell_us), flyback_us=float(msg.flyback_us),
+                    scan_rotation_rad=float(msg.scan_rotation_rad),
+                    beam_shift_nm=[float(v) for v in msg.beam_shift_nm], detector=msg.detector)
+        arrays.append(("image", msg.image))
     elif isinstance(msg, Correction):
         head.update(id=int(msg.id), beam_shift_nm=[float(v) for v in msg.beam_shift_nm],
                     for_seq=int(msg.for_seq), reason=msg.reason)
+        if msg.trajectory is not None:
+            head["trajectory"] = {"t_s": [float(v) for v in msg.trajectory.t_s],
+                                  "beam_shift_nm": [[float(a), float(b)] for a, b in msg.trajectory.beam_shift_nm]}
     elif isinstance(msg, Ack):
         head.update(id=int(msg.id), applied_nm=[float(v) for v in msg.applied_nm],
                     clamped=bool(msg.clamped), error=msg.error)
@@ -329,10 +397,14 @@ def decode(parts: Sequence[Any]) -> Message:
     arrays = _arrays(head, [_buffer(p) for p in parts[1:]], str(kind)[:20])
     if kind == "frame":
         return _decode_frame(head, arrays)
+    if kind == "strip":
+        return _decode_strip(head, arrays)
     if kind == "correction":
         _no_arrays(arrays, kind)
+        traj = head.get("trajectory")
         return Correction(id=_int(head, "id", kind), beam_shift_nm=_pair(head, "beam_shift_nm", kind),
-                          for_seq=_int(head, "for_seq", kind), reason=_str(head, "reason", kind, default=""))
+                          for_seq=_int(head, "for_seq", kind), reason=_str(head, "reason", kind, default=""),
+                          trajectory=None if traj is None else _trajectory(traj))
     if kind == "ack":
         _no_arrays(arrays, kind)
         clamped = _get(head, "clamped", kind)
@@ -367,20 +439,23 @@ def _no_arrays(arrays: Mapping[str, np.ndarray], kind: str) -> None:
         raise ProtocolError(f"{kind} message must carry no arrays")
 
 
-def _decode_frame(head: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Frame:
-    kind = "frame"
+def _image(arrays: Mapping[str, np.ndarray], kind: str, min_rows: int) -> np.ndarray:
     if set(arrays) != {"image"}:
-        raise ProtocolError("frame must carry exactly one array named 'image'")
+        raise ProtocolError(f"{kind} must carry exactly one array named 'image'")
     image = arrays["image"]
     if image.dtype.name not in IMAGE_DTYPES:
-        raise ProtocolError(f"frame image dtype {image.dtype.name} not supported: use uint8, uint16 or float32")
-    if image.ndim != 2 or not (2 <= image.shape[0] <= MAX_IMAGE_SIDE and 2 <= image.shape[1] <= MAX_IMAGE_SIDE):
-        raise ProtocolError(f"frame image must be 2-D with sides in [2, {MAX_IMAGE_SIDE}], got shape {image.shape}")
+        raise ProtocolError(f"{kind} image dtype {image.dtype.name} not supported: use uint8, uint16 or float32")
+    if image.ndim != 2 or not (min_rows <= image.shape[0] <= MAX_IMAGE_SIDE and 2 <= image.shape[1] <= MAX_IMAGE_SIDE):
+        raise ProtocolError(f"{kind} image must be 2-D with {min_rows} to {MAX_IMAGE_SIDE} rows and 2 to "
+                            f"{MAX_IMAGE_SIDE} columns, got shape {image.shape}")
     if image.dtype.kind == "f" and not np.isfinite(image).all():
-        raise ProtocolError("frame image holds NaN or infinite pixels")
-    return Frame(
-        seq=_int(head, "seq", kind),
-        image=image,
+        raise ProtocolError(f"{kind} image holds NaN or infinite pixels")
+    return image
+
+
+def _scan_fields(head: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The scan metadata frames and strips share."""
+    return dict(
         t_start=_float(head, "t_start", kind),
         pixel_size_nm=_pair(head, "pixel_size_nm", kind, positive=True),
         dwell_us=_float(head, "dwell_us", kind, lo=1e-6, hi=1e6),
@@ -390,6 +465,39 @@ def _decode_frame(head: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> 
         stream=_str(head, "stream", kind),
         detector=_str(head, "detector", kind, default="HAADF"),
     )
+
+
+def _decode_frame(head: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Frame:
+    image = _image(arrays, "frame", 2)
+    return Frame(seq=_int(head, "seq", "frame"), image=image, **_scan_fields(head, "frame"))
+
+
+def _decode_strip(head: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Strip:
+    kind = "strip"
+    image = _image(arrays, kind, 1)
+    row0, rows = _int(head, "row0", kind), _int(head, "frame_rows", kind)
+    if not 2 <= rows <= MAX_IMAGE_SIDE:
+        raise ProtocolError(f"strip.frame_rows must be in [2, {MAX_IMAGE_SIDE}], got {rows}")
+    if row0 + image.shape[0] > rows:
+        raise ProtocolError(f"strip rows {row0}..{row0 + image.shape[0] - 1} run past the frame's {rows} rows")
+    return Strip(seq=_int(head, "seq", kind), row0=row0, frame_rows=rows, image=image, **_scan_fields(head, kind))
+
+
+def _trajectory(value: Any) -> Trajectory:
+    """A correction's ``trajectory`` header field -> :class:`Trajectory` (validated)."""
+    what = "correction.trajectory"
+    if not isinstance(value, dict) or set(value) != {"t_s", "beam_shift_nm"}:
+        raise ProtocolError(f"{what} must be an object with exactly 't_s' and 'beam_shift_nm'")
+    t, b = value["t_s"], value["beam_shift_nm"]
+    if not isinstance(t, list) or not isinstance(b, list) or not 1 <= len(t) <= MAX_KNOTS or len(b) != len(t):
+        raise ProtocolError(f"{what} needs 1 to {MAX_KNOTS} times in 't_s' and as many [y, x] in 'beam_shift_nm'")
+    if not all(_is_finite_number(v) for v in t):
+        raise ProtocolError(f"{what}.t_s must hold finite numbers (s)")
+    if not all(isinstance(p, list) and len(p) == 2 and all(_is_finite_number(v) for v in p) for p in b):
+        raise ProtocolError(f"{what}.beam_shift_nm must hold [y, x] pairs of finite numbers (nm)")
+    if any(b2 <= a2 for a2, b2 in zip(t, t[1:])):
+        raise ProtocolError(f"{what}.t_s must increase")
+    return Trajectory(t_s=tuple(float(v) for v in t), beam_shift_nm=tuple((float(p[0]), float(p[1])) for p in b))
 
 
 # ----------------------------------------------------------------------------- sockets

@@ -25,9 +25,10 @@ from stem_live import protocol
 from stem_live.actuator_response import ActuatorMonitor
 from stem_live.engine import Engine, FrameRefused, FrameResult
 from stem_live.heap import SETTLE_AFTER_FRAMES, settle_heap
-from stem_live.protocol import Ack, Command, Frame, Maps, ProtocolError, Reply
+from stem_live.protocol import Ack, Command, Frame, Maps, ProtocolError, Reply, Strip
 from stem_live.security import ClientKeys, is_loopback
 from stem_live.service_state import Counters, LatestSlot, Recorder, worth_logging
+from stem_live.strips import StripAssembler
 
 log = logging.getLogger("stem_live.service")
 
@@ -83,6 +84,7 @@ class EngineService:
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()  # guards the engine
         self._frames = LatestSlot()  # (Frame, arrival time): receiver -> worker
+        self._strips = StripAssembler()  # an instrument's strips -> whole frames (receiver thread)
         self._stop = threading.Event()
         self._last_seq: int | None = None  # newest seq received
         self.first_seq: int | None = None  # first seq received (accounting: processed + skipped + pending)
@@ -225,8 +227,15 @@ class EngineService:
                 except ProtocolError as exc:
                     self._reject(str(exc))
                     continue
+                if isinstance(msg, Strip):   # an instrument that sends strips: whole frames from them
+                    dropped = self._strips.frames_dropped
+                    msg = self._strips.add(msg)
+                    if self._strips.frames_dropped > dropped:
+                        self._reject(f"strips: {self._strips.last_error}")
+                    if msg is None:
+                        continue
                 if not isinstance(msg, Frame):
-                    self._reject(f"expected a frame on the frames socket, got {type(msg).__name__.lower()}")
+                    self._reject(f"expected a frame or a strip on the frames socket, got {type(msg).__name__.lower()}")
                     continue
                 self.counters.received += 1
                 self._last_frame_at = time.monotonic()

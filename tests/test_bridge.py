@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
 from instrument_adapters.bridge import Bridge
-from instrument_adapters.safety import Limits, clamp_target
+from instrument_adapters.safety import Limits, clamp_path, clamp_target
 from stem_live import protocol
-from stem_live.protocol import Ack, Correction, Frame
+from stem_live.protocol import Ack, Correction, Frame, Trajectory
 from stem_live.security import is_loopback
 
 
@@ -221,3 +221,93 @@ def test_no_correction_sequence_exceeds_the_limits(targets, step, excursion):
         if not np.isfinite(t).all():
             assert d.error and np.array_equal(d.applied_nm, cur)
         cur = d.applied_nm
+
+
+@settings(max_examples=300, deadline=None)
+@given(knots=st.lists(st.tuples(st.floats(1e-4, 0.05), anything, anything), min_size=1, max_size=12),
+       line_ms=st.floats(0.05, 20.0), step=st.floats(0.01, 5.0), per_line=st.floats(1e-4, 0.5),
+       excursion=st.floats(0.01, 20.0), cur=st.tuples(st.floats(-1, 1), st.floats(-1, 1)))
+def test_no_trajectory_exceeds_the_limits(knots, line_ms, step, per_line, excursion, cur):
+    """Every line of a clamped trajectory: the first within ``max_step_nm`` of where the beam is,
+    each next within ``max_step_per_line_nm`` of the line before, all within the excursion;
+    a non-finite path is refused and the beam stays."""
+    limits = Limits(max_step_nm=step, max_excursion_nm=excursion, max_step_per_line_nm=per_line)
+    start = np.array([0.3, -0.7])
+    current = start + np.asarray(cur) * min(1.0, excursion) / np.sqrt(2)
+    t = np.cumsum([k[0] for k in knots])
+    path = np.array([[k[1], k[2]] for k in knots])
+    d = clamp_path(t, path, line_ms * 1e-3, current, start, limits)
+    if not np.isfinite(path).all():
+        assert d.error and np.array_equal(d.applied_nm, current[None, :])
+        return
+    assert not d.error
+    a = d.applied_nm
+    assert np.isfinite(a).all() and len(a) == len(d.t_s)
+    np.testing.assert_allclose(np.diff(d.t_s), line_ms * 1e-3, rtol=1e-9)
+    assert d.t_s[0] == t[0] and d.t_s[-1] <= t[-1] + 1e-12
+    assert np.hypot(*(a[0] - current)) <= step * (1 + 1e-9) + 1e-12
+    assert np.all(np.hypot(*np.diff(a, axis=0).T) <= per_line * (1 + 1e-9) + 1e-12)
+    assert np.all(np.hypot(*(a - start).T) <= excursion * (1 + 1e-9) + 1e-12)
+    # a path within every limit is followed exactly
+    want = np.stack([np.interp(d.t_s, t, path[:, q]) for q in range(2)], axis=1)
+    ok = (np.hypot(*(want[0] - current)) <= step and np.all(np.hypot(*np.diff(want, axis=0).T) <= per_line)
+          and np.all(np.hypot(*(want - start).T) <= excursion))
+    assert d.clamped != ok or not ok
+    if ok:
+        np.testing.assert_allclose(a, want, atol=1e-12)
+
+
+def test_unordered_or_endless_trajectories_are_refused():
+    lim, here = Limits(), np.zeros(2)
+    for t, why in (([0.0, 0.0], "increase"), ([1.0, 0.5], "increase"), ([0.0, 1e3], "lines")):
+        d = clamp_path(t, [[0.0, 0.0], [0.1, 0.0]], 1e-3, here, here, lim)
+        assert why in d.error and np.array_equal(d.applied_nm, here[None, :])
+    assert "line time" in clamp_path([0.0, 1.0], [[0, 0], [0, 0]], float("nan"), here, here, lim).error
+
+
+class PathInstrument(FakeInstrument):
+    """A fake that follows beam-shift paths line by line (records each path)."""
+
+    follows_paths = True
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.paths: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def follow_path(self, t_s: np.ndarray, shift_nm: np.ndarray) -> None:
+        self.paths.append((np.asarray(t_s).copy(), np.asarray(shift_nm).copy()))
+        self.shift = np.asarray(shift_nm[-1], dtype=float).copy()
+
+
+def test_a_trajectory_is_followed_line_by_line_or_applied_as_one_shift(ctx):
+    """An instrument that follows paths gets the trajectory at every line of the last frame's
+    line time, clamped per line; one that does not applies the correction's single shift."""
+    lim = Limits(max_step_nm=0.5, max_excursion_nm=5.0, max_step_per_line_nm=0.01)
+    for inst in (PathInstrument(period_s=0.02), FakeInstrument(period_s=0.02)):
+        bridge = _bridge(inst, ctx, limits=lim)
+        bridge.start()
+        d = _dealer(ctx, bridge)
+        try:
+            _wait_published(bridge, 2)
+            line = bridge._line_time_s
+            t0 = 1.0
+            # 40 lines at 0.5 pm a line, then a 0.1 nm jump the per-line limit spreads over 10 lines
+            traj = Trajectory(t_s=(t0, t0 + 40 * line, t0 + 41 * line, t0 + 60 * line),
+                              beam_shift_nm=((1.0, -2.0), (1.0, -1.98), (1.1, -1.98), (1.1, -1.98)))
+            protocol.send(d, Correction(id=1, beam_shift_nm=(1.0, -2.0), for_seq=bridge._last_seq, trajectory=traj))
+            a = _ack(d)
+            assert a.error == ""
+            if isinstance(inst, PathInstrument):
+                (t, b), = inst.paths
+                assert len(t) == 61 and t[0] == t0
+                np.testing.assert_allclose(b[:41, 1], np.linspace(-2.0, -1.98, 41), atol=1e-12)
+                assert a.clamped and np.max(np.abs(np.diff(b[40:, 0]))) <= 0.01 + 1e-12
+                np.testing.assert_allclose(b[-1], (1.1, -1.98), atol=1e-12)   # reached by line 50
+                np.testing.assert_allclose(a.applied_nm, b[-1])
+                assert inst.calls == []
+            else:
+                np.testing.assert_allclose(inst.calls[-1], (1.0, -2.0))
+                assert not a.clamped
+        finally:
+            d.close()
+            bridge.stop()

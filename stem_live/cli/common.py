@@ -120,6 +120,8 @@ def limits_args(p: argparse.ArgumentParser) -> None:
                    help="safety limit: largest beam move per correction, nm")
     p.add_argument("--max-excursion-nm", type=positive(float), default=10.0, metavar="NM",
                    help="safety limit: largest distance from the starting beam shift, nm")
+    p.add_argument("--max-step-per-line-nm", type=positive(float), default=0.02, metavar="NM",
+                   help="safety limit: along a correction's trajectory, largest move from one scan line to the next, nm")
 
 
 def wait_for_interrupt(stop: threading.Event) -> None:

@@ -109,7 +109,8 @@ def cmd_sim(a: argparse.Namespace) -> int:
         raise UserError(f"--prerender must be >= 0, got {a.prerender}")
     inst = _wrap(SimulatedInstrument(sim_config(a), speed=a.speed or None, frames=a.count, prerender=a.prerender), a)
     bridge = Bridge(inst, frames_endpoint=a.frames, corrections_endpoint=a.corrections, keys=server_keys(a),
-                    limits=Limits(max_step_nm=a.max_step_nm, max_excursion_nm=a.max_excursion_nm),
+                    limits=Limits(max_step_nm=a.max_step_nm, max_excursion_nm=a.max_excursion_nm,
+                                  max_step_per_line_nm=a.max_step_per_line_nm),
                     stage_handover=a.stage_handover)
     return _run_bridge(bridge, inst, a, header="simulated microscope", label="sim", close=False)
 
@@ -135,7 +136,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     try:
         bridge = Bridge(inst, frames_endpoint=a.frames, corrections_endpoint=a.corrections, keys=server_keys(a),
-                        limits=Limits(max_step_nm=a.max_step_nm, max_excursion_nm=a.max_excursion_nm),
+                        limits=Limits(max_step_nm=a.max_step_nm, max_excursion_nm=a.max_excursion_nm,
+                                      max_step_per_line_nm=a.max_step_per_line_nm),
                         stage_handover=a.stage_handover)
     except BaseException:
         inst.close()

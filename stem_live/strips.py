@@ -1,0 +1,73 @@
+"""Whole frames from the strips an instrument sends as it scans (``protocol.Strip``).
+
+The engine's frame path takes whole frames: :class:`StripAssembler` puts each frame's strips
+together (in any order, each row once) and hands the frame on when its last row arrives. A
+frame whose strips stop coming (a new frame begins, or its strips disagree on the scan) is
+dropped and counted, never half-processed. The frame's ``beam_shift_nm`` is its first strip's
+(the shift in effect when its scan began).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stem_live.protocol import Frame, Strip
+
+
+@dataclass
+class _Partial:
+    key: tuple
+    image: np.ndarray
+    have: np.ndarray   # (rows,) bool: rows received
+    first: Strip
+
+
+def _scan_key(s: Strip) -> tuple:
+    return (s.stream, s.seq, s.frame_rows, s.image.shape[1], s.image.dtype.str, s.t_start, s.pixel_size_nm,
+            s.dwell_us, s.flyback_us, s.scan_rotation_rad, s.detector)
+
+
+class StripAssembler:
+    """Strips in, whole frames out, one stream at a time (the frames socket carries one)."""
+
+    def __init__(self) -> None:
+        self._part: _Partial | None = None
+        self.frames_dropped = 0   # frames given up with rows missing or strips that disagree
+        self.last_error = ""
+
+    def add(self, strip: Strip) -> Frame | None:
+        """Take one strip; the whole frame once its last missing row has arrived, else None."""
+        key = _scan_key(strip)
+        part = self._part
+        if part is not None and part.key != key:
+            same_frame = (part.first.stream, part.first.seq) == (strip.stream, strip.seq)
+            self._drop(f"frame {part.first.seq}: " + ("a strip disagrees with the frame's scan (size, dtype or "
+                                                     "metadata); send every strip of a frame with the same scan "
+                                                     "fields" if same_frame else
+                                                     f"{int((~part.have).sum())} of {len(part.have)} rows never arrived"))
+            part = None
+            if same_frame:
+                return None
+        if part is None:
+            part = self._part = _Partial(key, np.zeros((strip.frame_rows, strip.image.shape[1]), strip.image.dtype),
+                                         np.zeros(strip.frame_rows, bool), strip)
+        rows = slice(strip.row0, strip.row0 + strip.image.shape[0])
+        if part.have[rows].any():
+            self._drop(f"frame {strip.seq}: rows {strip.row0}..{rows.stop - 1} sent twice")
+            return None
+        part.image[rows] = strip.image
+        part.have[rows] = True
+        if not part.have.all():
+            return None
+        self._part = None
+        f = part.first
+        return Frame(seq=f.seq, image=part.image, t_start=f.t_start, pixel_size_nm=f.pixel_size_nm, dwell_us=f.dwell_us,
+                     flyback_us=f.flyback_us, scan_rotation_rad=f.scan_rotation_rad, beam_shift_nm=f.beam_shift_nm,
+                     stream=f.stream, detector=f.detector)
+
+    def _drop(self, why: str) -> None:
+        self.frames_dropped += 1
+        self.last_error = f"{why}: the frame is dropped"
+        self._part = None
