@@ -315,7 +315,7 @@ class Bridge:
                               self.start_shift_nm, self.limits)
             d = path
             end = path.applied_nm[-1]   # where the path leaves the beam
-        else:   # a single shift (an instrument that cannot follow a path applies the path's first point)
+        else:   # a single shift (an instrument that cannot follow a path applies the correction's one shift)
             d = clamp_target(np.asarray(corr.beam_shift_nm), current, self.start_shift_nm, self.limits)
             end = d.applied_nm
         if d.error:

@@ -72,7 +72,7 @@ class SimulatedInstrument(Instrument):
         return Frame(seq=meta.seq, image=image, t_start=meta.t_start, pixel_size_nm=tuple(meta.pixel_size_nm),
                      dwell_us=meta.dwell_us, flyback_us=meta.flyback_us, scan_rotation_rad=meta.scan_rotation_rad,
                      beam_shift_nm=tuple(float(v) for v in meta.beam_shift_nm), stream=self.stream,
-                     detector=meta.detector)
+                     detector=meta.detector, beam_shift_lines_nm=meta.beam_shift_lines_nm)
 
     def truth_for(self, seq: int) -> FrameTruth | None:
         for s, t in self._truth:
@@ -87,6 +87,12 @@ class SimulatedInstrument(Instrument):
     def set_beam_shift(self, target_nm: np.ndarray) -> None:
         with self._lock:
             self.scope.set_beam_shift(np.asarray(target_nm, dtype=np.float64))
+
+    follows_paths = True   # the simulated scan changes the shift line by line
+
+    def follow_path(self, t_s: np.ndarray, shift_nm: np.ndarray) -> None:
+        with self._lock:
+            self.scope.set_beam_path(np.asarray(t_s, dtype=np.float64), np.asarray(shift_nm, dtype=np.float64))
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -51,6 +51,7 @@ class _Event:
     line: int      # first line with the new value
     target: np.ndarray
     applied: np.ndarray
+    path: bool = False   # a point of a path (``command_path``)
 
 
 class Actuator:
@@ -87,9 +88,44 @@ class Actuator:
             applied = applied + cfg.noise_nm * self._rng.standard_normal(2)
         line = cfg.latency_lines
         seq = int(next_seq) + cfg.latency_frames + line // self.rows
+        self._cancel_from(seq, line % self.rows)
         self._events.append(_Event(seq, line % self.rows, target.copy(), applied.copy()))
         self._target, self._applied = target, applied
         return applied.copy()
+
+    def command_path(self, seqs, lines, targets_nm) -> np.ndarray:
+        """Command a path: target ``targets_nm[i]`` (n, 2) nm from line ``lines[i]`` of frame
+        ``seqs[i]`` on (in scan order; the actuator's latency is added). Each line moves the
+        applied shift by ``gain * (target change)`` (rotation and skew as in :meth:`command`);
+        the noise is one draw for the whole path (one command), not one per line. A later
+        command replaces what is left of the path. Returns the applied values (n, 2)."""
+        seqs = np.asarray(seqs, np.int64).reshape(-1)
+        lines = np.asarray(lines, np.int64).reshape(-1)
+        targets = np.asarray(targets_nm, dtype=float).reshape(-1, 2)
+        if not len(targets) or len(seqs) != len(targets) or len(lines) != len(targets):
+            raise ValueError("a path needs one frame, one line and one target per point")
+        if not np.all(np.isfinite(targets)):
+            raise ValueError("beam shift path must be finite")
+        cfg = self.cfg
+        m = cfg.matrix() if (cfg.rotation_rad or cfg.skew) else cfg.gain * np.eye(2)
+        noise = cfg.noise_nm * self._rng.standard_normal(2) if cfg.noise_nm else np.zeros(2)
+        applied = self._applied + (targets - self._target) @ m.T + noise
+        pos = lines + cfg.latency_lines
+        seq = seqs + cfg.latency_frames + pos // self.rows
+        line = pos % self.rows
+        self._cancel_from(int(seq[0]), int(line[0]))
+        for q, ln, t, a in zip(seq, line, targets, applied):
+            self._events.append(_Event(int(q), int(ln), t.copy(), a.copy(), True))
+        self._target, self._applied = targets[-1].copy(), applied[-1].copy()
+        return applied
+
+    def _cancel_from(self, seq: int, line: int) -> None:
+        """Drop the pending events from (``seq``, ``line``) on: a new command replaces them."""
+        self._events = [e for e in self._events if (e.seq, e.line) < (seq, line)]
+
+    def follows_path(self, seq: int) -> bool:
+        """Whether a path's points take effect in frame ``seq`` (call before :meth:`frame`)."""
+        return any(e.path and e.seq == seq for e in self._events)
 
     def frame(self, seq: int) -> tuple[np.ndarray, np.ndarray]:
         """(applied (rows, 2), commanded (rows, 2)) per line of frame ``seq``.

@@ -26,6 +26,8 @@ class FrameMeta:
     rows: int
     cols: int
     detector: str = "HAADF"
+    #: (rows, 2) commanded target per line where it changes within the frame (a path), else None
+    beam_shift_lines_nm: np.ndarray | None = None
 
     @property
     def line_time_s(self) -> float:

@@ -204,6 +204,20 @@ class Microscope:
         """
         return self.actuator.command(target_nm, self._seq)
 
+    def set_beam_path(self, t_s, targets_nm) -> np.ndarray:
+        """Command a beam-shift path: target ``targets_nm[i]`` (n, 2) nm from the scan line that
+        starts at or after ``t_s[i]`` (s, increasing, this clock: frames start at ``time_s`` and
+        every frame period after it); points in a gap between frames take effect at the next
+        frame's first line. Latency, gain and noise per ``ActuatorConfig``
+        (``Actuator.command_path``). Returns the applied values (simulation truth)."""
+        t = np.asarray(t_s, dtype=float).reshape(-1)
+        period = self.frame_time_s + self.config.frame_gap_s
+        k = np.floor(np.maximum(t - self._t, 0.0) / period + 1e-9).astype(np.int64)
+        line = np.ceil((t - self._t - k * period) / self.line_time_s - 1e-6).astype(np.int64)
+        over = line >= self.rows
+        k, line = np.where(over, k + 1, k), np.where(over, 0, np.maximum(line, 0))
+        return self.actuator.command_path(self._seq + k, line, targets_nm)
+
     def drift_at(self, times_s) -> np.ndarray:
         """True drift d(t) (n, 2) nm (y, x) at any times; independent of query order."""
         return self.drift(np.atleast_1d(np.asarray(times_s, dtype=float)))
@@ -251,6 +265,7 @@ class Microscope:
         lj = (stream_rng(cfg.seed, "line_jitter", seq).standard_normal(rows) * sc.line_jitter_nm
               if sc.line_jitter_nm > 0 else np.zeros(rows))
         geom = ScanGeometry(sc, rows, cols, self.pixel_size_nm, self.dwell_s, lj)
+        on_path = self.actuator.follows_path(seq)   # the frame reports its commanded shift per line
         b_rows, cmd_rows = self.actuator.frame(seq)
         line_times = t0 + np.arange(rows) * self.line_time_s
 
@@ -314,7 +329,8 @@ class Microscope:
             seq=seq, t_start=t0, pixel_size_nm=(py, px), dwell_us=cfg.dwell_us,
             flyback_us=cfg.flyback_us, scan_rotation_rad=cfg.scan_rotation_rad,
             beam_shift_nm=(float(cmd_rows[0, 0]), float(cmd_rows[0, 1])), rows=rows, cols=cols,
-            detector=cfg.detector.upper())
+            detector=cfg.detector.upper(),
+            beam_shift_lines_nm=cmd_rows.copy() if on_path else None)
 
         dt = self.frame_time_s + cfg.frame_gap_s
         self._seq = seq + 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -333,9 +333,10 @@ class ColumnModel:
         line_sd, decision, jump)."""
         from stem_live.distortion import observations_from_columns
 
+        beam = frame.beam_shift_nm if frame.beam_shift_lines_nm is None else frame.beam_shift_lines_nm
         obs = observations_from_columns(ref_px, positions_px, matched, t_start=frame.t_start,
                                         line_time_s=frame.line_time_s, dwell_s=frame.dwell_us * 1e-6,
-                                        pixel_size_nm=frame.pixel_size_nm, beam_shift_nm=frame.beam_shift_nm,
+                                        pixel_size_nm=frame.pixel_size_nm, beam_shift_nm=beam,
                                         frame=frame.seq, smear_s=self._smear_s(frame))
         if self.calibration is not None:
             obs = self.calibration.correct_observations(obs, frame.beam_shift_nm)
@@ -349,7 +350,24 @@ class ColumnModel:
         line_mean = self._with_pickup(frame, line_mean, pickup)
         decision = self.policy.correction(self.gp, frame.t_start + self.period_s, frame.frame_time_s,
                                           frame.beam_shift_nm)
+        if self.config.trajectory and decision.apply:
+            decision = replace(decision, path=self._path(frame, decision))
         return line_mean, line_sd, decision, jump
+
+    def _path(self, frame: Frame, decision) -> tuple[np.ndarray, np.ndarray]:
+        """The beam shift over the next frame (knots every ``trajectory_lines`` lines, t_s (K,),
+        nm (K, 2)): the model's drift there as the lines get it (``line_drift``) with the
+        policy's gain, moved so that its mean over the frame is the decision's single shift
+        (an instrument that cannot follow the path applies that one)."""
+        rows = frame.image.shape[0]
+        lines = np.unique(np.r_[np.arange(0, rows, max(1, int(self.config.trajectory_lines))), rows - 1])
+        t = frame.t_start + self.period_s + lines * frame.line_time_s
+        mean, _ = line_drift(self.gp, t, self._smear_s(frame))
+        every, _ = line_drift(self.gp, frame.t_start + self.period_s + np.arange(rows) * frame.line_time_s,
+                              self._smear_s(frame))
+        gain = self.policy.gain
+        path = gain * (mean - every.mean(axis=0)) + np.asarray(decision.beam_shift_nm, np.float64)[None, :]
+        return t, path
 
     def _unwarped_reference(self, frame: Frame) -> np.ndarray:
         """The tracker's reference less its warp along the rows (``row_warp``: what repeats from

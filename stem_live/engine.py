@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stem_live.column_model import ColumnModel
-from stem_live.protocol import Correction, Frame
+from stem_live.protocol import Correction, Frame, Trajectory
 from stem_live.register import Reference, make_reference, register_resolved
 
 log = logging.getLogger("stem_live.engine")
@@ -103,6 +103,11 @@ class EngineConfig:
     # located), or "auto": from the frame's detector name where it is a known one, else from the
     # image (``locate.contrast.frame_contrast``)
     contrast: str = "bright"
+    # gp model: every correction also carries the model's drift over the next frame as a
+    # trajectory (``protocol.Trajectory``, a knot every ``trajectory_lines`` lines) for an
+    # instrument that can follow one line by line; its ``beam_shift_nm`` stays the frame's mean
+    trajectory: bool = False
+    trajectory_lines: int = 8
 
 
 @dataclass(frozen=True)
@@ -330,7 +335,8 @@ class Engine:
         flagged = "" if col is None else col.flagged
         if self.armed and locked and not flagged:
             if col is not None and col.decision is not None and col.decision.apply:
-                correction = self._make(frame, col.decision.beam_shift_nm, col.decision.reason)
+                correction = self._make(frame, col.decision.beam_shift_nm, col.decision.reason,
+                                        path=col.decision.path)
             else:
                 pred = self.predict_drift(t_mid + self._period_s(frame))
                 if pred is not None:
@@ -425,9 +431,13 @@ class Engine:
             return None
         return self._make(frame, beam + step, "predictive drift correction (rigid registration)")
 
-    def _make(self, frame: Frame, target: np.ndarray, reason: str) -> Correction:
+    def _make(self, frame: Frame, target: np.ndarray, reason: str, path=None) -> Correction:
+        traj = None
+        if path is not None:   # (t_s (K,), targets (K, 2) nm): the drift over the next frame
+            traj = Trajectory(t_s=tuple(float(v) for v in path[0]),
+                              beam_shift_nm=tuple((float(a), float(b)) for a, b in path[1]))
         return Correction(id=self.next_correction_id(), beam_shift_nm=(float(target[0]), float(target[1])),
-                          for_seq=frame.seq, reason=reason)
+                          for_seq=frame.seq, reason=reason, trajectory=traj)
 
     def status(self) -> dict:
         """A JSON-able summary of the engine state."""

@@ -63,11 +63,21 @@ class Frame:
     beam_shift_nm: tuple[float, float] = (0.0, 0.0)
     stream: str = "default"
     detector: str = "HAADF"
+    #: (rows, 2) nm: the beam shift commanded at every line, where it changed within the frame
+    #: (an instrument following a correction's trajectory); None: ``beam_shift_nm`` throughout
+    beam_shift_lines_nm: np.ndarray | None = None
 
     @property
     def line_time_s(self) -> float:
         """Time from one line start to the next (s): ``cols * dwell + flyback``."""
         return (self.image.shape[1] * self.dwell_us + self.flyback_us) * 1e-6
+
+    @property
+    def beam_at_lines(self) -> np.ndarray:
+        """(rows, 2) nm: the beam shift in effect at every line."""
+        if self.beam_shift_lines_nm is not None:
+            return np.asarray(self.beam_shift_lines_nm, np.float64)
+        return np.tile(np.asarray(self.beam_shift_nm, np.float64), (self.image.shape[0], 1))
 
     @property
     def frame_time_s(self) -> float:
@@ -131,8 +141,8 @@ class Correction:
     """Beam-shift target (engine -> instrument), nm (y, x), computed for frame ``for_seq``.
 
     ``trajectory`` (optional): the path to follow line by line over the coming lines; an
-    instrument that cannot follow one applies ``beam_shift_nm`` (the path's first point) at once,
-    as for a correction without one."""
+    instrument that cannot follow one applies ``beam_shift_nm`` at once, as for a correction
+    without one (the engine puts there the path's mean over the frame)."""
 
     id: int
     beam_shift_nm: tuple[float, float]
@@ -222,6 +232,8 @@ def encode(msg: Message) -> list[Any]:
                     flyback_us=float(msg.flyback_us), scan_rotation_rad=float(msg.scan_rotation_rad),
                     beam_shift_nm=[float(v) for v in msg.beam_shift_nm], detector=msg.detector)
         arrays.append(("image", msg.image))
+        if msg.beam_shift_lines_nm is not None:
+            arrays.append(("beam_shift_lines_nm", np.asarray(msg.beam_shift_lines_nm, np.float64)))
     elif isinstance(msg, Strip):
         if msg.image.dtype.name not in IMAGE_DTYPES or msg.image.ndim != 2:
             raise ProtocolError("strip image must be 2-D uint8, uint16 or float32")
@@ -439,9 +451,10 @@ def _no_arrays(arrays: Mapping[str, np.ndarray], kind: str) -> None:
         raise ProtocolError(f"{kind} message must carry no arrays")
 
 
-def _image(arrays: Mapping[str, np.ndarray], kind: str, min_rows: int) -> np.ndarray:
-    if set(arrays) != {"image"}:
-        raise ProtocolError(f"{kind} must carry exactly one array named 'image'")
+def _image(arrays: Mapping[str, np.ndarray], kind: str, min_rows: int, optional: tuple[str, ...] = ()) -> np.ndarray:
+    if "image" not in arrays or not set(arrays) <= {"image", *optional}:
+        extra = f" (and optionally {', '.join(repr(o) for o in optional)})" if optional else ""
+        raise ProtocolError(f"{kind} must carry exactly one array named 'image'{extra}")
     image = arrays["image"]
     if image.dtype.name not in IMAGE_DTYPES:
         raise ProtocolError(f"{kind} image dtype {image.dtype.name} not supported: use uint8, uint16 or float32")
@@ -468,8 +481,13 @@ def _scan_fields(head: Mapping[str, Any], kind: str) -> dict[str, Any]:
 
 
 def _decode_frame(head: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Frame:
-    image = _image(arrays, "frame", 2)
-    return Frame(seq=_int(head, "seq", "frame"), image=image, **_scan_fields(head, "frame"))
+    image = _image(arrays, "frame", 2, optional=("beam_shift_lines_nm",))
+    lines = arrays.get("beam_shift_lines_nm")
+    if lines is not None:
+        if lines.dtype.name != "float64" or lines.shape != (image.shape[0], 2) or not np.isfinite(lines).all():
+            raise ProtocolError(f"frame array 'beam_shift_lines_nm' must be finite float64 of shape "
+                                f"({image.shape[0]}, 2) (one [y, x] per row), got {lines.dtype.name} {lines.shape}")
+    return Frame(seq=_int(head, "seq", "frame"), image=image, beam_shift_lines_nm=lines, **_scan_fields(head, "frame"))
 
 
 def _decode_strip(head: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Strip:

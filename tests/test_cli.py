@@ -90,6 +90,8 @@ def test_evaluate_writes_the_report(tmp_path):
     assert rep["frames_processed"] == 25 and rep["frames_dropped"] == 0 and rep["engine_fps"] > 0
     assert rep["open_loop"]["residual_rms_nm"] > 0.05
     assert rep["closed_loop"]["residual_rms_nm"] < 0.25 * rep["open_loop"]["residual_rms_nm"]
+    for loop in ("open_loop", "closed_loop", "baseline"):   # the lines hold the frame means and more
+        assert rep[loop]["residual_line_rms_nm"] >= rep[loop]["residual_rms_nm"] - 1e-5
     line = next(ln for ln in r.stderr.splitlines() if ln.startswith("image motion RMS"))  # the human summary
     assert f"closed loop {rep['closed_loop']['residual_rms_nm'] * 1e3:.1f} pm" in line
     assert "open loop" in line and "baseline tracker" in line and "oracle floor" in line

@@ -163,3 +163,22 @@ def test_the_engine_service_takes_strips():
         svc.stop()
         pub.close()
         ctx.term()
+
+
+def test_a_frame_reports_its_beam_shift_per_line():
+    """An instrument following a trajectory sends the commanded shift of every line with the
+    frame (optional array ``beam_shift_lines_nm``); without it the frame's one shift holds."""
+    from stem_live.protocol import Frame
+
+    img = np.zeros((6, 4), np.uint16)
+    lines = np.stack([np.arange(6) * 0.01, np.zeros(6)], axis=1)
+    f = protocol.decode(protocol.encode(Frame(seq=1, image=img, beam_shift_nm=(0.0, 0.0), beam_shift_lines_nm=lines)))
+    np.testing.assert_array_equal(f.beam_shift_lines_nm, lines)
+    np.testing.assert_array_equal(f.beam_at_lines, lines)
+    plain = protocol.decode(protocol.encode(Frame(seq=1, image=img, beam_shift_nm=(0.5, 0.25))))
+    assert plain.beam_shift_lines_nm is None
+    np.testing.assert_array_equal(plain.beam_at_lines, np.tile([0.5, 0.25], (6, 1)))
+    for bad in (lines[:5], np.full((6, 2), np.inf), lines[:, :1]):
+        parts = protocol.encode(Frame(seq=1, image=img, beam_shift_lines_nm=np.asarray(bad)))
+        with pytest.raises(ProtocolError, match="beam_shift_lines_nm"):
+            protocol.decode(parts)

@@ -217,6 +217,38 @@ def test_actuator_latency_frames_and_spill_over():
     np.testing.assert_allclose(trs[3].beam_shift_nm[:, 0], 0.2)
 
 
+def test_a_beam_path_is_followed_line_by_line_with_gain_and_latency():
+    """``set_beam_path``: each line of the next frame gets the path's target from its start
+    time on (the line latency added, the gain applied to every change); the frame reports the
+    commanded shift per line; a frame after the path holds its last point and reports no lines."""
+    gain, L, rows = 0.9, 5, 32
+    cfg = quiet(preset="graphene", size=rows, actuator=ActuatorConfig(gain=gain, latency_lines=L, noise_nm=0.0))
+    scope = Microscope(cfg)
+    _, meta0, _ = scope.acquire()
+    assert meta0.beam_shift_lines_nm is None
+    t0, line = scope.time_s, scope.line_time_s
+    k = np.arange(rows)
+    path = np.stack([0.01 * k, -0.005 * k], axis=1)   # a ramp of 10 pm a line along y
+    scope.set_beam_path(t0 + k * line, path)
+    _, meta1, tr1 = scope.acquire()
+    want = np.zeros((rows, 2))
+    want[L:] = path[:rows - L]                       # commanded, L lines late
+    np.testing.assert_allclose(meta1.beam_shift_lines_nm, want, atol=1e-12)
+    np.testing.assert_allclose(tr1.beam_shift_nm, gain * want, atol=1e-12)
+    assert meta1.beam_shift_nm == (0.0, 0.0)
+    _, meta2, tr2 = scope.acquire()                  # the path's last L points, then its end held
+    np.testing.assert_allclose(meta2.beam_shift_lines_nm[:L], path[rows - L:], atol=1e-12)
+    np.testing.assert_allclose(tr2.beam_shift_nm[L:], gain * np.tile(path[-1], (rows - L, 1)), atol=1e-12)
+    _, meta3, tr3 = scope.acquire()
+    assert meta3.beam_shift_lines_nm is None and meta3.beam_shift_nm == tuple(path[-1])
+    # a plain command replaces what is left of a path
+    scope.set_beam_path(scope.time_s + k * line, path)
+    scope.set_beam_shift((1.0, 1.0))
+    _, _, tr4 = scope.acquire()
+    np.testing.assert_allclose(tr4.beam_shift_nm[:L], gain * np.tile(path[-1], (L, 1)), atol=1e-12)
+    np.testing.assert_allclose(tr4.beam_shift_nm[L:], gain * np.tile([1.0, 1.0], (rows - L, 1)), atol=1e-12)
+
+
 def test_actuator_noise_statistics():
     noise, gain = 0.01, 0.97
     cfg = quiet(preset="graphene", size=16, actuator=ActuatorConfig(gain=gain, noise_nm=noise))

@@ -23,7 +23,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                       drift_nm_per_min=3.0 if a.drift_nm_per_min is None else a.drift_nm_per_min,
                       dose=a.dose, seed=a.seed, model=a.model, jump_nm=a.jump_nm, baseline=not a.no_baseline,
                       calibration="" if a.calibration is None else str(a.calibration),
-                      detector=a.detector, locator=a.locator, contrast=a.contrast,
+                      detector=a.detector, locator=a.locator, contrast=a.contrast, trajectory=a.trajectory,
                       progress=lambda label, i, n: prog.line(f"{label}: frame {i}/{n}"))
     if a.rvae:
         from stem_live.lab.rvae_eval import eval_dopants, eval_particles
@@ -65,6 +65,9 @@ def add_parser(sub) -> None:
                    help="drift model: rigid registration, or columns + online GP")
     s.add_argument("--jump-nm", type=float, default=0.0, help="a sudden specimen jump of this size (at 10 s)")
     s.add_argument("--no-baseline", action="store_true", help="skip the baseline tracker run")
+    s.add_argument("--trajectory", action="store_true",
+                   help="gp model: each correction carries the drift over the next frame as a path the simulated "
+                        "scan follows line by line (closed_loop.residual_line_rms_nm shows what it takes out)")
     s.add_argument("--rvae", action="store_true",
                    help="also train and score the rVAE (particles: angle recovery; graphene: Si dopants)")
     s.add_argument("--matrix", type=positive(int), default=0, metavar="N",

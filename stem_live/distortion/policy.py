@@ -35,6 +35,7 @@ class CorrectionDecision:
     sigma_nm: np.ndarray
     reason: str
     jump_detected: bool = False
+    path: tuple[np.ndarray, np.ndarray] | None = None   # (t_s (K,), target (K, 2) nm) over the next frame
 
 
 def is_abrupt(res: np.ndarray, s: int, step: np.ndarray, *, window: int = 6, n_sigma: float = 6.0,

@@ -11,6 +11,10 @@ Report keys (a contract: later work adds keys, never changes these):
 - ``open_loop.residual_rms_nm``, ``closed_loop.residual_rms_nm``: RMS over the run of the true
   apparent displacement of the specimen in the image relative to the first frame, from the
   simulator's truth (mean over the frame's lines of ``d(t) - b(t)``), not from the engine;
+- ``open_loop.residual_line_rms_nm``, ``closed_loop.residual_line_rms_nm`` (and the
+  baseline's): the same per scan line (``d(t) - b(t)`` at every line, against frame 0's mean):
+  what the frame mean hides, the drift and mains within each frame, stays in (a loop that
+  corrects once a frame leaves it all);
 - ``closed_loop.oracle_floor_nm``: the residual of an oracle corrector that knows the true
   drift up to the end of each frame and the drift model (:func:`oracle_residual_rms_nm`): the
   floor of any corrector that acts once a frame, set by the unpredictable OU wander;
@@ -211,17 +215,27 @@ class SessionResult:
     jump_detected: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (frames,) engine reported a jump
     true_jump_frames: tuple[int, ...] = ()  # frames in which a true jump first shows (scan or gap before it)
     hyperparameters: dict | None = None  # the drift GP's learnt hyperparameters at the end (gp model)
+    line_residual_nm: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (lines, 2) true d - b per line vs frame 0's mean
 
     @property
     def residual_rms_nm(self) -> float:
         return float(np.sqrt(np.mean(np.sum(self.residual_nm**2, axis=1))))
+
+    @property
+    def residual_line_rms_nm(self) -> float:
+        """RMS over every line of the run of the true apparent displacement (``d - b`` at the
+        line) relative to frame 0's mean: ``residual_rms_nm`` with the drift within each frame
+        (its warping) left in. NaN without lines."""
+        r = self.line_residual_nm
+        return float(np.sqrt(np.mean(np.sum(r**2, axis=1)))) if len(r) else float("nan")
 
 
 def frame_from_sim(image: np.ndarray, meta: object, stream: str = "sim") -> Frame:
     """Wrap a simulator frame in the protocol's :class:`Frame`."""
     return Frame(seq=meta.seq, image=image, t_start=meta.t_start, pixel_size_nm=tuple(meta.pixel_size_nm),
                  dwell_us=meta.dwell_us, flyback_us=meta.flyback_us, scan_rotation_rad=meta.scan_rotation_rad,
-                 beam_shift_nm=tuple(float(v) for v in meta.beam_shift_nm), stream=stream, detector=meta.detector)
+                 beam_shift_nm=tuple(float(v) for v in meta.beam_shift_nm), stream=stream, detector=meta.detector,
+                 beam_shift_lines_nm=getattr(meta, "beam_shift_lines_nm", None))
 
 
 def run_session(config: object, frames: int, *, armed: bool, engine_config: EngineConfig = EngineConfig(),
@@ -229,7 +243,7 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
                 keep_frames: int = 0, limits: object | None = None) -> SessionResult:
     """Run one seeded simulator session through the engine; score it against truth.
     ``limits``: the bridge's safety limits (``instrument_adapters.safety.Limits``; default: its defaults)."""
-    from instrument_adapters.safety import Limits, clamp_target
+    from instrument_adapters.safety import Limits, clamp_path, clamp_target
     from simulator import Microscope
     from stem_live.heap import SETTLE_AFTER_FRAMES, settle_heap
 
@@ -239,7 +253,7 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
         engine.arm()
     limits = Limits() if limits is None else limits
     start = np.asarray(scope.beam_shift_nm, dtype=np.float64).copy()
-    apparent, times, kept, errs, gp_ms, err_frame, detected = [], [], [], [], [], [], []
+    apparent, times, kept, errs, gp_ms, err_frame, detected, lines = [], [], [], [], [], [], [], []
     true_jumps: list[int] = []
     t_prev_end = -np.inf
     n_corr = n_clamped = 0
@@ -255,7 +269,8 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
         t_prev_end = t_end
         if k < keep_frames:
             kept.append((image, meta, truth))
-        apparent.append(np.mean(np.asarray(truth.drift_nm) - np.asarray(truth.beam_shift_nm), axis=0))
+        lines.append(np.asarray(truth.drift_nm, np.float64) - np.asarray(truth.beam_shift_nm, np.float64))
+        apparent.append(lines[-1].mean(axis=0))
         if k == SETTLE_AFTER_FRAMES:
             settle_heap()  # as the live service does: no full-collection pauses in the timings
         t0 = time.perf_counter()
@@ -269,9 +284,18 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
             err_frame.append(np.full(len(errs[-1]), k))
             gp_ms.append(res.timings_ms.get("gp", np.nan))
         if res.correction is not None:
-            d = clamp_target(np.asarray(res.correction.beam_shift_nm), np.asarray(scope.beam_shift_nm), start, limits)
+            traj = res.correction.trajectory
+            if traj is not None:   # the simulated scan follows a path line by line, as the bridge clamps it
+                d = clamp_path(traj.t_s, traj.beam_shift_nm, meta.line_time_s, np.asarray(scope.beam_shift_nm),
+                               start, limits)
+            else:
+                d = clamp_target(np.asarray(res.correction.beam_shift_nm), np.asarray(scope.beam_shift_nm), start,
+                                 limits)
             if not d.error:
-                scope.set_beam_shift(d.applied_nm)
+                if traj is not None:
+                    scope.set_beam_path(d.t_s, d.applied_nm)
+                else:
+                    scope.set_beam_shift(d.applied_nm)
                 n_corr += 1
                 n_clamped += int(d.clamped)
         if progress is not None:
@@ -282,7 +306,8 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
                          gp_ms=np.array(gp_ms), jump_frame=jump_frame,
                          drift_err_frame=np.concatenate(err_frame) if err_frame else np.zeros(0, int),
                          jump_detected=np.array(detected, bool), true_jump_frames=tuple(true_jumps),
-                         hyperparameters=engine.drift_hyperparameters())
+                         hyperparameters=engine.drift_hyperparameters(),
+                         line_residual_nm=np.concatenate(lines) - app[0] if lines else np.zeros((0, 2)))
 
 
 def _rounded(x):
@@ -348,12 +373,14 @@ def recovery_frames(res: SessionResult, *, floor_nm: float = 0.02) -> int | None
 def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, drift_nm_per_min: float = 3.0,
              dose: float | None = None, seed: int = 0, model: str = "rigid", jump_nm: float = 0.0,
              baseline: bool = True, calibration: str = "", detector: str = "haadf", locator: str = "classical",
-             contrast: str = "auto", progress: Callable[[str, int, int], None] | None = None) -> dict:
+             contrast: str = "auto", progress: Callable[[str, int, int], None] | None = None,
+             trajectory: bool = False) -> dict:
     """Run open and closed loop (and the baseline tracker) on one seeded configuration; the JSON report.
     ``calibration``: a ``stem-live calibrate`` JSON the engine (gp model) starts from; ``detector``:
     the simulator's "haadf", "abf" or "bf"; ``locator``: "classical" or "unet", scored on the
     columns; ``contrast``: "bright", "dark" or "auto" (from the frames' detector), for the
-    scored locator and the engine."""
+    scored locator and the engine; ``trajectory``: the gp model's corrections carry the drift
+    over the next frame as a path the simulated scan follows line by line."""
     from simulator import DriftConfig, MicroscopeConfig
 
     drift = DriftConfig(drift_nm_per_min=drift_nm_per_min, jump_nm=jump_nm)
@@ -361,9 +388,9 @@ def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, dr
     if dose is not None:
         cfg = replace(cfg, dose_e_per_A2=dose)
     head = {"preset": preset, "size": size, "frames": frames, "drift_nm_per_min": drift_nm_per_min,
-            "dose_e_per_A2": cfg.dose, "seed": seed, "detector": detector}
+            "dose_e_per_A2": cfg.dose, "seed": seed, "detector": detector, "trajectory": trajectory}
     run = evaluate_config(cfg, frames, model=model, baseline=baseline, calibration=calibration, progress=progress,
-                          locator=locator, contrast=contrast)
+                          locator=locator, contrast=contrast, trajectory=trajectory)
     return {**head, **run.report}
 
 
@@ -381,13 +408,13 @@ class ConfigRun:
 def evaluate_config(cfg: object, frames: int, *, model: str = "rigid", baseline: bool = True,
                     calibration: str = "", columns: bool = True, keep_frames: int = 10,
                     progress: Callable[[str, int, int], None] | None = None, locator: str = "classical",
-                    contrast: str = "auto", limits: object | None = None) -> ConfigRun:
+                    contrast: str = "auto", limits: object | None = None, trajectory: bool = False) -> ConfigRun:
     """Open loop, closed loop and (``baseline``) the baseline tracker on one ``MicroscopeConfig``.
     ``columns``: score the ``locator`` on the first ``keep_frames`` open-loop frames (those frames
     are kept in ``open_loop.kept`` either way); ``contrast`` for it and the engine; ``limits``:
     the bridge's safety limits of the closed-loop and baseline sessions (default: its defaults)."""
     ec = EngineConfig(model=model, calibration=calibration, hyperfit_background=False,  # reproducible
-                      contrast=contrast)
+                      contrast=contrast, trajectory=trajectory)
     rows = cfg.shape[0]
     t0 = time.perf_counter()
     open_loop = run_session(cfg, frames, armed=False, engine_config=ec, progress=progress, label="open loop",
@@ -400,7 +427,8 @@ def evaluate_config(cfg: object, frames: int, *, model: str = "rigid", baseline:
                        progress=progress, label="baseline", limits=limits) if baseline else None
     extra: dict = {}
     if base is not None:
-        extra["baseline"] = {"residual_rms_nm": round(base.residual_rms_nm, 5), "method": "cross-correlation + "
+        extra["baseline"] = {"residual_rms_nm": round(base.residual_rms_nm, 5),
+                             "residual_line_rms_nm": round(base.residual_line_rms_nm, 5), "method": "cross-correlation + "
                              "linear drift rate from the last 3 frames, one beam shift per frame"}
     if model == "gp":
         line_frames = 3  # the GP's first frames are conditioned on almost nothing: not scored
@@ -418,8 +446,10 @@ def evaluate_config(cfg: object, frames: int, *, model: str = "rigid", baseline:
         "frames_dropped": 0,
         "engine_fps": round(float(1e3 / np.median(closed.engine_ms)), 2),
         "open_loop": {"residual_rms_nm": round(open_loop.residual_rms_nm, 5),
+                      "residual_line_rms_nm": round(open_loop.residual_line_rms_nm, 5),
                       "final_offset_nm": [round(float(v), 5) for v in open_loop.residual_nm[-1]]},
         "closed_loop": {"residual_rms_nm": round(closed.residual_rms_nm, 5),
+                        "residual_line_rms_nm": round(closed.residual_line_rms_nm, 5),
                         "final_offset_nm": [round(float(v), 5) for v in closed.residual_nm[-1]],
                         "corrections": closed.corrections, "clamped": closed.clamped,
                         "ratio_to_open_loop": round(closed.residual_rms_nm / max(open_loop.residual_rms_nm, 1e-12), 4),
