@@ -355,16 +355,24 @@ class ColumnModel:
         return line_mean, line_sd, decision, jump
 
     def _path(self, frame: Frame, decision) -> tuple[np.ndarray, np.ndarray]:
-        """The beam shift over the next frame (knots every ``trajectory_lines`` lines, t_s (K,),
-        nm (K, 2)): the model's drift there as the lines get it (``line_drift``) with the
-        policy's gain, moved so that its mean over the frame is the decision's single shift
-        (an instrument that cannot follow the path applies that one)."""
+        """The beam shift over the next frame (t_s (K,), nm (K, 2)): the model's drift there as
+        the lines get it (``line_drift``) with the policy's gain, moved so that its mean over the
+        frame is the decision's single shift (an instrument that cannot follow the path applies
+        that one). A knot every ``trajectory_lines`` lines, or every eighth of a mains period
+        where the model follows the mains line (linear between knots 8 lines apart, a 19-line
+        period would lose a third of its amplitude), at most ``protocol.MAX_KNOTS``."""
+        from stem_live.protocol import MAX_KNOTS
+
         rows = frame.image.shape[0]
-        lines = np.unique(np.r_[np.arange(0, rows, max(1, int(self.config.trajectory_lines))), rows - 1])
+        step = max(1, int(self.config.trajectory_lines))
+        smear = self._smear_s(frame)
+        if self.gp.mains_on and self.gp.follows_mains(smear):
+            step = min(step, max(1, int(1.0 / (8.0 * self.gp.mains_hz * frame.line_time_s))))
+        step = max(step, int(np.ceil(rows / (MAX_KNOTS - 1))))
+        lines = np.unique(np.r_[np.arange(0, rows, step), rows - 1])
         t = frame.t_start + self.period_s + lines * frame.line_time_s
-        mean, _ = line_drift(self.gp, t, self._smear_s(frame))
-        every, _ = line_drift(self.gp, frame.t_start + self.period_s + np.arange(rows) * frame.line_time_s,
-                              self._smear_s(frame))
+        mean, _ = line_drift(self.gp, t, smear)
+        every, _ = line_drift(self.gp, frame.t_start + self.period_s + np.arange(rows) * frame.line_time_s, smear)
         gain = self.policy.gain
         path = gain * (mean - every.mean(axis=0)) + np.asarray(decision.beam_shift_nm, np.float64)[None, :]
         return t, path

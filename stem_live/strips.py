@@ -32,7 +32,8 @@ def _scan_key(s: Strip) -> tuple:
 class StripAssembler:
     """Strips in, whole frames out, one stream at a time (the frames socket carries one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_frame_bytes: int = 1 << 28) -> None:
+        self.max_frame_bytes = int(max_frame_bytes)   # a strip may not make the engine hold a larger frame
         self._part: _Partial | None = None
         self.frames_dropped = 0   # frames given up with rows missing or strips that disagree
         self.last_error = ""
@@ -51,6 +52,12 @@ class StripAssembler:
             if same_frame:
                 return None
         if part is None:
+            need = strip.frame_rows * strip.image.shape[1] * strip.image.dtype.itemsize
+            if need > self.max_frame_bytes:
+                self._drop(f"frame {strip.seq}: its strips claim a {strip.frame_rows} x {strip.image.shape[1]} frame "
+                           f"({need / 2**20:.0f} MiB, more than {self.max_frame_bytes / 2**20:.0f} MiB); send "
+                           "smaller frames or whole frames")
+                return None
             part = self._part = _Partial(key, np.zeros((strip.frame_rows, strip.image.shape[1]), strip.image.dtype),
                                          np.zeros(strip.frame_rows, bool), strip)
         rows = slice(strip.row0, strip.row0 + strip.image.shape[0])

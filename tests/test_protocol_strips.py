@@ -124,6 +124,11 @@ def test_a_frame_with_missing_duplicate_or_inconsistent_strips_is_dropped_with_a
     assert a.frames_dropped == 3 and "disagrees" in a.last_error
     frames = [a.add(s) for s in _cut(img, 3, 16)]   # and the stream goes on
     assert frames[-1] is not None and frames[-1].seq == 3
+    # one row that claims a frame far larger than it: no memory is taken for it
+    small = StripAssembler(max_frame_bytes=1 << 20)
+    huge = Strip(seq=4, row0=0, frame_rows=16384, image=np.zeros((1, 1024), np.uint16), t_start=4.0)
+    assert small.add(huge) is None and small.frames_dropped == 1 and "32 MiB" in small.last_error
+    assert small._part is None
 
 
 def test_the_engine_service_takes_strips():
