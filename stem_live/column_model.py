@@ -447,7 +447,7 @@ class ColumnModel:
         """The columns as if the whole frame had been scanned at its middle (px).
 
         Each column is moved back by the modelled drift between the time it was scanned and
-        mid-frame. Without this the tracker's reference lattice would carry the drift of the
+        mid-frame (less the beam's own move, where the frame was scanned under a path). Without this the tracker's reference lattice would carry the drift of the
         frames it was built from as a function of the row (``v * line_time * row``); once the
         field has moved by some rows that skew reads as a spurious drift offset (about
         ``v * line_time`` per row moved)."""
@@ -462,7 +462,13 @@ class ColumnModel:
             return dc_replace(cols, positions=pos - self._boot_v_px[None, :] * (t_col - t_mid)[:, None])
         mean, sd = drift_without_mains(self.gp, np.append(t_col, t_mid), keep=DESKEW_MAINS_KEEP)
         px = np.asarray(frame.pixel_size_nm, dtype=np.float64)
-        dev = (mean[:-1] - mean[-1]) / px
+        move = mean[:-1] - mean[-1]
+        if frame.beam_shift_lines_nm is not None:   # a path moved the beam within the frame: the image
+            b = np.asarray(frame.beam_shift_lines_nm, np.float64)   # moved by the drift less the beam's move
+            rows = np.arange(len(b))
+            at = np.stack([np.interp(np.append(pos[:, 0], 0.5 * len(b)), rows, b[:, q]) for q in range(2)], axis=1)
+            move = move - (at[:-1] - at[-1])
+        dev = move / px
         # a fast drift over a slow scan moves the columns by several spacings within one frame: the
         # size of the skew is no reason to distrust it, the model's uncertainty is
         if not np.all(np.isfinite(dev)) or np.max(np.asarray(sd) / px) > 0.25 * (self.spacing_px or np.inf):
