@@ -48,19 +48,28 @@ def clamp_target(target_nm: np.ndarray, current_nm: np.ndarray, start_nm: np.nda
     if not np.isfinite(target).all():
         return Decision(current, False, "refused: target is not finite")
     start = np.asarray(start_nm, dtype=np.float64).reshape(2)
+    new, clamped = _move(current, target, start, limits.max_step_nm, limits.max_excursion_nm)
+    return Decision(new, clamped, "")
+
+
+def _move(current: np.ndarray, target: np.ndarray, start: np.ndarray, max_step: float,
+          max_excursion: float) -> tuple[np.ndarray, bool]:
+    """One move from ``current`` towards ``target`` (nm): the step shortened to ``max_step``
+    along its direction, the result pulled back onto the disc of radius ``max_excursion``
+    around ``start``. Returns (where the beam goes, whether a limit shortened the move)."""
     clamped = False
     step = target - current
     norm = float(np.hypot(*step))
-    if norm > limits.max_step_nm:
-        step *= limits.max_step_nm / norm
+    if norm > max_step:
+        step = step * (max_step / norm)
         clamped = True
     new = current + step
     excursion = new - start
     dist = float(np.hypot(*excursion))
-    if dist > limits.max_excursion_nm:
-        new = start + excursion * (limits.max_excursion_nm / dist)
+    if dist > max_excursion:
+        new = start + excursion * (max_excursion / dist)
         clamped = True
-    return Decision(new, clamped, "")
+    return new, clamped
 
 
 @dataclass(frozen=True)
@@ -109,17 +118,8 @@ def clamp_path(t_s, path_nm, line_time_s: float, current_nm: np.ndarray, start_n
     out = np.empty_like(want)
     prev, clamped = current, False
     for i in range(n):   # each line's limit depends on the line before: one pass, lines not pixels
-        step = want[i] - prev
-        norm = float(np.hypot(*step))
         limit = limits.max_step_nm if i == 0 else limits.max_step_per_line_nm
-        if norm > limit:
-            step *= limit / norm
-            clamped = True
-        new = prev + step
-        exc = new - start
-        dist = float(np.hypot(*exc))
-        if dist > limits.max_excursion_nm:
-            new = start + exc * (limits.max_excursion_nm / dist)
-            clamped = True
-        out[i] = prev = new
+        prev, cut = _move(prev, want[i], start, limit, limits.max_excursion_nm)
+        out[i] = prev
+        clamped |= cut
     return PathDecision(lines, out, clamped, "")

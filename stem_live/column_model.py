@@ -370,12 +370,10 @@ class ColumnModel:
             step = min(step, max(1, int(1.0 / (8.0 * self.gp.mains_hz * frame.line_time_s))))
         step = max(step, int(np.ceil(rows / (MAX_KNOTS - 1))))
         lines = np.unique(np.r_[np.arange(0, rows, step), rows - 1])
-        t = frame.t_start + self.period_s + lines * frame.line_time_s
-        mean, _ = line_drift(self.gp, t, smear)
-        every, _ = line_drift(self.gp, frame.t_start + self.period_s + np.arange(rows) * frame.line_time_s, smear)
-        gain = self.policy.gain
-        path = gain * (mean - every.mean(axis=0)) + np.asarray(decision.beam_shift_nm, np.float64)[None, :]
-        return t, path
+        t_all = frame.t_start + self.period_s + np.arange(rows) * frame.line_time_s
+        every, _ = line_drift(self.gp, t_all, smear)   # every line: the knots are some of them
+        path = self.policy.gain * (every[lines] - every.mean(axis=0)) + np.asarray(decision.beam_shift_nm)[None, :]
+        return t_all[lines], path
 
     def _unwarped_reference(self, frame: Frame) -> np.ndarray:
         """The tracker's reference less its warp along the rows (``row_warp``: what repeats from

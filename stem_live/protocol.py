@@ -49,6 +49,11 @@ class ProtocolError(ValueError):
 # ----------------------------------------------------------------------------- messages
 
 
+def _line_time_s(cols: int, dwell_us: float, flyback_us: float) -> float:
+    """Time from one scan line's start to the next (s)."""
+    return (cols * dwell_us + flyback_us) * 1e-6
+
+
 @dataclass(frozen=True)
 class Frame:
     """One scanned frame (instrument -> engine). Units: s, nm, us, rad; image rows = slow scan (y)."""
@@ -70,7 +75,7 @@ class Frame:
     @property
     def line_time_s(self) -> float:
         """Time from one line start to the next (s): ``cols * dwell + flyback``."""
-        return (self.image.shape[1] * self.dwell_us + self.flyback_us) * 1e-6
+        return _line_time_s(self.image.shape[1], self.dwell_us, self.flyback_us)
 
     @property
     def beam_at_lines(self) -> np.ndarray:
@@ -111,7 +116,7 @@ class Strip:
     @property
     def line_time_s(self) -> float:
         """Time from one line start to the next (s): ``cols * dwell + flyback``."""
-        return (self.image.shape[1] * self.dwell_us + self.flyback_us) * 1e-6
+        return _line_time_s(self.image.shape[1], self.dwell_us, self.flyback_us)
 
     @property
     def last(self) -> bool:
@@ -224,25 +229,18 @@ def encode(msg: Message) -> list[Any]:
         raise ProtocolError(f"cannot encode {type(msg).__name__}: not a stem-live/1 message")
     head: dict[str, Any] = {"proto": PROTO, "type": kind}
     arrays: list[tuple[str, np.ndarray]] = []
-    if isinstance(msg, Frame):
+    if isinstance(msg, (Frame, Strip)):   # the scan fields frames and strips share (``_scan_fields``)
         if msg.image.dtype.name not in IMAGE_DTYPES or msg.image.ndim != 2:
-            raise ProtocolError("frame image must be 2-D uint8, uint16 or float32")
+            raise ProtocolError(f"{kind} image must be 2-D uint8, uint16 or float32")
         head.update(seq=int(msg.seq), stream=msg.stream, t_start=float(msg.t_start),
                     pixel_size_nm=[float(v) for v in msg.pixel_size_nm], dwell_us=float(msg.dwell_us),
                     flyback_us=float(msg.flyback_us), scan_rotation_rad=float(msg.scan_rotation_rad),
                     beam_shift_nm=[float(v) for v in msg.beam_shift_nm], detector=msg.detector)
         arrays.append(("image", msg.image))
-        if msg.beam_shift_lines_nm is not None:
+        if isinstance(msg, Strip):
+            head.update(row0=int(msg.row0), frame_rows=int(msg.frame_rows))
+        elif msg.beam_shift_lines_nm is not None:
             arrays.append(("beam_shift_lines_nm", np.asarray(msg.beam_shift_lines_nm, np.float64)))
-    elif isinstance(msg, Strip):
-        if msg.image.dtype.name not in IMAGE_DTYPES or msg.image.ndim != 2:
-            raise ProtocolError("strip image must be 2-D uint8, uint16 or float32")
-        head.update(seq=int(msg.seq), row0=int(msg.row0), frame_rows=int(msg.frame_rows), stream=msg.stream,
-                    t_start=float(msg.t_start), pixel_size_nm=[float(v) for v in msg.pixel_size_nm],
-                    dwell_us=float(msg.dwell_us), flyback_us=float(msg.flyback_us),
-                    scan_rotation_rad=float(msg.scan_rotation_rad),
-                    beam_shift_nm=[float(v) for v in msg.beam_shift_nm], detector=msg.detector)
-        arrays.append(("image", msg.image))
     elif isinstance(msg, Correction):
         head.update(id=int(msg.id), beam_shift_nm=[float(v) for v in msg.beam_shift_nm],
                     for_seq=int(msg.for_seq), reason=msg.reason)
