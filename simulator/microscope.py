@@ -9,6 +9,7 @@ with ``detector`` "abf" / "bf", the bright-field dips of ``detector.py``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,6 +172,7 @@ class Microscope:
         self._sigma_probe = fwhm_to_sigma(cfg.probe_fwhm)
         self._seq = 0
         self._t = 0.0
+        self._scanned: int | None = None   # rows of the current frame scanned, during acquire_strips
 
     # ------------------------------------------------------------------ state
     @property
@@ -202,7 +204,7 @@ class Microscope:
 
         Returns the shift that will truly be applied (simulation truth, not for feedback).
         """
-        return self.actuator.command(target_nm, self._seq)
+        return self.actuator.command(target_nm, self._seq + (self._scanned is not None))
 
     def set_beam_path(self, t_s, targets_nm) -> np.ndarray:
         """Command a beam-shift path: target ``targets_nm[i]`` (n, 2) nm from the scan line that
@@ -214,6 +216,8 @@ class Microscope:
         period = self.frame_time_s + self.config.frame_gap_s
         k = np.floor(np.maximum(t - self._t, 0.0) / period + 1e-9).astype(np.int64)
         line = np.ceil((t - self._t - k * period) / self.line_time_s - 1e-6).astype(np.int64)
+        if self._scanned is not None:   # within a strip scan: not on the lines already scanned
+            line = np.where(k == 0, np.maximum(line, self._scanned), line)
         over = line >= self.rows
         k, line = np.where(over, k + 1, k), np.where(over, 0, np.maximum(line, 0))
         return self.actuator.command_path(self._seq + k, line, targets_nm)
@@ -258,6 +262,47 @@ class Microscope:
 
         Advances the clock by frame_time_s + frame_gap_s and the sequence number by 1.
         """
+        image, meta, truth, box = self._scan()
+        self._advance(box)
+        return image, meta, truth
+
+    def acquire_strips(self, lines: int, on_strip: Callable[[np.ndarray, FrameMeta, int], None]
+                       ) -> tuple[np.ndarray, FrameMeta, FrameTruth]:
+        """Scan one frame as strips of ``lines`` rows (the last one may be shorter), as an
+        instrument that streams partial frames: after each strip, ``on_strip(rows, meta, row0)``
+        (rows: uint16 (n, cols); meta: the frame's as it stands, its ``beam_shift_lines_nm``
+        the commands so far). A beam command made there (``set_beam_path``) takes effect no
+        earlier than the next line to be scanned; ``set_beam_shift`` from the next frame on.
+        Returns what :meth:`acquire` returns; the image is the strips', each scanned under the
+        commands made before it."""
+        if lines < 1:
+            raise ValueError(f"a strip needs at least one line, got {lines}")
+        image = np.zeros((self.rows, self.cols), np.uint16)
+        self._scanned = 0
+        try:
+            for row0 in range(0, self.rows, int(lines)):
+                full, meta, truth, box = self._scan()
+                row1 = min(row0 + int(lines), self.rows)
+                image[row0:row1] = full[row0:row1]
+                self._scanned = row1
+                on_strip(image[row0:row1].copy(), meta, row0)
+        finally:
+            self._scanned = None
+        self._advance(box)
+        return image, meta, truth
+
+    def _advance(self, box) -> None:
+        """Move the clock and the specimen on by one frame period (after a frame's scan)."""
+        cfg = self.config
+        dt = self.frame_time_s + cfg.frame_gap_s
+        seq = self._seq
+        self._seq = seq + 1
+        self._t += dt
+        self.specimen.advance(dt, box, cfg.scan_rotation_rad, stream_rng(cfg.seed, "dynamics", seq), hops=cfg.dynamics)
+
+    def _scan(self) -> tuple[np.ndarray, FrameMeta, FrameTruth, tuple]:
+        """Scan the current frame under the commands made so far (clock unchanged); returns
+        (image, meta, truth, the specimen box the frame saw)."""
         cfg = self.config
         rows, cols = self.rows, self.cols
         seq, t0 = self._seq, self._t
@@ -331,13 +376,7 @@ class Microscope:
             beam_shift_nm=(float(cmd_rows[0, 0]), float(cmd_rows[0, 1])), rows=rows, cols=cols,
             detector=cfg.detector.upper(),
             beam_shift_lines_nm=cmd_rows.copy() if on_path else None)
-
-        dt = self.frame_time_s + cfg.frame_gap_s
-        self._seq = seq + 1
-        self._t = t0 + dt
-        spec.advance(dt, box, cfg.scan_rotation_rad, stream_rng(cfg.seed, "dynamics", seq),
-                     hops=cfg.dynamics)
-        return image, meta, truth
+        return image, meta, truth, box
 
     def _bright_field(self, ry: np.ndarray, rx: np.ndarray, origin: np.ndarray, cols, si: np.ndarray,
                       sj: np.ndarray, sig: np.ndarray, n_e: float, step: float) -> np.ndarray:

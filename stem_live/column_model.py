@@ -26,6 +26,10 @@ log = logging.getLogger("stem_live.engine")
 PICKUP_MAINS_TOL = 0.05
 #: frames between two measurements of the reference's lattice vectors (``_unwarped_reference``)
 VECTORS_EVERY = 16
+#: frames after a jump whose corrections carry no path (a single shift, as without paths): a
+#: path over a frame the jump's re-lock has not finished held the image a lattice vector off
+#: (SrTiO3, a 0.9 nm jump: 880 pm off for good with paths, back within 2 frames without)
+RELOCK_FRAMES = 2
 #: share (y, x) of the model's mains line in the reference's de-skew (:func:`drift_without_mains`)
 DESKEW_MAINS_KEEP = (0.0, 1.0)
 
@@ -136,6 +140,7 @@ class ColumnModel:
         self._boot_v_px: np.ndarray | None = None  # velocity (px/s) from the first two frames' step
         self._boot_done = False
         self._vectors: np.ndarray | None = None   # the reference's lattice vectors (px), for row_warp
+        self.reference_px: np.ndarray | None = None   # the reference the last frame was linked to (row warp out)
 
     def process(self, frame: Frame, image: np.ndarray, hint_px: np.ndarray, timings: dict) -> ColumnResult:
         from dataclasses import replace as dc_replace
@@ -143,15 +148,7 @@ class ColumnModel:
         from stem_live.locate import estimate_spacing, locate_classical
 
         t0 = time.perf_counter()
-        img = np.asarray(image, dtype=np.float32)
-        if self.config.contrast != "bright":  # dark columns (ABF/BF): the locator finds bright ones
-            from stem_live.locate.contrast import as_bright, frame_contrast
-
-            if self._contrast is None or self._contrast[0] != frame.detector:   # decided once per detector
-                kind, why = frame_contrast(img, self.config.contrast, frame.detector)
-                self._contrast = (frame.detector, kind)
-                log.info("contrast: %s", why)
-            img = as_bright(img, self._contrast[1])
+        img = self.bright(np.asarray(image, dtype=np.float32), frame.detector)
         if self.spacing_px is None:
             try:
                 self.spacing_px = float(estimate_spacing(img))
@@ -167,7 +164,7 @@ class ColumnModel:
         known = self._probe_sigma_px if self._located % self.probe_refresh_frames else None
         # the flyback (a calibration's, or the lattice's measurement): the columns cut by the
         # left edge are fitted on the distorted scan
-        flyback = self._flyback(frame) if self.calibration is not None else self._measured_flyback(frame)
+        flyback = self.flyback_px(frame)
         if self._located == 0:   # the GP's padded size from the frame's lines: compiled once a session
             self.gp.size_for_frames(img.shape[0], frame.line_time_s)
         cols = locate_classical(img, self.spacing_px, probe_sigma_px=known, flyback_px=flyback, prior=self.lattice)
@@ -199,14 +196,39 @@ class ColumnModel:
         elif self._boot_v_px is not None and not self._boot_done:
             self._restart_gp_on_first()
         t2 = time.perf_counter()
-        line_mean, line_sd, decision, jump = self.gp_stage(frame, self._unwarped_reference(frame), smooth.positions,
-                                                           matched, pickup=pickup)
+        ref = self._unwarped_reference(frame)
+        line_mean, line_sd, decision, jump = self.gp_stage(frame, ref, smooth.positions, matched, pickup=pickup)
+        self.reference_px = ref
         t3 = time.perf_counter()
         # the gp stage without an inline hyperparameter fit (timed on its own, where one ran)
         timings.update(locate=(t1 - t0) * 1e3, track=(t2 - t1) * 1e3, gp=(t3 - t2) * 1e3 - self.hyperfit_ms)
         if self.hyperfit_ms > 1.0:
             timings["hyperfit"] = self.hyperfit_ms
         return ColumnResult(cols, line_mean, line_sd, decision, jump)
+
+    def bright(self, img: np.ndarray, detector: str) -> np.ndarray:
+        """``img`` (float32) with bright columns: dark ones (ABF/BF) are mirrored, the contrast
+        decided once per detector (``config.contrast``)."""
+        if self.config.contrast == "bright":
+            return img
+        from stem_live.locate.contrast import as_bright, frame_contrast
+
+        if self._contrast is None or self._contrast[0] != detector:
+            kind, why = frame_contrast(img, self.config.contrast, detector)
+            self._contrast = (detector, kind)
+            log.info("contrast: %s", why)
+        return as_bright(img, self._contrast[1])
+
+    @property
+    def probe_sigma_px(self) -> float | None:
+        """The column width (Gaussian sigma, px) the locator measured last, or None."""
+        s = self._probe_sigma_px
+        return float(s) if s and np.isfinite(s) else None
+
+    def flyback_px(self, scan) -> tuple[float, float] | None:
+        """The flyback (amplitude, decay; px) the locator takes for a frame or strip's scan: the
+        calibration's, or the lattice's measurement."""
+        return self._flyback(scan) if self.calibration is not None else self._measured_flyback(scan)
 
     def _matched(self, ids: np.ndarray) -> np.ndarray:
         """Index into ``tracker.reference`` of every track id (-1: not a reference site)."""
@@ -262,11 +284,14 @@ class ColumnModel:
         return h - v * (h[0] * frame.line_time_s + h[1] * frame.dwell_us * 1e-6)
 
     def _smear_s(self, frame: Frame) -> float:
+        return self.smear_s(frame.line_time_s)
+
+    def smear_s(self, line_time_s: float) -> float:
         """RMS spread (s) of the scan times a fitted column position averages over: the
         position information of a Gaussian column of width sigma (px) comes from its lines
         with weights ~ exp(-y^2 / sigma^2), a spread of sigma / sqrt 2 lines."""
-        sigma = self._probe_sigma_px
-        return 0.0 if not sigma or not np.isfinite(sigma) else float(sigma) / np.sqrt(2.0) * frame.line_time_s
+        sigma = self.probe_sigma_px
+        return 0.0 if sigma is None else sigma / np.sqrt(2.0) * float(line_time_s)
 
     def _restart_gp_on_first(self) -> None:
         """The GP conditioned again on the first frame's samples, now against the de-skewed reference."""
@@ -340,6 +365,9 @@ class ColumnModel:
                                         frame=frame.seq, smear_s=self._smear_s(frame))
         if self.calibration is not None:
             obs = self.calibration.correct_observations(obs, frame.beam_shift_nm)
+        # the frame is checked for a jump against the model from before it: its strips' samples
+        # (strip_loop) out first, else a jump they saw would read as expected
+        self.gp.drop_partial(frame.seq)
         jump = self.policy.observe(self.gp, obs)
         self.hyperfit_ms = 0.0
         if self.learner is not None:
@@ -350,9 +378,14 @@ class ColumnModel:
         line_mean = self._with_pickup(frame, line_mean, pickup)
         decision = self.policy.correction(self.gp, frame.t_start + self.period_s, frame.frame_time_s,
                                           frame.beam_shift_nm)
-        if self.config.trajectory and decision.apply:
+        if self.config.trajectory and decision.apply and not self.relocking(frame.seq):
             decision = replace(decision, path=self._path(frame, decision))
         return line_mean, line_sd, decision, jump
+
+    def relocking(self, seq: int) -> bool:
+        """Whether frame ``seq`` is within ``RELOCK_FRAMES`` of a jump the policy found (no paths then)."""
+        last = max((j[0] for j in self.policy.jumps), default=None)
+        return last is not None and 0 <= int(seq) - last <= RELOCK_FRAMES
 
     def _path(self, frame: Frame, decision) -> tuple[np.ndarray, np.ndarray]:
         """The beam shift over the next frame (t_s (K,), nm (K, 2)): the model's drift there as

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stem_live.column_model import ColumnModel
-from stem_live.protocol import Correction, Frame, Trajectory
+from stem_live.protocol import Correction, Frame, Strip, Trajectory
 from stem_live.register import Reference, make_reference, register_resolved
 
 log = logging.getLogger("stem_live.engine")
@@ -108,6 +108,9 @@ class EngineConfig:
     # instrument that can follow one line by line; its ``beam_shift_nm`` stays the frame's mean
     trajectory: bool = False
     trajectory_lines: int = 8
+    # gp model, strips (``Engine.process_strip``): the time from the end of a strip to the first
+    # line its path can move (s): the engine's own time and the instrument's, together
+    strip_latency_s: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class Engine:
         self.frames = 0
         self.last: FrameResult | None = None
         self._columns = None if self.config.model != "gp" else ColumnModel(self.config)
+        self._strips = None   # the strip loop (strip_loop.StripLoop), from the first strip on
 
     def warm_up(self, frames: Sequence[Frame]) -> float:
         """Compile what a stream's first frames need (the gp model's locator and fit sizes for
@@ -287,7 +291,7 @@ class Engine:
             raise FrameRefused(f"frame {frame.seq} refused: {problem}")
         t0 = time.perf_counter()
         if self._columns is not None:
-            self._columns.period_s = self._period_s(frame)
+            self._columns.period_s = self._period_s(frame.t_start, frame.frame_time_s)
         px = np.asarray(frame.pixel_size_nm, dtype=np.float64)
         beam = np.asarray(frame.beam_shift_nm, dtype=np.float64)
         t_mid = frame.t_start + 0.5 * frame.frame_time_s
@@ -338,7 +342,7 @@ class Engine:
                 correction = self._make(frame, col.decision.beam_shift_nm, col.decision.reason,
                                         path=col.decision.path)
             else:
-                pred = self.predict_drift(t_mid + self._period_s(frame))
+                pred = self.predict_drift(t_mid + self._period_s(frame.t_start, frame.frame_time_s))
                 if pred is not None:
                     correction = self._correction(frame, pred, beam)
         self.frames += 1
@@ -351,6 +355,35 @@ class Engine:
                                 line_sigma_nm=None if col is None else col.line_sigma_nm,
                                 jump=False if col is None else col.jump, lost=not locked, flagged=flagged)
         return self.encode(frame, self.last) if encode else self.last
+
+    def process_strip(self, strip: Strip):
+        """One strip of a frame being scanned (gp model; ``strip_loop``): its columns' drift
+        samples go to the GP at once, and, when armed and the model is sure enough, the result
+        carries a correction whose trajectory is the beam's path from ``strip_latency_s`` after
+        the strip to the end of the next frame (its single ``beam_shift_nm``: the path's first
+        point, where the beam should be then). The whole frame still goes to :meth:`process`
+        once its last strip is in. Returns a ``strip_loop.StripResult``; a strip that cannot be
+        an image is refused (:class:`FrameRefused`)."""
+        from dataclasses import replace
+
+        if self._columns is None:
+            raise ValueError("strips are processed by the gp model: use --model gp")
+        problem = frame_problem(strip.image, min_side=2)
+        if problem is not None:
+            raise FrameRefused(f"strip of frame {strip.seq} (rows from {strip.row0}) refused: {problem}")
+        if self._strips is None:
+            from stem_live.strip_loop import StripLoop
+
+            self._strips = StripLoop(self._columns, latency_s=self.config.strip_latency_s,
+                                     knot_lines=self.config.trajectory_lines)
+        res = self._strips.process(strip, period_s=self._period_s(strip.t_start, strip.frame_rows * strip.line_time_s))
+        if self.armed and res.path is not None:
+            t, path = res.path
+            traj = Trajectory(t_s=tuple(float(v) for v in t), beam_shift_nm=tuple((float(a), float(b)) for a, b in path))
+            res = replace(res, correction=Correction(id=self.next_correction_id(),
+                                                     beam_shift_nm=(float(path[0, 0]), float(path[0, 1])),
+                                                     for_seq=strip.seq, reason=res.reason, trajectory=traj))
+        return res
 
     def encode(self, frame: Frame, result: FrameResult, *, between: Callable[[], object] | None = None
                ) -> FrameResult:
@@ -404,16 +437,16 @@ class Engine:
         step = drift - self.predict_drift(t_mid)
         self._hist = deque(((t, d + step) for t, d in self._hist), maxlen=self._hist.maxlen)
 
-    def _period_s(self, frame: Frame) -> float:
+    def _period_s(self, t_start: float, frame_time_s: float) -> float:
         """Time from this frame's start to the next one's (s): the step from the previous
         frame's start where that is a plausible period (the scan plus a gap between frames of
         up to 2 scan times + 1 s), else the scan time alone (a pause, a skipped frame)."""
         prev = self._prev_start
         if prev is not None:
-            step = frame.t_start - prev[0]
-            if frame.frame_time_s <= step <= 3.0 * frame.frame_time_s + 1.0:
+            step = t_start - prev[0]
+            if frame_time_s <= step <= 3.0 * frame_time_s + 1.0:
                 return float(step)
-        return float(frame.frame_time_s)
+        return float(frame_time_s)
 
     def _last_drift(self) -> np.ndarray:
         return self._hist[-1][1] if self._hist else np.zeros(2)

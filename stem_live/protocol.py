@@ -112,11 +112,21 @@ class Strip:
     beam_shift_nm: tuple[float, float] = (0.0, 0.0)
     stream: str = "default"
     detector: str = "HAADF"
+    #: (strip rows, 2) nm: the beam shift commanded at each of the strip's lines, where it
+    #: changes within the frame (an instrument following a trajectory); None: ``beam_shift_nm``
+    beam_shift_lines_nm: np.ndarray | None = None
 
     @property
     def line_time_s(self) -> float:
         """Time from one line start to the next (s): ``cols * dwell + flyback``."""
         return _line_time_s(self.image.shape[1], self.dwell_us, self.flyback_us)
+
+    @property
+    def beam_at_lines(self) -> np.ndarray:
+        """(strip rows, 2) nm: the beam shift in effect at each of the strip's lines."""
+        if self.beam_shift_lines_nm is not None:
+            return np.asarray(self.beam_shift_lines_nm, np.float64)
+        return np.tile(np.asarray(self.beam_shift_nm, np.float64), (self.image.shape[0], 1))
 
     @property
     def last(self) -> bool:
@@ -239,7 +249,7 @@ def encode(msg: Message) -> list[Any]:
         arrays.append(("image", msg.image))
         if isinstance(msg, Strip):
             head.update(row0=int(msg.row0), frame_rows=int(msg.frame_rows))
-        elif msg.beam_shift_lines_nm is not None:
+        if msg.beam_shift_lines_nm is not None:
             arrays.append(("beam_shift_lines_nm", np.asarray(msg.beam_shift_lines_nm, np.float64)))
     elif isinstance(msg, Correction):
         head.update(id=int(msg.id), beam_shift_nm=[float(v) for v in msg.beam_shift_nm],
@@ -478,25 +488,33 @@ def _scan_fields(head: Mapping[str, Any], kind: str) -> dict[str, Any]:
     )
 
 
-def _decode_frame(head: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Frame:
-    image = _image(arrays, "frame", 2, optional=("beam_shift_lines_nm",))
+def _beam_lines(arrays: Mapping[str, np.ndarray], kind: str, rows: int) -> np.ndarray | None:
+    """The optional per-line beam shift of a frame or strip of ``rows`` rows, checked."""
     lines = arrays.get("beam_shift_lines_nm")
     if lines is not None:
-        if lines.dtype.name != "float64" or lines.shape != (image.shape[0], 2) or not np.isfinite(lines).all():
-            raise ProtocolError(f"frame array 'beam_shift_lines_nm' must be finite float64 of shape "
-                                f"({image.shape[0]}, 2) (one [y, x] per row), got {lines.dtype.name} {lines.shape}")
+        if lines.dtype.name != "float64" or lines.shape != (rows, 2) or not np.isfinite(lines).all():
+            raise ProtocolError(f"{kind} array 'beam_shift_lines_nm' must be finite float64 of shape "
+                                f"({rows}, 2) (one [y, x] per row), got {lines.dtype.name} {lines.shape}")
+    return lines
+
+
+def _decode_frame(head: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Frame:
+    image = _image(arrays, "frame", 2, optional=("beam_shift_lines_nm",))
+    lines = _beam_lines(arrays, "frame", image.shape[0])
     return Frame(seq=_int(head, "seq", "frame"), image=image, beam_shift_lines_nm=lines, **_scan_fields(head, "frame"))
 
 
 def _decode_strip(head: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Strip:
     kind = "strip"
-    image = _image(arrays, kind, 1)
+    image = _image(arrays, kind, 1, optional=("beam_shift_lines_nm",))
+    lines = _beam_lines(arrays, kind, image.shape[0])
     row0, rows = _int(head, "row0", kind), _int(head, "frame_rows", kind)
     if not 2 <= rows <= MAX_IMAGE_SIDE:
         raise ProtocolError(f"strip.frame_rows must be in [2, {MAX_IMAGE_SIDE}], got {rows}")
     if row0 + image.shape[0] > rows:
         raise ProtocolError(f"strip rows {row0}..{row0 + image.shape[0] - 1} run past the frame's {rows} rows")
-    return Strip(seq=_int(head, "seq", kind), row0=row0, frame_rows=rows, image=image, **_scan_fields(head, kind))
+    return Strip(seq=_int(head, "seq", kind), row0=row0, frame_rows=rows, image=image, beam_shift_lines_nm=lines,
+                 **_scan_fields(head, kind))
 
 
 def _trajectory(value: Any) -> Trajectory:

@@ -4,7 +4,9 @@ The engine's frame path takes whole frames: :class:`StripAssembler` puts each fr
 together (in any order, each row once) and hands the frame on when its last row arrives. A
 frame whose strips stop coming (a new frame begins, or its strips disagree on the scan) is
 dropped and counted, never half-processed. The frame's ``beam_shift_nm`` is its first strip's
-(the shift in effect when its scan began).
+(the shift in effect when its scan began); where a strip says the shift changed within it or
+strips differ (an instrument following a trajectory), the frame carries it per line
+(``Frame.beam_shift_lines_nm``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class _Partial:
     image: np.ndarray
     have: np.ndarray   # (rows,) bool: rows received
     first: Strip
+    beam: np.ndarray   # (rows, 2) nm: the beam shift at every line
 
 
 def _scan_key(s: Strip) -> tuple:
@@ -59,20 +62,23 @@ class StripAssembler:
                            "smaller frames or whole frames")
                 return None
             part = self._part = _Partial(key, np.zeros((strip.frame_rows, strip.image.shape[1]), strip.image.dtype),
-                                         np.zeros(strip.frame_rows, bool), strip)
+                                         np.zeros(strip.frame_rows, bool), strip, np.zeros((strip.frame_rows, 2)))
         rows = slice(strip.row0, strip.row0 + strip.image.shape[0])
         if part.have[rows].any():
             self._drop(f"frame {strip.seq}: rows {strip.row0}..{rows.stop - 1} sent twice")
             return None
         part.image[rows] = strip.image
         part.have[rows] = True
+        part.beam[rows] = strip.beam_at_lines
         if not part.have.all():
             return None
         self._part = None
         f = part.first
+        lines = None if np.all(part.beam == part.beam[:1]) else part.beam
         return Frame(seq=f.seq, image=part.image, t_start=f.t_start, pixel_size_nm=f.pixel_size_nm, dwell_us=f.dwell_us,
-                     flyback_us=f.flyback_us, scan_rotation_rad=f.scan_rotation_rad, beam_shift_nm=f.beam_shift_nm,
-                     stream=f.stream, detector=f.detector)
+                     flyback_us=f.flyback_us, scan_rotation_rad=f.scan_rotation_rad,
+                     beam_shift_nm=tuple(float(v) for v in part.beam[0]), stream=f.stream, detector=f.detector,
+                     beam_shift_lines_nm=lines)
 
     def _drop(self, why: str) -> None:
         self.frames_dropped += 1

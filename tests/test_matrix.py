@@ -142,15 +142,15 @@ def test_cli_matrix_flag_writes_the_report(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake(n, seed, *, model, progress):
-        seen.update(n=n, seed=seed, model=model)
+    def fake(n, seed, *, model, progress, strips=0):
+        seen.update(n=n, seed=seed, model=model, strips=strips)
         progress("scenario 1/1: ...")
         return {"matrix": {"n": n, "seed": seed, "drift_rmse_pm": {"median": 1.0, "worst": 2.0}}}
 
     monkeypatch.setattr(matrix, "run_matrix", fake)
     out = tmp_path / "m.json"
-    assert main(["evaluate", "--matrix", "3", "--seed", "11", "--model", "gp", "--json", str(out)]) == 0
-    assert seen == {"n": 3, "seed": 11, "model": "gp"}
+    assert main(["evaluate", "--matrix", "3", "--seed", "11", "--model", "gp", "--strips", "64", "--json", str(out)]) == 0
+    assert seen == {"n": 3, "seed": 11, "model": "gp", "strips": 64}
     assert json.loads(out.read_text())["matrix"]["drift_rmse_pm"]["median"] == 1.0
 
 

@@ -24,6 +24,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                       dose=a.dose, seed=a.seed, model=a.model, jump_nm=a.jump_nm, baseline=not a.no_baseline,
                       calibration="" if a.calibration is None else str(a.calibration),
                       detector=a.detector, locator=a.locator, contrast=a.contrast, trajectory=a.trajectory,
+                      strips=a.strips,
                       progress=lambda label, i, n: prog.line(f"{label}: frame {i}/{n}"))
     if a.rvae:
         from stem_live.lab.rvae_eval import eval_dopants, eval_particles
@@ -47,7 +48,7 @@ def _matrix(a: argparse.Namespace, prog: Progress) -> int:
     """``--matrix N``: N drawn scenarios (``stem_live.lab.matrix``); one progress line each."""
     from stem_live.lab.matrix import run_matrix
 
-    report = run_matrix(a.matrix, a.seed, model=a.model, progress=prog.line)
+    report = run_matrix(a.matrix, a.seed, model=a.model, progress=prog.line, strips=a.strips)
     prog.done()
     text = json.dumps(report, indent=1)
     print(text)
@@ -68,6 +69,9 @@ def add_parser(sub) -> None:
     s.add_argument("--trajectory", action="store_true",
                    help="gp model: each correction carries the drift over the next frame as a path the simulated "
                         "scan follows line by line (closed_loop.residual_line_rms_nm shows what it takes out)")
+    s.add_argument("--strips", type=positive(int), default=0, metavar="K",
+                   help="gp model: the simulator sends every frame as strips of K lines and the engine corrects "
+                        "after each with a path (strip_loop); the frame-level loop runs beside it (frame_level.*)")
     s.add_argument("--rvae", action="store_true",
                    help="also train and score the rVAE (particles: angle recovery; graphene: Si dopants)")
     s.add_argument("--matrix", type=positive(int), default=0, metavar="N",
@@ -100,6 +104,13 @@ def summary(report: dict) -> str:
     lines = [f"image motion RMS: closed loop {pm(closed)}, open loop {pm(opened)}"
              + (f" ({closed / opened:.0%} of it)" if closed is not None and opened else "")
              + f", baseline tracker {pm(base)}, oracle floor {pm(floor)}"]
+    fl = report.get("frame_level")
+    if fl:
+        st = report.get("strips", {})
+        lines.append(f"  strips of {st.get('lines')} lines: per line {pm(cl.get('residual_line_rms_nm'))} against the "
+                     f"frame-level loop's {pm(fl.get('residual_line_rms_nm'))}; frame mean {pm(closed)} against "
+                     f"{pm(fl.get('residual_rms_nm'))}; strip to correction p99 "
+                     f"{st.get('latency_ms', {}).get('p99')} ms")
     if closed is not None and base:
         lines.append(f"  closed loop vs baseline: {'better' if closed < base else 'WORSE'} "
                      f"({closed / base:.2f}x the baseline's motion)")

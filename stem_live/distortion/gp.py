@@ -157,6 +157,7 @@ class OnlineDriftGP:
         self._centre_px = None if centre_px is None else np.asarray(centre_px, dtype=float)
         self._pixel_size = np.ones(2)
         self._frames: deque[Observations] = deque()
+        self._partial: int | None = None   # frame number of the newest window entry while it is partial
         self.history_s = float(history_s)
         self.history: deque[Observations] = deque()   # frames of the last history_s (guarded by _lock)
         self._lock = threading.Lock()          # guards the window and _theta
@@ -209,6 +210,7 @@ class OnlineDriftGP:
         """Forget every sample (hyperparameters are kept)."""
         with self._lock:
             self._frames.clear()
+            self._partial = None
             self.history.clear()
             self._snap = GPSnapshot(self._theta.copy(), None, np.zeros(2), 0.0, 0)
 
@@ -229,8 +231,27 @@ class OnlineDriftGP:
             theta = self._theta.copy()
         self._snap = self._condition(theta, data)
 
-    def add(self, obs: Observations) -> None:
-        """Add one frame's samples and recondition on the window (O(N))."""
+    def drop_partial(self, frame: int) -> bool:
+        """Forget frame ``frame``'s partial samples (``add(partial=True)``) and recondition on the
+        rest: the model as it was before the frame, e.g. for checking the whole frame against it.
+        Returns whether there were any."""
+        with self._lock:
+            if self._partial != int(frame) or not self._frames or int(self._frames[-1].frame[0]) != int(frame):
+                return False
+            self._frames.pop()
+            self._partial = None
+            data = self._window_data()
+            theta = self._theta.copy()
+        self._snap = self._condition(theta, data)
+        return True
+
+    def add(self, obs: Observations, *, partial: bool = False) -> None:
+        """Add one frame's samples and recondition on the window (O(N)).
+
+        ``partial``: samples of a frame still being scanned (a strip's, all of one frame):
+        they join that frame's earlier partial samples; the frame's whole samples (added
+        later without ``partial``) replace them. Partial samples stay out of ``history`` (the
+        hyperparameter fit's data)."""
         t0 = time.perf_counter()
         ok = (np.all(np.isfinite(obs.disp_nm), axis=1) & np.isfinite(obs.t_s)
               & np.all(np.isfinite(obs.pos_px), axis=1) & (obs.sigma_nm > 0))
@@ -241,12 +262,19 @@ class OnlineDriftGP:
             if self._centre_px is None:
                 self._centre_px = np.round(np.mean(obs.pos_px, axis=0))
             self._pixel_size = np.asarray(obs.pixel_size_nm, dtype=float)
+            frame = int(obs.frame[0])
+            if self._partial == frame and self._frames and int(self._frames[-1].frame[0]) == frame:
+                earlier = self._frames.pop()
+                if partial:
+                    obs = Observations.concat([earlier, obs])
+            self._partial = frame if partial else None
             self._frames.append(obs)
             while len(self._frames) > self.window_frames:
                 self._frames.popleft()
-            self.history.append(obs)
-            while self.history and self.history[0].t_s.max() < obs.t_s.max() - self.history_s:
-                self.history.popleft()
+            if not partial:
+                self.history.append(obs)
+                while self.history and self.history[0].t_s.max() < obs.t_s.max() - self.history_s:
+                    self.history.popleft()
             data = self._window_data()
             theta = self._theta.copy()
         t1 = time.perf_counter()

@@ -32,6 +32,14 @@ Report keys (a contract: later work adds keys, never changes these):
   constant offset removed; ``gp.update_ms``; ``gp.hyperparameters``: what the engine learnt
   from the stream by the end of the open-loop run (``Engine.drift_hyperparameters()``: the
   kernel's amplitudes (nm) and time scales (s), the mains frequency in use, fit counts).
+- with ``strips`` (``evaluate --strips K``): the closed loop is the strip-level one (the
+  simulator sends every frame as strips of K lines, the engine corrects after each with a path,
+  :mod:`stem_live.strip_loop`; a frame's own correction then carries its path too);
+  ``frame_level.residual_rms_nm`` / ``.residual_line_rms_nm``: the frame-level closed loop on the
+  same session (one correction a frame; with a path only with ``trajectory``);
+  ``strips.lines``, ``strips.paths`` (strips that sent a path), ``strips.latency_ms`` (``median``,
+  ``p99``, ``max``: engine time from a strip's arrival to its correction, this machine) and
+  ``strips.assumed_latency_s`` (when, after its strip, a path starts in the simulated scan).
 
 :func:`evaluate_config` runs the same on any ``MicroscopeConfig`` and returns the sessions too;
 ``stem-live evaluate --matrix`` (:mod:`stem_live.lab.matrix`) runs it on drawn scenarios.
@@ -45,8 +53,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from stem_live.engine import Engine, EngineConfig
-from stem_live.protocol import Frame
+from stem_live.engine import Engine, EngineConfig, FrameRefused
+from stem_live.protocol import Frame, Strip
 
 
 def match_columns(truth_px: np.ndarray, found_px: np.ndarray, radius_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -216,6 +224,8 @@ class SessionResult:
     true_jump_frames: tuple[int, ...] = ()  # frames in which a true jump first shows (scan or gap before it)
     hyperparameters: dict | None = None  # the drift GP's learnt hyperparameters at the end (gp model)
     line_residual_nm: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (lines, 2) true d - b per line vs frame 0's mean
+    strip_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))  # engine time of every strip (strip loop; ms)
+    strip_paths: int = 0   # strips that sent a path
 
     @property
     def residual_rms_nm(self) -> float:
@@ -240,9 +250,11 @@ def frame_from_sim(image: np.ndarray, meta: object, stream: str = "sim") -> Fram
 
 def run_session(config: object, frames: int, *, armed: bool, engine_config: EngineConfig = EngineConfig(),
                 progress: Callable[[str, int, int], None] | None = None, label: str = "",
-                keep_frames: int = 0, limits: object | None = None) -> SessionResult:
+                keep_frames: int = 0, limits: object | None = None, strips: int = 0) -> SessionResult:
     """Run one seeded simulator session through the engine; score it against truth.
-    ``limits``: the bridge's safety limits (``instrument_adapters.safety.Limits``; default: its defaults)."""
+    ``limits``: the bridge's safety limits (``instrument_adapters.safety.Limits``; default: its defaults);
+    ``strips``: the simulator sends every frame as strips of this many lines, each to the
+    engine's strip loop (``Engine.process_strip``) as it is scanned, and the frame when whole."""
     from instrument_adapters.safety import Limits, clamp_path, clamp_target
     from simulator import Microscope
     from stem_live.heap import SETTLE_AFTER_FRAMES, settle_heap
@@ -259,8 +271,43 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
     n_corr = n_clamped = 0
     jump_frame = None
     jumps = [t for t, _ in config.drift.jumps] + ([config.drift.jump_time_s] if config.drift.jump_nm else [])
+    strip_ms: list[float] = []
+    strip_paths = [0]
+
+    def apply(correction, line_time_s: float) -> None:
+        nonlocal n_corr, n_clamped
+        traj = correction.trajectory
+        if traj is not None:   # the simulated scan follows a path line by line, as the bridge clamps it
+            d = clamp_path(traj.t_s, traj.beam_shift_nm, line_time_s, np.asarray(scope.beam_shift_nm), start, limits)
+        else:
+            d = clamp_target(np.asarray(correction.beam_shift_nm), np.asarray(scope.beam_shift_nm), start, limits)
+        if not d.error:
+            if traj is not None:
+                scope.set_beam_path(d.t_s, d.applied_nm)
+            else:
+                scope.set_beam_shift(d.applied_nm)
+            n_corr += 1
+            n_clamped += int(d.clamped)
+
+    def on_strip(rows: np.ndarray, meta, row0: int) -> None:
+        lines = getattr(meta, "beam_shift_lines_nm", None)
+        strip = Strip(seq=meta.seq, row0=row0, frame_rows=meta.rows, image=rows, t_start=meta.t_start,
+                      pixel_size_nm=tuple(meta.pixel_size_nm), dwell_us=meta.dwell_us, flyback_us=meta.flyback_us,
+                      scan_rotation_rad=meta.scan_rotation_rad,
+                      beam_shift_nm=tuple(float(v) for v in meta.beam_shift_nm), stream="sim", detector=meta.detector,
+                      beam_shift_lines_nm=None if lines is None else np.asarray(lines)[row0:row0 + len(rows)])
+        t0 = time.perf_counter()
+        try:
+            res = engine.process_strip(strip)
+        except FrameRefused:
+            return
+        strip_ms.append((time.perf_counter() - t0) * 1e3)
+        if res.correction is not None:
+            strip_paths[0] += 1
+            apply(res.correction, meta.line_time_s)
+
     for k in range(frames):
-        image, meta, truth = scope.acquire()
+        image, meta, truth = scope.acquire_strips(strips, on_strip) if strips else scope.acquire()
         if jump_frame is None and jumps and truth.line_times_s[-1] >= min(jumps):
             jump_frame = k
         t_end = meta.t_start + meta.rows * meta.line_time_s
@@ -284,20 +331,7 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
             err_frame.append(np.full(len(errs[-1]), k))
             gp_ms.append(res.timings_ms.get("gp", np.nan))
         if res.correction is not None:
-            traj = res.correction.trajectory
-            if traj is not None:   # the simulated scan follows a path line by line, as the bridge clamps it
-                d = clamp_path(traj.t_s, traj.beam_shift_nm, meta.line_time_s, np.asarray(scope.beam_shift_nm),
-                               start, limits)
-            else:
-                d = clamp_target(np.asarray(res.correction.beam_shift_nm), np.asarray(scope.beam_shift_nm), start,
-                                 limits)
-            if not d.error:
-                if traj is not None:
-                    scope.set_beam_path(d.t_s, d.applied_nm)
-                else:
-                    scope.set_beam_shift(d.applied_nm)
-                n_corr += 1
-                n_clamped += int(d.clamped)
+            apply(res.correction, meta.line_time_s)
         if progress is not None:
             progress(label, k + 1, frames)
     app = np.array(apparent)
@@ -307,7 +341,8 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
                          drift_err_frame=np.concatenate(err_frame) if err_frame else np.zeros(0, int),
                          jump_detected=np.array(detected, bool), true_jump_frames=tuple(true_jumps),
                          hyperparameters=engine.drift_hyperparameters(),
-                         line_residual_nm=np.concatenate(lines) - app[0] if lines else np.zeros((0, 2)))
+                         line_residual_nm=np.concatenate(lines) - app[0] if lines else np.zeros((0, 2)),
+                         strip_ms=np.array(strip_ms), strip_paths=strip_paths[0])
 
 
 def _rounded(x):
@@ -374,13 +409,14 @@ def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, dr
              dose: float | None = None, seed: int = 0, model: str = "rigid", jump_nm: float = 0.0,
              baseline: bool = True, calibration: str = "", detector: str = "haadf", locator: str = "classical",
              contrast: str = "auto", progress: Callable[[str, int, int], None] | None = None,
-             trajectory: bool = False) -> dict:
+             trajectory: bool = False, strips: int = 0) -> dict:
     """Run open and closed loop (and the baseline tracker) on one seeded configuration; the JSON report.
     ``calibration``: a ``stem-live calibrate`` JSON the engine (gp model) starts from; ``detector``:
     the simulator's "haadf", "abf" or "bf"; ``locator``: "classical" or "unet", scored on the
     columns; ``contrast``: "bright", "dark" or "auto" (from the frames' detector), for the
     scored locator and the engine; ``trajectory``: the gp model's corrections carry the drift
-    over the next frame as a path the simulated scan follows line by line."""
+    over the next frame as a path the simulated scan follows line by line; ``strips``: the
+    closed loop corrects after every strip of this many lines (gp model; module doc)."""
     from simulator import DriftConfig, MicroscopeConfig
 
     drift = DriftConfig(drift_nm_per_min=drift_nm_per_min, jump_nm=jump_nm)
@@ -388,9 +424,9 @@ def evaluate(*, preset: str = "graphene", size: int = 512, frames: int = 100, dr
     if dose is not None:
         cfg = replace(cfg, dose_e_per_A2=dose)
     head = {"preset": preset, "size": size, "frames": frames, "drift_nm_per_min": drift_nm_per_min,
-            "dose_e_per_A2": cfg.dose, "seed": seed, "detector": detector, "trajectory": trajectory}
+            "dose_e_per_A2": cfg.dose, "seed": seed, "detector": detector, "trajectory": trajectory or bool(strips)}
     run = evaluate_config(cfg, frames, model=model, baseline=baseline, calibration=calibration, progress=progress,
-                          locator=locator, contrast=contrast, trajectory=trajectory)
+                          locator=locator, contrast=contrast, trajectory=trajectory, strips=strips)
     return {**head, **run.report}
 
 
@@ -408,24 +444,46 @@ class ConfigRun:
 def evaluate_config(cfg: object, frames: int, *, model: str = "rigid", baseline: bool = True,
                     calibration: str = "", columns: bool = True, keep_frames: int = 10,
                     progress: Callable[[str, int, int], None] | None = None, locator: str = "classical",
-                    contrast: str = "auto", limits: object | None = None, trajectory: bool = False) -> ConfigRun:
+                    contrast: str = "auto", limits: object | None = None, trajectory: bool = False,
+                    strips: int = 0) -> ConfigRun:
     """Open loop, closed loop and (``baseline``) the baseline tracker on one ``MicroscopeConfig``.
     ``columns``: score the ``locator`` on the first ``keep_frames`` open-loop frames (those frames
     are kept in ``open_loop.kept`` either way); ``contrast`` for it and the engine; ``limits``:
-    the bridge's safety limits of the closed-loop and baseline sessions (default: its defaults)."""
+    the bridge's safety limits of the closed-loop and baseline sessions (default: its defaults);
+    ``strips``: the closed loop corrects after every strip of this many lines (gp model, with
+    paths), and the frame-level closed loop runs beside it (``frame_level``)."""
+    if strips and model != "gp":
+        raise ValueError("--strips needs the gp model (--model gp): the rigid model corrects once a frame")
+    if strips < 0:
+        raise ValueError(f"--strips must be a number of lines >= 1, got {strips}")
     ec = EngineConfig(model=model, calibration=calibration, hyperfit_background=False,  # reproducible
                       contrast=contrast, trajectory=trajectory)
+    frame_ec, ec = ec, replace(ec, trajectory=trajectory or bool(strips))   # a strip loop's frame path sends paths too
     rows = cfg.shape[0]
     t0 = time.perf_counter()
     open_loop = run_session(cfg, frames, armed=False, engine_config=ec, progress=progress, label="open loop",
                             keep_frames=keep_frames)
-    closed = run_session(cfg, frames, armed=True, engine_config=ec, progress=progress, label="closed loop",
-                         limits=limits)
+    closed = run_session(cfg, frames, armed=True, engine_config=ec, progress=progress,
+                         label="closed loop" + (f" (strips of {strips} lines)" if strips else ""), limits=limits,
+                         strips=strips)
     # the drift trackers users have today: cross-correlation against a reference frame and a
     # linear drift rate from the last three frames, applied once per frame
     base = run_session(cfg, frames, armed=True, engine_config=EngineConfig(model="rigid", history=3),
                        progress=progress, label="baseline", limits=limits) if baseline else None
     extra: dict = {}
+    if strips:
+        frame_level = run_session(cfg, frames, armed=True, engine_config=frame_ec, progress=progress,
+                                  label="closed loop (frame level)", limits=limits)
+        extra["frame_level"] = {"residual_rms_nm": round(frame_level.residual_rms_nm, 5),
+                                "residual_line_rms_nm": round(frame_level.residual_line_rms_nm, 5),
+                                "method": "the same engine without strips: one correction a frame"
+                                          + (", with its path over the frame" if trajectory else "")}
+        ms = closed.strip_ms if len(closed.strip_ms) else np.full(1, np.nan)
+        extra["strips"] = {"lines": int(strips), "paths": closed.strip_paths,
+                           "latency_ms": {"median": round(float(np.median(ms)), 2),
+                                          "p99": round(float(np.percentile(ms, 99)), 2),
+                                          "max": round(float(np.max(ms)), 2)},
+                           "assumed_latency_s": ec.strip_latency_s}
     if base is not None:
         extra["baseline"] = {"residual_rms_nm": round(base.residual_rms_nm, 5),
                              "residual_line_rms_nm": round(base.residual_line_rms_nm, 5), "method": "cross-correlation + "

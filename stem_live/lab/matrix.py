@@ -22,6 +22,10 @@ Report keys (a contract: later work adds keys, never changes these), all under `
   ``closed_over_baseline.median`` over the scenarios; ``failed``: the scenarios that could not
   be run (their entries carry ``error``). A value that cannot be computed (the rigid model has
   no per-line drift, a failed scenario) is null.
+- with ``--strips K`` (gp model): every scenario's closed loop is the strip-level one, its
+  ``frame_level`` and ``strips`` keys as ``evaluate``'s, and ``strip_over_frame_line`` (the strip
+  loop's ``closed_loop.residual_line_rms_nm`` over the frame-level loop's); the matrix gives
+  ``strip_over_frame_line.median`` / ``.worst`` and ``strips`` (K).
 """
 
 from __future__ import annotations
@@ -213,7 +217,17 @@ def scenario_report(scenario: object, run: ConfigRun, frames: int) -> dict:
         "closed_over_floor": _num(closed / floor if floor > 0 else float("nan"), 3),
         "closed_over_baseline": _num(closed / base if base > 0 else float("nan"), 4),
         "interframe_shift_spacings": _num(interframe_shift_spacings(run.open_loop, scenario.specimen), 3),
+        **_strip_ratio(rep),
     }
+
+
+def _strip_ratio(rep: dict) -> dict:
+    """With strips: the strip loop's per-line residual over the frame-level loop's (``strip_over_frame_line``)."""
+    fl = rep.get("frame_level")
+    if not fl:
+        return {}
+    line, frame_line = rep["closed_loop"]["residual_line_rms_nm"], fl["residual_line_rms_nm"]
+    return {"strip_over_frame_line": _num(line / frame_line if frame_line > 0 else float("nan"), 3)}
 
 
 def interframe_shift_spacings(res: SessionResult, specimen: str) -> float:
@@ -264,13 +278,17 @@ def summarise(scenarios: list[dict]) -> dict:
         # scenarios whose frames move by more than half a column spacing from one to the next
         "aliasing_risk": [s["index"] for s in scenarios if (s.get("interframe_shift_spacings") or 0) > 0.5],
         "failed": [s["index"] for s in scenarios if s.get("error")],
+        **({"strip_over_frame_line": _stats([s.get("strip_over_frame_line") for s in scenarios])}
+           if any("strip_over_frame_line" in s for s in scenarios) else {}),
     }
 
 
 def run_matrix(n: int, seed: int, *, model: str = "rigid", frames: int | None = None,
-               size: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+               size: int | None = None, progress: Callable[[str], None] | None = None, strips: int = 0) -> dict:
     """Draw ``n`` scenarios (seed ``seed``), run each; the report ``{"matrix": {...}}``.
-    ``frames`` / ``size`` override every scenario's session length / frame size (tests)."""
+    ``frames`` / ``size`` override every scenario's session length / frame size (tests);
+    ``strips``: the closed loop corrects after every strip of this many lines (gp model) and
+    the frame-level loop runs beside it (``strip_over_frame_line``)."""
     from simulator.ranges import draw_scenarios
 
     t0 = time.perf_counter()
@@ -283,7 +301,7 @@ def run_matrix(n: int, seed: int, *, model: str = "rigid", frames: int | None = 
         nf = int(frames) if frames is not None else frames_for(sc.size)
         try:
             run = evaluate_config(sc.config(nf), nf, model=model, baseline=True, columns=False, keep_frames=1,
-                                  limits=scenario_limits(sc, nf))
+                                  limits=scenario_limits(sc, nf), strips=strips)
         except Exception as exc:   # noqa: BLE001 - one scenario's failure is a row, not the end of the matrix
             entries.append(failed_entry(sc, nf, f"{type(exc).__name__}: {exc}"))
             if progress is not None:
@@ -297,7 +315,10 @@ def run_matrix(n: int, seed: int, *, model: str = "rigid", frames: int | None = 
                      f"mains {sc.mains_pm:.0f} pm@{sc.mains_hz:.0f} Hz{', jump' if sc.jump_nm else ''}: "
                      f"drift {entry['drift_rmse_pm']} pm (bound {entry['drift_bound_pm']}), "
                      f"closed/floor {entry['closed_over_floor']}, closed/baseline {entry['closed_over_baseline']}, "
-                     f"false jumps {entry['false_jumps']} ({time.perf_counter() - t1:.0f} s)")
-    matrix = {"n": int(n), "seed": int(seed), "model": model, "scenarios": entries, **summarise(entries),
+                     f"false jumps {entry['false_jumps']}"
+                     + (f", strip/frame per line {entry['strip_over_frame_line']}" if strips else "")
+                     + f" ({time.perf_counter() - t1:.0f} s)")
+    matrix = {"n": int(n), "seed": int(seed), "model": model, **({"strips": int(strips)} if strips else {}),
+              "scenarios": entries, **summarise(entries),
               "wall_s": round(time.perf_counter() - t0, 1)}
     return {"matrix": matrix}
