@@ -293,7 +293,9 @@ class Engine:
         if self._columns is not None:
             self._columns.period_s = self._period_s(frame.t_start, frame.frame_time_s)
         px = np.asarray(frame.pixel_size_nm, dtype=np.float64)
-        beam = np.asarray(frame.beam_shift_nm, dtype=np.float64)
+        # the beam over the frame's scan (its mean where a path moved it): the registration
+        # measures the frame's mean displacement, d - b averaged over its lines
+        beam = frame.beam_at_lines.mean(axis=0)
         t_mid = frame.t_start + 0.5 * frame.frame_time_s
         image = np.asarray(frame.image)
         reg_image = self._register_view(image)

@@ -332,14 +332,15 @@ class Tracker:
             ref = self.reference
             tree = cKDTree(ref)
             p = pts[finite]
+            refined = False
             if shift_hint is not None:
                 shift, frac = _refine_shift_points(ref, p, np.asarray(shift_hint, np.float64), radius, tree=tree)
-                if frac < 0.5:
-                    shift_hint = None
-            if shift_hint is None:
+                refined = frac >= 0.5
+            if not refined:
                 # frame-to-frame shift from the previous frame's points (same field of view),
-                # with the constant-velocity prediction as prior; then refine on the reference
-                pred = self._predict()
+                # with the hint as prior (it knows where the beam moved the image), else the
+                # constant-velocity prediction; then refine on the reference
+                pred = self._predict() if shift_hint is None else np.asarray(shift_hint, np.float64)
                 last = np.asarray(self._shifts[-1]) if self._shifts else np.zeros(2)
                 if self._prev_points is not None and len(self._prev_points) and len(p):
                     inc = estimate_shift(self._prev_points, p, spacing_px=spacing, prior=tuple(pred - last),

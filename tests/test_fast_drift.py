@@ -111,12 +111,12 @@ def test_the_next_frame_starts_after_the_gap():
 
     f0 = frame(0, 0.0)
     scan = f0.frame_time_s
-    assert engine._period_s(f0) == pytest.approx(scan)            # nothing to go by yet
+    assert engine._period_s(f0.t_start, f0.frame_time_s) == pytest.approx(scan)            # nothing to go by yet
     engine.process(f0)
     f1 = frame(1, scan + 0.3)
-    assert engine._period_s(f1) == pytest.approx(scan + 0.3)
+    assert engine._period_s(f1.t_start, f1.frame_time_s) == pytest.approx(scan + 0.3)
     engine.process(f1)
-    assert engine._period_s(frame(2, 2 * scan + 0.6 + 10.0)) == pytest.approx(scan)   # a pause is no period
+    assert engine._period_s(2 * scan + 0.6 + 10.0, scan) == pytest.approx(scan)   # a pause is no period
 
 
 def test_a_correction_holds_the_frames_mean_not_a_mains_phase():

@@ -135,6 +135,27 @@ def test_tracker_uses_shift_hint():
     assert np.allclose(tr.shift, jump, atol=0.1)
 
 
+def test_a_hint_a_little_off_still_beats_the_constant_velocity_guess():
+    """The image moved 60 px and then stopped (a beam shift held it): the constant-velocity
+    guess says 120 px, five spacings on. A hint 5 px off (past the link radius, less than half a
+    spacing) is the prior of the frame-to-frame match, not the guess: the tracker finds the
+    stop; with the guess as the prior, 115 px (and in a stream of 5 s frames scanned under a
+    path, frames linked two spacings off and a drift model that ran away)."""
+    seq, _ = make_sequence(n_frames=1, step_frac=0.0)
+    cols0, _ = seq[0]
+    rng = np.random.default_rng(3)
+    drop = rng.random(len(cols0)) < 0.08          # vacancies: the lattice's aliases differ
+    base = cols0.subset(~drop)
+    tr = Tracker()
+    tr.update(base)
+    shift = np.array([60.0, 0.0])
+    for hint in (shift, shift + [5.0, 0.0]):
+        moved = Columns(base.positions + shift, base.klass, base.intensity, base.confidence, base.border)
+        keep = np.all((moved.positions >= 0) & (moved.positions < 200), axis=1)
+        tr.update(moved.subset(keep), shift_hint=tuple(hint))
+    assert np.allclose(tr.shift, [60.0, 0.0], atol=0.3)
+
+
 def test_tracker_links_rows_the_drift_moved_within_the_frame():
     """Rows are times: drift that the prediction missed moves the last third of the rows by
     0.45 of a spacing, beyond the link radius (0.3) for one shift per frame. Every column
