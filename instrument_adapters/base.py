@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from stem_live.protocol import Frame
+from stem_live.protocol import Frame, Strip
 
 
 class InstrumentError(RuntimeError):
@@ -28,15 +28,17 @@ class Instrument(ABC):
     """A source of frames that can also move the beam.
 
     ``acquire`` blocks until the next frame is complete and returns it with the metadata of
-    the scan that produced it (``seq`` increasing, ``beam_shift_nm`` in effect during it).
+    the scan that produced it (``seq`` increasing, ``beam_shift_nm`` in effect during it). An
+    instrument that streams partial frames returns each frame's strips instead
+    (``protocol.Strip``, in scan order, each as soon as its lines are scanned).
     """
 
     #: True where frames come from a file and must be delivered losslessly (replay).
     lossless: bool = False
 
     @abstractmethod
-    def acquire(self) -> Frame:
-        """Return the next complete frame; raise :class:`EndOfStream` when a finite source ends."""
+    def acquire(self) -> Frame | Strip:
+        """Return the next complete frame (or strip); raise :class:`EndOfStream` when a finite source ends."""
 
     @abstractmethod
     def get_beam_shift(self) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
 from instrument_adapters.safety import Limits, clamp_path, clamp_target
 from stem_live import protocol
-from stem_live.protocol import Ack, Correction, Frame, ProtocolError
+from stem_live.protocol import Ack, Correction, Frame, ProtocolError, Strip
 from stem_live.security import KeyFileError, ServerKeys, is_loopback
 
 log = logging.getLogger("stem_live.bridge")
@@ -143,7 +143,10 @@ class Bridge:
                                   "(is another bridge running? pick other ports)") from None
         self.frames_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.corrections_endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._frames: queue.Queue[Frame | None] = queue.Queue(maxsize=queue_frames)
+        # lossless (replay): bounded, the acquisition waits; live: bounded by _put to queue_frames
+        # frames' worth of messages (a frame's strips count as one frame)
+        self.queue_frames = int(queue_frames)
+        self._frames: queue.Queue[Frame | Strip | None] = queue.Queue(maxsize=queue_frames if instrument.lossless else 0)
         self._stop = threading.Event()
         self._subscribed = threading.Event()
         if not wait_for_subscriber:
@@ -221,7 +224,7 @@ class Bridge:
                 continue
             self._put(frame)
 
-    def _put(self, frame: Frame | None) -> None:
+    def _put(self, frame: Frame | Strip | None) -> None:
         if self.instrument.lossless or frame is None:
             while not self._stop.is_set():
                 try:
@@ -230,15 +233,15 @@ class Bridge:
                 except queue.Full:
                     continue
             return
-        try:
-            self._frames.put_nowait(frame)
-        except queue.Full:  # live: never block the microscope; drop the oldest pending frame
+        # live: never block the microscope; drop the oldest pending messages past the bound
+        per_frame = -(-frame.frame_rows // frame.image.shape[0]) if isinstance(frame, Strip) else 1
+        while self._frames.qsize() >= self.queue_frames * per_frame:
             try:
                 self._frames.get_nowait()
                 self.stats.frames_dropped += 1
             except queue.Empty:
-                pass
-            self._frames.put_nowait(frame)
+                break
+        self._frames.put_nowait(frame)
 
     def _socket_loop(self) -> None:
         import zmq

@@ -13,7 +13,7 @@ import numpy as np
 
 from instrument_adapters.base import EndOfStream, Instrument
 from simulator import FrameTruth, Microscope, MicroscopeConfig
-from stem_live.protocol import Frame
+from stem_live.protocol import Frame, Strip
 
 
 class SimulatedInstrument(Instrument):
@@ -28,10 +28,17 @@ class SimulatedInstrument(Instrument):
     ever increasing ``seq`` and ``t_start``, so that the instrument side costs no CPU while the
     engine is measured. The pre-rendered images do not show corrections: they are acked and
     clamped as usual, and the frames report the beam shift they were rendered with.
+
+    ``strip_lines`` > 0: ``acquire`` returns the frames as strips of that many lines
+    (``protocol.Strip``, paced at the scan rate of their lines), each scanned under the beam
+    commands made before it (``Microscope.next_strip``); rendered live (no ``prerender``).
     """
 
     def __init__(self, config: MicroscopeConfig, *, speed: float | None = 1.0, frames: int | None = None,
-                 stream: str = "sim", keep_truth: int = 64, prerender: int = 0) -> None:
+                 stream: str = "sim", keep_truth: int = 64, prerender: int = 0, strip_lines: int = 0) -> None:
+        if strip_lines < 0 or (strip_lines and prerender):
+            raise ValueError("strips are scanned live: strip_lines needs prerender 0, and is >= 0")
+        self.strip_lines = int(strip_lines)
         self.scope = Microscope(config)
         self.speed = speed
         self.frames = frames
@@ -55,24 +62,47 @@ class SimulatedInstrument(Instrument):
         meta = replace(meta, seq=self._count, t_start=self._count * period)
         return image, meta, truth, period
 
-    def acquire(self) -> Frame:
-        if self.frames is not None and self._count >= self.frames:
-            raise EndOfStream
-        image, meta, truth, period = self._render()
-        self._count += 1
-        self._truth.append((meta.seq, truth))
+    def _pace(self, period_s: float) -> None:
+        """Wait until this scan's end at the set speed (no burst to catch up after falling behind)."""
         if self.speed:
             now = time.monotonic()
-            self._next_due = (self._next_due or now) + period / self.speed
+            self._next_due = (self._next_due or now) + period_s / self.speed
             delay = self._next_due - now
             if delay > 0:
                 time.sleep(delay)
             else:
-                self._next_due = now  # fell behind: do not try to catch up in a burst
+                self._next_due = now
+
+    def acquire(self) -> Frame | Strip:
+        if self.frames is not None and self._count >= self.frames:
+            raise EndOfStream
+        if self.strip_lines:
+            return self._strip()
+        image, meta, truth, period = self._render()
+        self._count += 1
+        self._truth.append((meta.seq, truth))
+        self._pace(period)
         return Frame(seq=meta.seq, image=image, t_start=meta.t_start, pixel_size_nm=tuple(meta.pixel_size_nm),
                      dwell_us=meta.dwell_us, flyback_us=meta.flyback_us, scan_rotation_rad=meta.scan_rotation_rad,
                      beam_shift_nm=tuple(float(v) for v in meta.beam_shift_nm), stream=self.stream,
                      detector=meta.detector, beam_shift_lines_nm=meta.beam_shift_lines_nm)
+
+    def _strip(self) -> Strip:
+        """The next strip of the frame being scanned (its truth kept with the frame's last)."""
+        with self._lock:
+            rows, meta, row0, truth = self.scope.next_strip(self.strip_lines)
+        period = len(rows) * meta.line_time_s
+        if truth is not None:
+            self._count += 1
+            self._truth.append((meta.seq, truth))
+            period += self.scope.config.frame_gap_s
+        self._pace(period)
+        lines = meta.beam_shift_lines_nm
+        return Strip(seq=meta.seq, row0=row0, frame_rows=meta.rows, image=rows, t_start=meta.t_start,
+                     pixel_size_nm=tuple(meta.pixel_size_nm), dwell_us=meta.dwell_us, flyback_us=meta.flyback_us,
+                     scan_rotation_rad=meta.scan_rotation_rad, beam_shift_nm=tuple(float(v) for v in meta.beam_shift_nm),
+                     stream=self.stream, detector=meta.detector,
+                     beam_shift_lines_nm=None if lines is None else np.asarray(lines)[row0:row0 + len(rows)].copy())
 
     def truth_for(self, seq: int) -> FrameTruth | None:
         for s, t in self._truth:
@@ -111,6 +141,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sim-actuator-rotation-deg", type=float, default=0.0, metavar="DEG",
                    help="beam-shift axes rotated against the scan axes (deg)")
     g.add_argument("--sim-actuator-skew", type=float, default=0.0, help="beam-shift axes non-orthogonality")
+    g.add_argument("--sim-strips", type=int, default=0, metavar="LINES",
+                   help="send every frame as strips of this many lines, as it is scanned (default 0: whole frames)")
 
 
 def from_args(args: argparse.Namespace) -> SimulatedInstrument:
@@ -130,4 +162,5 @@ def from_args(args: argparse.Namespace) -> SimulatedInstrument:
     if args.sim_actuator_rotation_deg or args.sim_actuator_skew:
         act = replace(act, rotation_rad=math.radians(args.sim_actuator_rotation_deg), skew=args.sim_actuator_skew)
     cfg = replace(cfg, actuator=act)
-    return SimulatedInstrument(cfg, speed=args.sim_speed or None, frames=getattr(args, "count", None))
+    return SimulatedInstrument(cfg, speed=args.sim_speed or None, frames=getattr(args, "count", None),
+                               strip_lines=max(0, args.sim_strips))

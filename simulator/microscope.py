@@ -172,7 +172,7 @@ class Microscope:
         self._sigma_probe = fwhm_to_sigma(cfg.probe_fwhm)
         self._seq = 0
         self._t = 0.0
-        self._scanned: int | None = None   # rows of the current frame scanned, during acquire_strips
+        self._scanned: int | None = None   # rows of the current frame scanned, while it is scanned as strips
 
     # ------------------------------------------------------------------ state
     @property
@@ -268,28 +268,41 @@ class Microscope:
 
     def acquire_strips(self, lines: int, on_strip: Callable[[np.ndarray, FrameMeta, int], None]
                        ) -> tuple[np.ndarray, FrameMeta, FrameTruth]:
-        """Scan one frame as strips of ``lines`` rows (the last one may be shorter), as an
-        instrument that streams partial frames: after each strip, ``on_strip(rows, meta, row0)``
-        (rows: uint16 (n, cols); meta: the frame's as it stands, its ``beam_shift_lines_nm``
-        the commands so far). A beam command made there (``set_beam_path``) takes effect no
-        earlier than the next line to be scanned; ``set_beam_shift`` from the next frame on.
-        Returns what :meth:`acquire` returns; the image is the strips', each scanned under the
-        commands made before it."""
+        """Scan one frame as strips of ``lines`` rows (:meth:`next_strip`), calling
+        ``on_strip(rows, meta, row0)`` after each (it may command the beam). Returns what
+        :meth:`acquire` returns; the image is the strips', each scanned under the commands made
+        before it."""
+        image = np.zeros((self.rows, self.cols), np.uint16)
+        try:
+            while True:
+                rows, meta, row0, truth = self.next_strip(lines)
+                image[row0:row0 + len(rows)] = rows
+                on_strip(rows.copy(), meta, row0)
+                if truth is not None:
+                    return image, meta, truth
+        except BaseException:
+            self._scanned = None   # a frame left half scanned is scanned again from its start
+            raise
+
+    def next_strip(self, lines: int) -> tuple[np.ndarray, FrameMeta, int, FrameTruth | None]:
+        """Scan the next ``lines`` rows of the current frame (the last strip may be shorter), as
+        an instrument that streams partial frames: (rows uint16 (n, cols), meta, row0, truth).
+        The rows are scanned under the commands made so far; until the frame's last strip, a
+        ``set_beam_path`` reaches only lines not yet scanned and ``set_beam_shift`` waits for
+        the next frame. ``meta``: the frame's as it stands (its ``beam_shift_lines_nm`` the
+        commands so far); ``truth``: the whole frame's with its last strip (the clock then
+        moves on to the next frame), else None."""
         if lines < 1:
             raise ValueError(f"a strip needs at least one line, got {lines}")
-        image = np.zeros((self.rows, self.cols), np.uint16)
-        self._scanned = 0
-        try:
-            for row0 in range(0, self.rows, int(lines)):
-                full, meta, truth, box = self._scan()
-                row1 = min(row0 + int(lines), self.rows)
-                image[row0:row1] = full[row0:row1]
-                self._scanned = row1
-                on_strip(image[row0:row1].copy(), meta, row0)
-        finally:
-            self._scanned = None
+        row0 = self._scanned or 0
+        full, meta, truth, box = self._scan()
+        row1 = min(row0 + int(lines), self.rows)
+        if row1 < self.rows:
+            self._scanned = row1
+            return full[row0:row1], meta, row0, None
+        self._scanned = None
         self._advance(box)
-        return image, meta, truth
+        return full[row0:row1], meta, row0, truth
 
     def _advance(self, box) -> None:
         """Move the clock and the specimen on by one frame period (after a frame's scan)."""

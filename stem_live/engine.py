@@ -111,6 +111,9 @@ class EngineConfig:
     # gp model, strips (``Engine.process_strip``): the time from the end of a strip to the first
     # line its path can move (s): the engine's own time and the instrument's, together
     strip_latency_s: float = 0.02
+    # gp model, live (the engine service): the strips an instrument sends go to the strip loop
+    # as they arrive (``Engine.process_strip``) as well as into whole frames
+    strip_corrections: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,18 +179,25 @@ class Engine:
         self._columns = None if self.config.model != "gp" else ColumnModel(self.config)
         self._strips = None   # the strip loop (strip_loop.StripLoop), from the first strip on
 
-    def warm_up(self, frames: Sequence[Frame]) -> float:
+    def warm_up(self, frames: Sequence[Frame], *, strip_lines: int = 0) -> float:
         """Compile what a stream's first frames need (the gp model's locator and fit sizes for
         the frame size, the GP's predictions) by processing ``frames`` (a few frames like the
         stream's, e.g. simulated ones of its size), disarmed, then forget them (``reset``; the
         compiled functions stay). Without it the first frame of a ``--model gp`` stream takes
         ~10 s: the frames meanwhile are skipped, and the policy takes the drift accumulated by
         then for a jump and holds the image there for a few frames (138 pm off, back to ~15 pm
-        five frames later, at 512 px). Returns the seconds it took."""
+        five frames later, at 512 px). ``strip_lines``: the last frame also goes through the strip
+        loop first, cut into strips of that many lines (its one compiled fit size). Returns the
+        seconds it took."""
+        from stem_live.strips import cut_into_strips
+
         t0 = time.perf_counter()
         armed, self.armed = self.armed, False
         try:
-            for frame in frames:
+            for i, frame in enumerate(frames):
+                if strip_lines and self._columns is not None and i == len(frames) - 1:
+                    for strip in cut_into_strips(frame, strip_lines):
+                        self.process_strip(strip)
                 self.process(frame, encode=False)
         finally:
             self.armed = armed

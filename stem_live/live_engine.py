@@ -19,12 +19,18 @@ class LiveEngine(Engine):
 
     _warming = False
 
-    def warm_up(self, frames) -> float:
+    def warm_up(self, frames, *, strip_lines: int = 0) -> float:
         self._warming = True
         try:
-            return super().warm_up(frames)
+            return super().warm_up(frames, strip_lines=strip_lines)
         finally:
             self._warming = False
+
+    def process_strip(self, strip):
+        if self._warming:
+            return super().process_strip(strip)
+        with compiling_in_background():
+            return super().process_strip(strip)
 
     def process(self, frame, *, encode: bool = True):
         if self._warming:

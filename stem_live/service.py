@@ -27,7 +27,7 @@ from stem_live.engine import Engine, FrameRefused, FrameResult
 from stem_live.heap import SETTLE_AFTER_FRAMES, settle_heap
 from stem_live.protocol import Ack, Command, Frame, Maps, ProtocolError, Reply, Strip
 from stem_live.security import ClientKeys, is_loopback
-from stem_live.service_state import Counters, LatestSlot, Recorder, worth_logging
+from stem_live.service_state import Counters, LatestSlot, Recorder, gp_arrays, worth_logging
 from stem_live.strips import StripAssembler
 
 log = logging.getLogger("stem_live.service")
@@ -84,6 +84,7 @@ class EngineService:
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()  # guards the engine
         self._frames = LatestSlot()  # (Frame, arrival time): receiver -> worker
+        self._strip_slot = LatestSlot(self._frames.cond)  # (Strip, arrival): the strip loop's, same waiter
         self._strips = StripAssembler()  # an instrument's strips -> whole frames (receiver thread)
         self._stop = threading.Event()
         self._last_seq: int | None = None  # newest seq received
@@ -211,7 +212,7 @@ class EngineService:
 
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 4)
+        sub.setsockopt(zmq.RCVHWM, 16)   # a frame's strips (8 of 64 lines at 512 px) fit twice over
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.RECONNECT_IVL, 100)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
@@ -228,6 +229,8 @@ class EngineService:
                     self._reject(str(exc))
                     continue
                 if isinstance(msg, Strip):   # an instrument that sends strips: whole frames from them
+                    if self.engine.config.strip_corrections and self._strip_slot.put((msg, time.perf_counter())):
+                        self.counters.strips_skipped += 1
                     dropped = self._strips.frames_dropped
                     msg = self._strips.add(msg)
                     if self._strips.frames_dropped > dropped:
@@ -259,6 +262,10 @@ class EngineService:
         try:
             while not self._stop.is_set():
                 self._read_acks(dealer)
+                strip = self._strip_slot.take(0.0)
+                if strip is not None:   # before a frame: a strip's correction is the urgent one
+                    self._work_on_strip(dealer, *strip)
+                    continue
                 item = self._frames.take(0.05)
                 if item is None:
                     self._check_silence()
@@ -319,6 +326,30 @@ class EngineService:
         if self.on_result is not None:
             self.on_result(frame, result)
         self._publish_maps(frame, result)
+
+    def _work_on_strip(self, dealer: object, strip: Strip, arrived: float) -> None:
+        """One strip (``Engine.process_strip``): its correction out at once; a strip the engine
+        refuses or fails on is counted, logged and left (its frame still comes whole)."""
+        import zmq
+
+        try:
+            with self._lock:
+                result = self.engine.process_strip(strip)
+        except Exception as exc:  # noqa: BLE001  (a bad strip must not stop the stream)
+            self.counters.failed += 1
+            self.counters.last_error = (f"strip loop failed on frame {strip.seq} (rows from {strip.row0}): "
+                                        f"{type(exc).__name__}: {exc}")
+            if worth_logging(self.counters.failed):
+                log.error("%s; the stream goes on", self.counters.last_error)
+            return
+        self.counters.strips += 1
+        if result.correction is not None:
+            try:
+                dealer.send_multipart(protocol.encode(result.correction), flags=zmq.NOBLOCK)
+                self.counters.corrections_sent += 1
+                self.counters.strip_latency_ms.append((time.perf_counter() - arrived) * 1e3)
+            except zmq.Again:
+                log.warning("instrument not reachable: correction %d not sent", result.correction.id)
 
     def _watch_actuator(self, frame: Frame, result: FrameResult) -> None:
         """Feed the actuator monitor: commanded beam shift vs apparent image shift (measured frames only)."""
@@ -505,28 +536,12 @@ class EngineService:
                     arrays.update(stage.maps(epos, enc.latents, img.shape, step))
                     latent_seq = int(enc.seq)
         if result.line_drift_nm is not None and result.line_sigma_nm is not None:
-            arrays.update(self._gp_arrays(frame, result, step))
+            arrays.update(gp_arrays(frame, result, step, self.engine.start_beam_nm))
         return Maps(seq=frame.seq, arrays=arrays,
                     metrics=metrics, info={"t_mid": result.t_mid, "preview_step": step,
                                            "banner": self.banner or self.instrument_warning or self.actuator.status.warning,
                                            "pixel_size_nm": list(frame.pixel_size_nm),
                                            **({} if latent_seq is None else {"latent_seq": latent_seq})})
-
-    def _gp_arrays(self, frame: Frame, result: FrameResult, step: int, max_points: int = 128) -> dict:
-        """GP mean and sigma at <= ``max_points`` line times (mean shifted by the first frame's beam
-        shift, so it shares ``drift_nm``'s origin), and the per-line distortion (the modelled
-        drift at every ``step``-th line minus its frame mean)."""
-        mean = np.asarray(result.line_drift_nm, np.float64).reshape(-1, 2)
-        sd = np.asarray(result.line_sigma_nm, np.float64).reshape(-1, 2)
-        lines = np.asarray(frame.line_times(), np.float64)
-        n = min(len(lines), len(mean), len(sd))
-        if n == 0:
-            return {}
-        idx = np.unique(np.linspace(0, n - 1, min(max_points, n)).round().astype(int))
-        b0 = self.engine.start_beam_nm
-        origin = np.zeros(2) if b0 is None else b0
-        return {"gp_t": lines[idx], "gp_mean_nm": mean[idx] - origin, "gp_sigma_nm": sd[idx],
-                "line_distortion_nm": np.ascontiguousarray((mean[:n] - mean[:n].mean(0))[::step])}
 
     def _command_loop(self) -> None:
         while not self._stop.is_set():

@@ -1,5 +1,5 @@
 """State the service's threads share: stream-health counters, the newest-frame hand-off, and
-the recorder of processed frames (the ``record`` command).
+the recorder of processed frames (the ``record`` command); the maps' GP arrays (``gp_arrays``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class Counters:
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=256))  # frame arrival -> correction sent
     frame_ms: deque = field(default_factory=lambda: deque(maxlen=256))
     stamps: deque = field(default_factory=lambda: deque(maxlen=64))  # processing end times, for fps
+    strips: int = 0          # strips the strip loop processed (EngineConfig.strip_corrections)
+    strips_skipped: int = 0  # strips overwritten by a newer one while the engine was busy
+    strip_latency_ms: deque = field(default_factory=lambda: deque(maxlen=256))  # strip arrival -> correction sent
 
     def fps(self) -> float:
         if len(self.stamps) < 2:
@@ -56,6 +59,8 @@ class Counters:
             "last_reject": self.last_reject, "last_ack_error": self.last_ack_error,
             "failed": self.failed, "last_error": self.last_error, "rvae_skipped": self.rvae_skipped,
             "refused": self.refused, "last_refused": self.last_refused,
+            "strips": self.strips, "strips_skipped": self.strips_skipped,
+            "strip_latency_p99_ms": percentile(list(self.strip_latency_ms), 99),
         }
 
 
@@ -72,9 +77,13 @@ class LatestSlot:
     """A one-item hand-off between two threads that keeps only the newest item: ``put`` over
     an item not yet taken replaces it (and says so: the caller counts it as skipped)."""
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
+    def __init__(self, cond: threading.Condition | None = None) -> None:
+        self._cond = threading.Condition() if cond is None else cond   # shared: one waiter for two slots
         self._item: object | None = None
+
+    @property
+    def cond(self) -> threading.Condition:
+        return self._cond
 
     def put(self, item: object) -> bool:
         """Store ``item``; True when it replaced one that was never taken."""
@@ -139,3 +148,20 @@ class Recorder:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def gp_arrays(frame: Frame, result: object, step: int, start_beam_nm: np.ndarray | None, max_points: int = 128) -> dict:
+    """The maps' GP arrays of a processed frame (``FrameResult``): mean and sigma at <= ``max_points``
+    line times (mean shifted by the first frame's beam shift ``start_beam_nm``, so it shares
+    ``drift_nm``'s origin), and the per-line distortion (the modelled
+    drift at every ``step``-th line minus its frame mean)."""
+    mean = np.asarray(result.line_drift_nm, np.float64).reshape(-1, 2)
+    sd = np.asarray(result.line_sigma_nm, np.float64).reshape(-1, 2)
+    lines = np.asarray(frame.line_times(), np.float64)
+    n = min(len(lines), len(mean), len(sd))
+    if n == 0:
+        return {}
+    idx = np.unique(np.linspace(0, n - 1, min(max_points, n)).round().astype(int))
+    origin = np.zeros(2) if start_beam_nm is None else start_beam_nm
+    return {"gp_t": lines[idx], "gp_mean_nm": mean[idx] - origin, "gp_sigma_nm": sd[idx],
+            "line_distortion_nm": np.ascontiguousarray((mean[:n] - mean[:n].mean(0))[::step])}

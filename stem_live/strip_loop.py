@@ -10,8 +10,8 @@ frame path's reference where the model says each one should be at the time it wa
 and added to the GP as the frame's partial samples (``OnlineDriftGP.add(partial=True)``); the
 whole frame's samples replace them when the frame path sees the frame.
 
-A strip whose samples sit far off the model (a jump, a lost lock) adds nothing and sends no
-path: the frame path's jump check decides on the whole frame.
+A strip whose columns sit far off the model (a jump, a lost lock, a model that drifted off) adds
+nothing and sends no path: the frame path decides on the whole frame.
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ import numpy as np
 
 from stem_live.protocol import Strip
 
-#: a strip whose median miss of the model is above this (nm) adds no samples (the frame's jump check decides)
-STRIP_MISS_NM = 0.05
+#: a strip adds no samples where its median miss of the model is above this share of the link
+#: radius, or fewer than ``MIN_LINKED`` of its columns link: the model is then too far off for the
+#: links to be trusted (near the radius a graphene strip at 29 pm/px linked half its columns, a
+#: bond off, and the loop wandered 100-350 pm), and the frame's own check decides
+MAX_MISS_OF_RADIUS = 0.5
+MIN_LINKED = 0.8
 
 
 @dataclass(frozen=True)
@@ -121,14 +125,15 @@ class StripLoop:
         _, idx = self._tree.query(at_ref, distance_upper_bound=self.link_frac * m.spacing_px)
         matched = np.where(idx < len(self._ref), idx, -1)
         obs = self._samples(strip, pos, matched, beam, w0)
-        if len(obs) < 3:
-            return result(len(obs), None, f"{len(obs)} columns linked in rows {strip.row0}..{strip.row0 + n - 1}",
-                          locate=(t1 - t0) * 1e3)
+        if len(obs) < 3 or len(obs) < MIN_LINKED * len(pos):
+            return result(len(obs), None, f"{len(obs)} of {len(pos)} columns linked in rows {strip.row0}.."
+                          f"{strip.row0 + n - 1}: the model is too far off here", locate=(t1 - t0) * 1e3)
         res, _ = m.gp.residuals(obs)
         med = np.median(res, axis=0)
-        if np.hypot(*med) > STRIP_MISS_NM:
+        radius_nm = self.link_frac * m.spacing_px * float(np.mean(px))
+        if np.hypot(*med) > MAX_MISS_OF_RADIUS * radius_nm:
             return result(len(obs), None, f"the strip is {np.hypot(*med) * 1e3:.0f} pm off the model: left to "
-                          "the frame's jump check", locate=(t1 - t0) * 1e3)
+                          "the frame's check", locate=(t1 - t0) * 1e3)
         spread = 1.4826 * np.median(np.abs(res - med), axis=0) + 1e-6
         obs = obs.select(np.all(np.abs(res - med) <= 5.0 * spread, axis=1))   # mislinked columns out
         t2 = time.perf_counter()

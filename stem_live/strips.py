@@ -84,3 +84,14 @@ class StripAssembler:
         self.frames_dropped += 1
         self.last_error = f"{why}: the frame is dropped"
         self._part = None
+
+
+def cut_into_strips(frame: Frame, lines: int) -> list[Strip]:
+    """``frame`` as the strips of ``lines`` rows an instrument would send (the last may be shorter)."""
+    rows = frame.image.shape[0]
+    beam = frame.beam_shift_lines_nm
+    return [Strip(seq=frame.seq, row0=r, frame_rows=rows, image=frame.image[r:r + lines], t_start=frame.t_start,
+                  pixel_size_nm=frame.pixel_size_nm, dwell_us=frame.dwell_us, flyback_us=frame.flyback_us,
+                  scan_rotation_rad=frame.scan_rotation_rad, beam_shift_nm=frame.beam_shift_nm, stream=frame.stream,
+                  detector=frame.detector, beam_shift_lines_nm=None if beam is None else np.asarray(beam)[r:r + lines])
+            for r in range(0, rows, int(lines))]

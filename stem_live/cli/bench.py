@@ -16,6 +16,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         return _startup(a)
     if a.stage == "batch":
         return _batch(a)
+    if a.stage == "strips":
+        return _strips(a)
     from stem_live.lab.bench import run_bench
 
     prog = Progress()
@@ -53,6 +55,21 @@ def _startup(a: argparse.Namespace) -> int:
     return _emit(a, report, startup_table(report["startup"]))
 
 
+def _strips(a: argparse.Namespace) -> int:
+    """``bench strips``: the engine's time from a strip's arrival to its correction."""
+    from stem_live.lab.bench import machine
+    from stem_live.lab.bench_strips import bench_strips, strips_table
+
+    if a.size and len(a.size) > 1:
+        raise UserError("bench strips takes one --size")
+    prog = Progress()
+    report = {"machine": machine(), "stage": "strips",
+              "strips": bench_strips(size=a.size[0] if a.size else 512, lines=a.lines, frames=a.frames_strips,
+                                     progress=prog.line)}
+    prog.done()
+    return _emit(a, report, strips_table(report["strips"]))
+
+
 def _batch(a: argparse.Namespace) -> int:
     """``bench batch``: files/min of ``stem-live batch`` with 1 and 2 workers, pinned and not."""
     from stem_live.lab.bench import machine
@@ -80,10 +97,11 @@ def add_parser(sub) -> None:
     """Add this module's command(s) to the ``stem-live`` subparsers ``sub``."""
     s = sub.add_parser("bench", help="stage and end-to-end timings (JSON)")
     s.add_argument("stage", choices=("protocol", "register", "locate", "track", "gp", "rvae", "pipeline", "overload",
-                                     "startup", "batch", "all"),
+                                     "startup", "batch", "strips", "all"),
                    help="what to time; startup: cold and warm start of `stem-live replay` to its first processed "
                         "frame (--size, --model, --warm-runs; one size, default 512); batch: files/min of `stem-live batch` "
-                        "with 1 and 2 workers, pinned to one core each and not (--files, --frames, --size)")
+                        "with 1 and 2 workers, pinned to one core each and not (--files, --frames, --size); strips: "
+                        "a strip's arrival to its correction in the strip loop (--size, --lines)")
     s.add_argument("--size", type=positive(int), nargs="+", default=None, help="frame sizes (default 256..2048)")
     s.add_argument("--seconds", type=positive(float), default=10.0,
                    metavar="S",
@@ -98,5 +116,8 @@ def add_parser(sub) -> None:
                    help="startup: warm starts timed (the median is reported, with the spread)")
     s.add_argument("--files", type=positive(int), default=6, help="batch: simulated recordings (default 6)")
     s.add_argument("--frames", type=positive(int), default=8, help="batch: frames per recording (default 8)")
+    s.add_argument("--lines", type=positive(int), default=64, help="strips: lines a strip (default 64)")
+    s.add_argument("--strip-frames", dest="frames_strips", type=positive(int), default=20,
+                   help="strips: frames scanned, the first 4 not timed (default 20)")
     s.add_argument("--json", type=Path, default=None, help="also write the report here")
     s.set_defaults(func=cmd_bench)

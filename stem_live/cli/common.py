@@ -169,7 +169,10 @@ def engine_config(a: argparse.Namespace, *, live: bool = True):
         raise UserError("--rvae needs columns: add --model gp")
     if a.calibration is not None and a.model != "gp":
         raise UserError("--calibration is used by the column model: add --model gp")
-    return EngineConfig(model=a.model, rvae_checkpoint="" if a.rvae is None else str(a.rvae),
+    strips = bool(getattr(a, "strip_corrections", False) or getattr(a, "strips", 0))
+    if strips and a.model != "gp":
+        raise UserError("corrections after every strip come from the column model: add --model gp")
+    return EngineConfig(model=a.model, strip_corrections=strips, trajectory=strips, rvae_checkpoint="" if a.rvae is None else str(a.rvae),
                         calibration="" if a.calibration is None else str(a.calibration),
                         lattice_prior=not getattr(a, "independent_frames", False),
                         mains_hz=getattr(a, "mains_hz", None), hyperfit_background=live,
@@ -224,6 +227,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mains-hz", type=_mains, default=None, metavar="auto|0|50|60",
                    help="(with --model gp) the mains frequency of the drift model's periodic term: auto (detected "
                         "from the stream: 50 Hz, 60 Hz or none), 0 (none), or a frequency in Hz (default auto)")
+    p.add_argument("--strip-corrections", action="store_true",
+                   help="(with --model gp) an instrument that sends strips (partial frames) gets a correction "
+                        "with a beam path after every strip, not only after every frame")
     contrast_arg(p)
 
 

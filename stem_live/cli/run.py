@@ -124,7 +124,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     if a.no_rvae and a.rvae is not None:
         raise UserError("--no-rvae and --rvae CHECKPOINT contradict each other: give one")
-    inst = SimulatedInstrument(sim_config(a), speed=a.speed or None, frames=a.count)
+    inst = SimulatedInstrument(sim_config(a), speed=a.speed or None, frames=a.count, strip_lines=a.strips)
     bridge = Bridge(inst, frames_endpoint="tcp://127.0.0.1:*", corrections_endpoint="tcp://127.0.0.1:*",
                     wait_for_subscriber=True)
     engine = LiveEngine(engine_config(a))
@@ -133,7 +133,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
         print(f"demo: compiling the gp model for {a.size}x{a.size} frames ...", file=sys.stderr, flush=True)
         warm = SimulatedInstrument(replace(sim_config(a), seed=a.seed + 1), speed=None, frames=3)
-        print(f"demo: compiled in {engine.warm_up([warm.acquire() for _ in range(3)]):.1f} s", file=sys.stderr)
+        took = engine.warm_up([warm.acquire() for _ in range(3)], strip_lines=a.strips)
+        print(f"demo: compiled in {took:.1f} s", file=sys.stderr)
     engine.arm()
     auto_train = engine.config.model == "gp" and engine.rvae is None and not a.no_rvae
     if auto_train:  # built and compiled while the first frames stream; trains once enough patches are buffered
@@ -308,6 +309,9 @@ def add_parser(sub) -> None:
                    help="at the end, the one-page figure of replay --report (gp model)")
     s.add_argument("--no-rvae", action="store_true",
                    help="(gp model) no rVAE; by default one is trained from scratch on the first frames' columns")
+    s.add_argument("--strips", type=positive(int), default=0, metavar="LINES",
+                   help="(gp model) the simulator sends every frame as strips of LINES lines and the engine "
+                        "corrects after each with a beam path (--strip-corrections)")
     model_args(s)
     for action in s._actions:  # the demo shows the whole mission: the gp model unless asked otherwise
         if action.dest == "model":
