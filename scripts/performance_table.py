@@ -29,6 +29,7 @@ FULL = [("protocol", "bench protocol --size 512 2048"), ("register", "bench regi
         ("locate", "bench locate --size 512 1024"), ("track", "bench track --size 512 1024"), ("gp", "bench gp"),
         ("rvae", "bench rvae"), ("pipeline", "bench pipeline --size 512 1024 --seconds 30"),
         ("overload", "bench overload --size 512 --seconds 30"), ("startup", "bench startup"),
+        ("strips", "bench strips --size 512 --lines 64"),
         ("evaluate", "evaluate --preset graphene --size 512 --frames 30 --model gp --seed 0"),
         ("calibrate", f"calibrate --preset srtio3 --frames 60 --out {OUT_DIR}")]
 QUICK = [("protocol", "bench protocol --size 256"), ("register", "bench register --size 256"),
@@ -145,6 +146,12 @@ def bench_rows(label: str, r: dict) -> list[tuple[str, str]]:
         out.append((f"start to the first processed frame, `{s['command']}`, {s['size']} px",
                     f"cold {f(s['cold'].get('seconds'))} s, warm {f(s['warm'].get('seconds'))} s "
                     f"(median of {len(s['warm'].get('runs', [])) or 1})"))
+    elif label == "strips":
+        s = r["strips"]
+        st = ", ".join(f"{k} {v}" for k, v in s["stages_ms"].items())
+        out.append((f"strip loop, strip arrival to correction, {s['lines']}-line strips of {s['size']} px",
+                    f"median {s['latency_ms']['median']} ms, p99 {s['latency_ms']['p99']} ms over "
+                    f"{s['strips_timed']} strips; stage medians (ms): {st}"))
     elif label == "overload":
         o, t = r["overload"], r["overload"]["totals"]
         out.append((f"overload, {o['size']} px, frames at 5x capacity",

@@ -93,7 +93,7 @@ class StripLoop:
             img = np.vstack([np.full((keep, img.shape[1]), np.median(img), np.float32), img])
             beam = np.vstack([np.tile(beam[:1], (keep, 1)), beam])
         w0 = strip.row0 + n - len(img)         # frame row of the window's first row
-        self._tail = (strip.stream, strip.seq, strip.row0 + n, img[-keep:], beam[-keep:])
+        self._tail = (strip.stream, strip.seq, strip.row0 + n, img[len(img) - keep:], beam[len(beam) - keep:])
 
         def result(linked: int, planned, why: str, **timings: float) -> StripResult:
             timings["total"] = (time.perf_counter() - t0) * 1e3
