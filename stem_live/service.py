@@ -281,8 +281,6 @@ class EngineService:
 
     def _work_on(self, dealer: object, frame: Frame, arrived: float) -> None:
         """One frame: engine, correction out, rVAE hand-off, recording, callbacks, maps."""
-        import zmq
-
         if self._last_processed is not None and frame.seq <= self._last_processed:
             log.warning("new stream (seq %d after %d): the instrument restarted; resetting the reference",
                         frame.seq, self._last_processed)
@@ -306,12 +304,7 @@ class EngineService:
             self._engine_failed(frame, exc)
             return
         if result.correction is not None:  # sent before the rVAE stage: it never waits for it
-            try:
-                dealer.send_multipart(protocol.encode(result.correction), flags=zmq.NOBLOCK)
-                self.counters.corrections_sent += 1
-                self.counters.latency_ms.append((time.perf_counter() - arrived) * 1e3)
-            except zmq.Again:
-                log.warning("instrument not reachable: correction %d not sent", result.correction.id)
+            self._send(dealer, result.correction, arrived, self.counters.latency_ms)
         if getattr(self.engine, "rvae", None) is not None and result.columns is not None:
             if self._rvae_slot.put((frame, result)):
                 self.counters.rvae_skipped += 1  # the encoder fell behind: it takes the newest
@@ -330,8 +323,6 @@ class EngineService:
     def _work_on_strip(self, dealer: object, strip: Strip, arrived: float) -> None:
         """One strip (``Engine.process_strip``): its correction out at once; a strip the engine
         refuses or fails on is counted, logged and left (its frame still comes whole)."""
-        import zmq
-
         try:
             with self._lock:
                 result = self.engine.process_strip(strip)
@@ -344,12 +335,18 @@ class EngineService:
             return
         self.counters.strips += 1
         if result.correction is not None:
-            try:
-                dealer.send_multipart(protocol.encode(result.correction), flags=zmq.NOBLOCK)
-                self.counters.corrections_sent += 1
-                self.counters.strip_latency_ms.append((time.perf_counter() - arrived) * 1e3)
-            except zmq.Again:
-                log.warning("instrument not reachable: correction %d not sent", result.correction.id)
+            self._send(dealer, result.correction, arrived, self.counters.strip_latency_ms)
+
+    def _send(self, dealer: object, correction: object, arrived: float, latency_ms: object) -> None:
+        """Send one correction (never blocking); its latency from ``arrived`` goes to ``latency_ms``."""
+        import zmq
+
+        try:
+            dealer.send_multipart(protocol.encode(correction), flags=zmq.NOBLOCK)
+            self.counters.corrections_sent += 1
+            latency_ms.append((time.perf_counter() - arrived) * 1e3)
+        except zmq.Again:
+            log.warning("instrument not reachable: correction %d not sent", correction.id)
 
     def _watch_actuator(self, frame: Frame, result: FrameResult) -> None:
         """Feed the actuator monitor: commanded beam shift vs apparent image shift (measured frames only)."""

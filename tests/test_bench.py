@@ -43,7 +43,7 @@ def test_pipeline_reports_what_the_start_cost(monkeypatch):
     from stem_live.engine import Engine, EngineConfig
     from stem_live.live_engine import compiling_engine
 
-    def slow_warm_up(self, frames):  # a 1.5 s compilation in the rigid model's place
+    def slow_warm_up(self, frames, *, strip_lines=0):  # a 1.5 s compilation in the rigid model's place
         time.sleep(1.5)
         return 1.5
 

@@ -114,7 +114,7 @@ def test_the_compiled_stream_keeps_its_column_spacing(monkeypatch):
     from stem_live.lab.evaluate import frame_from_sim
     from stem_live.live_engine import compiling_engine
 
-    def warm_up(self, frames):   # stands in for a minute of compiling: what it leaves is the spacing
+    def warm_up(self, frames, *, strip_lines=0):   # stands in for a minute of compiling: what it leaves is the spacing
         self._columns.spacing_px = 9.5
         return 0.0
 
