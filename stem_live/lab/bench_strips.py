@@ -25,8 +25,7 @@ def bench_strips(*, size: int = 512, lines: int = 64, frames: int = 20, warm_fra
     from instrument_adapters.safety import Limits, clamp_path
     from simulator import DriftConfig, Microscope, MicroscopeConfig
     from stem_live.engine import Engine, EngineConfig
-    from stem_live.lab.evaluate import frame_from_sim
-    from stem_live.protocol import Strip
+    from stem_live.lab.evaluate import frame_from_sim, strip_from_sim
 
     scope = Microscope(MicroscopeConfig(preset=preset, size=size, seed=seed, drift=DriftConfig(drift_nm_per_min=3.0)))
     engine = Engine(EngineConfig(model="gp", trajectory=True))
@@ -38,13 +37,8 @@ def bench_strips(*, size: int = 512, lines: int = 64, frames: int = 20, warm_fra
     k = [0]
 
     def on_strip(rows: np.ndarray, meta, row0: int) -> None:
-        beam = meta.beam_shift_lines_nm
-        strip = Strip(seq=meta.seq, row0=row0, frame_rows=meta.rows, image=rows, t_start=meta.t_start,
-                      pixel_size_nm=tuple(meta.pixel_size_nm), dwell_us=meta.dwell_us, flyback_us=meta.flyback_us,
-                      beam_shift_nm=tuple(float(v) for v in meta.beam_shift_nm), detector=meta.detector,
-                      beam_shift_lines_nm=None if beam is None else np.asarray(beam)[row0:row0 + len(rows)])
         t0 = time.perf_counter()
-        res = engine.process_strip(strip)
+        res = engine.process_strip(strip_from_sim(rows, meta, row0))
         if k[0] >= warm_frames:
             times.append((time.perf_counter() - t0) * 1e3)
             stages.append(res.timings_ms)
