@@ -49,13 +49,25 @@ class ProtocolError(ValueError):
 # ----------------------------------------------------------------------------- messages
 
 
-def _line_time_s(cols: int, dwell_us: float, flyback_us: float) -> float:
-    """Time from one scan line's start to the next (s)."""
-    return (cols * dwell_us + flyback_us) * 1e-6
+class _ScanRows:
+    """What a frame and a strip derive alike from their scan fields and image (a plain base:
+    a strip is not a frame, ``isinstance`` keeps them apart)."""
+
+    @property
+    def line_time_s(self) -> float:
+        """Time from one line start to the next (s): ``cols * dwell + flyback``."""
+        return (self.image.shape[1] * self.dwell_us + self.flyback_us) * 1e-6
+
+    @property
+    def beam_at_lines(self) -> np.ndarray:
+        """(rows, 2) nm: the beam shift in effect at each of the image's lines."""
+        if self.beam_shift_lines_nm is not None:
+            return np.asarray(self.beam_shift_lines_nm, np.float64)
+        return np.tile(np.asarray(self.beam_shift_nm, np.float64), (self.image.shape[0], 1))
 
 
 @dataclass(frozen=True)
-class Frame:
+class Frame(_ScanRows):
     """One scanned frame (instrument -> engine). Units: s, nm, us, rad; image rows = slow scan (y)."""
 
     seq: int
@@ -73,18 +85,6 @@ class Frame:
     beam_shift_lines_nm: np.ndarray | None = None
 
     @property
-    def line_time_s(self) -> float:
-        """Time from one line start to the next (s): ``cols * dwell + flyback``."""
-        return _line_time_s(self.image.shape[1], self.dwell_us, self.flyback_us)
-
-    @property
-    def beam_at_lines(self) -> np.ndarray:
-        """(rows, 2) nm: the beam shift in effect at every line."""
-        if self.beam_shift_lines_nm is not None:
-            return np.asarray(self.beam_shift_lines_nm, np.float64)
-        return np.tile(np.asarray(self.beam_shift_nm, np.float64), (self.image.shape[0], 1))
-
-    @property
     def frame_time_s(self) -> float:
         return self.image.shape[0] * self.line_time_s
 
@@ -94,7 +94,7 @@ class Frame:
 
 
 @dataclass(frozen=True)
-class Strip:
+class Strip(_ScanRows):
     """Rows ``row0 .. row0 + image.shape[0] - 1`` of frame ``seq`` (instrument -> engine), sent
     as they are scanned. The scan's metadata are the whole frame's (``t_start`` is the frame's
     first line, ``frame_rows`` its number of rows): a strip's row ``i`` was scanned at
@@ -115,18 +115,6 @@ class Strip:
     #: (strip rows, 2) nm: the beam shift commanded at each of the strip's lines, where it
     #: changes within the frame (an instrument following a trajectory); None: ``beam_shift_nm``
     beam_shift_lines_nm: np.ndarray | None = None
-
-    @property
-    def line_time_s(self) -> float:
-        """Time from one line start to the next (s): ``cols * dwell + flyback``."""
-        return _line_time_s(self.image.shape[1], self.dwell_us, self.flyback_us)
-
-    @property
-    def beam_at_lines(self) -> np.ndarray:
-        """(strip rows, 2) nm: the beam shift in effect at each of the strip's lines."""
-        if self.beam_shift_lines_nm is not None:
-            return np.asarray(self.beam_shift_lines_nm, np.float64)
-        return np.tile(np.asarray(self.beam_shift_nm, np.float64), (self.image.shape[0], 1))
 
     @property
     def last(self) -> bool:
