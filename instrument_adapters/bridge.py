@@ -47,8 +47,9 @@ def check_bind(endpoint: str, keys: ServerKeys | None = None) -> None:
 class BridgeStats:
     """Counters the bridge keeps; read them from any thread."""
 
-    frames_published: int = 0
-    frames_dropped: int = 0
+    frames_published: int = 0   # whole frames (a strip stream: frames whose last strip went out)
+    strips_published: int = 0
+    frames_dropped: int = 0     # messages (frames or strips) the engine was too slow to take
     corrections_applied: int = 0
     corrections_clamped: int = 0
     corrections_refused: int = 0
@@ -267,7 +268,9 @@ class Bridge:
                 protocol.send(self._pub, frame, flags=0 if self.instrument.lossless else zmq.NOBLOCK)
                 self._last_seq = frame.seq
                 self._line_time_s = frame.line_time_s
-                self.stats.frames_published += 1
+                strip = isinstance(frame, protocol.Strip)
+                self.stats.frames_published += int(not strip or frame.last)
+                self.stats.strips_published += int(strip)
             except zmq.Again:
                 self.stats.frames_dropped += 1
 

@@ -6,7 +6,9 @@ Frames come from the scan ``HardwareSource`` of ``nionswift-instrumentation`` (a
 every frame as it finishes (``acquisition="continuous"``, ``get_next_xdatas_to_finish``: the
 microscope never waits) or records one frame per call (``acquisition="single"``,
 ``record_immediate``: every frame starts after the call, so a correction never lands inside
-a frame, at the cost of dead time between frames).
+a frame, at the cost of dead time between frames). With ``strip_lines`` (continuous only) each
+frame goes out as strips of that many lines as it is scanned, cut from the scan's partial reads
+(:mod:`.nion_strips`).
 
 Corrections move the beam in one of two ways (``correction_mode``):
 
@@ -53,7 +55,8 @@ from typing import Any
 import numpy as np
 
 from instrument_adapters.base import EndOfStream, Instrument, InstrumentError
-from stem_live.protocol import Frame
+from instrument_adapters.nion_strips import CutStrip, StripCutter
+from stem_live.protocol import Frame, Strip
 
 #: line flyback assumed when the scan device does not report ``flyback_pixels`` (us)
 DEFAULT_FLYBACK_US = 10.0
@@ -91,12 +94,14 @@ class NionInstrument(Instrument):
     size=None, pixel_time_us=None, fov_nm=None, rotation_rad=None, channel=0,
     correction_mode="beam_shift", acquisition="continuous", flyback_us=None,
     shift_matrix=None, confirm=False, timeout_s=10.0, frames=None, stream="nion",
-    stage_controls=("stage_position_m.x", "stage_position_m.y"), stage_sign=-1.0)``
+    stage_controls=("stage_position_m.x", "stage_position_m.y"), stage_sign=-1.0, strip_lines=0)``
 
     Without ``scan_hardware_source`` the scan device is looked up in this process's
     ``HardwareSourceManager`` (by ``scan_device_id``, else the first scanning device);
     without ``stem_controller`` it is the hardware source's own. Frame parameters left
     ``None`` keep the device's current values. ``channel``: index among the enabled channels.
+    ``strip_lines`` > 0 (continuous acquisition): ``acquire`` returns each frame as strips of
+    that many lines, cut from the scan's partial reads as they arrive (:mod:`.nion_strips`).
     """
 
     def __init__(self, scan_hardware_source: Any = None, stem_controller: Any = None, *,
@@ -106,11 +111,14 @@ class NionInstrument(Instrument):
                  flyback_us: float | None = None, shift_matrix: Any = None, confirm: bool = False,
                  timeout_s: float = 10.0, frames: int | None = None, stream: str = "nion",
                  stage_controls: tuple[str, str] | None = ("stage_position_m.x", "stage_position_m.y"),
-                 stage_sign: float = -1.0) -> None:
+                 stage_sign: float = -1.0, strip_lines: int = 0) -> None:
         if correction_mode not in CORRECTION_MODES:
             raise InstrumentError(f"correction_mode must be one of {', '.join(CORRECTION_MODES)}, got {correction_mode!r}")
         if acquisition not in ACQUISITION_MODES:
             raise InstrumentError(f"acquisition must be one of {', '.join(ACQUISITION_MODES)}, got {acquisition!r}")
+        if int(strip_lines) < 0 or (int(strip_lines) and acquisition != "continuous"):
+            raise InstrumentError(f"strip_lines must be >= 0, and strips need acquisition='continuous' "
+                                  f"(got {strip_lines!r} with {acquisition!r})")
         if flyback_us is not None and not (math.isfinite(flyback_us) and flyback_us >= 0):
             raise InstrumentError(f"flyback_us must be a number >= 0, got {flyback_us!r}")
         self.correction_mode = correction_mode
@@ -140,6 +148,14 @@ class NionInstrument(Instrument):
         self._changes: deque[tuple[float, np.ndarray]] = deque(maxlen=16)  # (time, shift before the change)
         self._seq = 0
         self._started = False
+        self.strip_lines = int(strip_lines)
+        self._cutter = StripCutter(self.strip_lines) if self.strip_lines else None
+        self._strips: deque[tuple[CutStrip, dict, float]] = deque()   # (strip, scan metadata, line time s)
+        self._strips_ready = threading.Condition()
+        self._listener: Any = None      # the data channel listener of strip mode
+        self._channel_id: str | None = None
+        self.strips_dropped = 0         # strips nobody took in time (the oldest go first)
+        self.read_error = ""            # the last error of the partial-read listener (it must not raise)
         try:
             fp = hs.get_current_frame_parameters()
             if size is not None:
@@ -187,9 +203,11 @@ class NionInstrument(Instrument):
 
     # ------------------------------------------------------------------ Instrument
 
-    def acquire(self) -> Frame:
+    def acquire(self) -> Frame | Strip:
         if self.frames is not None and self._seq >= self.frames:
             raise EndOfStream(f"{self.frames} frames acquired")
+        if self._cutter is not None:
+            return self._next_strip()
         try:
             if self.acquisition == "single":
                 xdatas = self.hs.record_immediate(self.hs.get_current_frame_parameters())
@@ -212,6 +230,18 @@ class NionInstrument(Instrument):
             raise InstrumentError(f"Nion scan returned a {image.shape} array, expected a 2-D image")
         if image.dtype.name not in ("uint8", "uint16", "float32"):
             image = image.astype(np.float32)
+        meta = self._scan_meta(x)
+        rows, cols = image.shape
+        frame_time = rows * (cols * meta["dwell_us"] + meta["flyback_us"]) * 1e-6
+        t_start = t_done - frame_time
+        beam = self._shift_at(t_start + 0.5 * frame_time)
+        frame = Frame(seq=self._seq, image=np.ascontiguousarray(image), t_start=t_start,
+                      beam_shift_nm=(float(beam[0]), float(beam[1])), stream=self.stream, **meta)
+        self._seq += 1
+        return frame
+
+    def _scan_meta(self, x: Any) -> dict:
+        """A frame's scan metadata (``Frame`` fields) from one channel's xdata."""
         md = x.metadata or {}
         hsmd = md.get("hardware_source", {}) if isinstance(md, dict) else {}
         scmd = md.get("scan", {}) if isinstance(md, dict) else {}
@@ -221,17 +251,70 @@ class NionInstrument(Instrument):
         if fly is None:
             fly_px = (scmd.get("scan_device_properties") or {}).get("flyback_pixels")
             fly = float(fly_px) * dwell if isinstance(fly_px, (int, float)) else DEFAULT_FLYBACK_US
-        rows, cols = image.shape
-        frame_time = rows * (cols * dwell + fly) * 1e-6
-        t_start = t_done - frame_time
-        rotation = float(scmd.get("rotation", fp.rotation_rad))
-        beam = self._shift_at(t_start + 0.5 * frame_time)
-        frame = Frame(seq=self._seq, image=np.ascontiguousarray(image), t_start=t_start,
-                      pixel_size_nm=self._pixel_size(x), dwell_us=dwell, flyback_us=fly, scan_rotation_rad=rotation,
-                      beam_shift_nm=(float(beam[0]), float(beam[1])), stream=self.stream,
-                      detector=str(hsmd.get("channel_name", "HAADF")))
-        self._seq += 1
-        return frame
+        return dict(pixel_size_nm=self._pixel_size(x), dwell_us=dwell, flyback_us=fly,
+                    scan_rotation_rad=float(scmd.get("rotation", fp.rotation_rad)),
+                    detector=str(hsmd.get("channel_name", "HAADF")))
+
+    # ------------------------------------------------------------------ strips
+
+    def _next_strip(self) -> Strip:
+        """The next strip of the running scan (waits up to ``timeout_s`` for it)."""
+        if self._listener is None:
+            channels = [self.hs.get_channel_id(i) for i in range(self.hs.get_channel_count())
+                        if self.hs.get_channel_enabled(i)]
+            if not 0 <= self.channel < len(channels):
+                raise InstrumentError(f"channel {self.channel} is not acquired ({len(channels)} channel(s) enabled)")
+            self._channel_id = channels[self.channel]
+            self._listener = self.hs.data_channel_updated_event.listen(self._on_read)
+        try:
+            if not self._started or not self.hs.is_playing:
+                self.hs.start_playing()
+                self._started = True
+        except Exception as exc:  # noqa: BLE001
+            raise InstrumentError(f"Nion scan failed ({_one_line(exc)})") from None
+        with self._strips_ready:
+            if not self._strips_ready.wait_for(lambda: bool(self._strips), timeout=self.timeout_s):
+                why = f" ({self.read_error})" if self.read_error else ""
+                raise InstrumentError(f"Nion scan returned no rows within {self.timeout_s:g} s{why}: is the scan running?")
+            cut, meta, line_s = self._strips.popleft()
+        beam = self._shift_at(cut.t_start + (cut.row0 + 0.5 * len(cut.rows)) * line_s)
+        image = cut.rows if cut.rows.dtype.name in ("uint8", "uint16", "float32") else cut.rows.astype(np.float32)
+        strip = Strip(seq=cut.frame, row0=cut.row0, frame_rows=cut.frame_rows, image=image, t_start=cut.t_start,
+                      beam_shift_nm=(float(beam[0]), float(beam[1])), stream=self.stream, **meta)
+        if strip.last:
+            self._seq = strip.seq + 1
+        return strip
+
+    def _on_read(self, args: Any, xdata: Any) -> None:
+        """One partial read (the kit's acquisition thread): cut it, queue the strips. Never raises."""
+        try:
+            if getattr(args, "channel_id", None) != self._channel_id or getattr(args, "data_channel_id", None) != self._channel_id:
+                return   # another channel, or a variant of this one (a subscan, the drift area)
+            t_read = time.monotonic()
+            data = np.asarray(xdata.data)
+            if data.ndim != 2:
+                return
+            md = xdata.metadata or {}
+            valid = (md.get("scan") or {}).get("valid_rows", (md.get("hardware_source") or {}).get("valid_rows"))
+            complete = getattr(args, "state", "partial") == "complete"
+            if valid is None:
+                valid = data.shape[0] if complete else 0
+            meta = self._scan_meta(xdata)
+            line_s = (data.shape[1] * meta["dwell_us"] + meta["flyback_us"]) * 1e-6
+            cut = self._cutter.update(data, int(valid), complete, t_read, line_s)
+        except Exception as exc:  # noqa: BLE001 - an error here would stop Nion's acquisition thread
+            self.read_error = _one_line(exc)
+            return
+        if not cut:
+            return
+        with self._strips_ready:
+            self._strips.extend((c, meta, line_s) for c in cut)
+            # four frames' worth waiting: the bridge is not taking them; the oldest go
+            room = 4 * max(1, -(-cut[0].frame_rows // self.strip_lines))
+            while len(self._strips) > room:
+                self._strips.popleft()
+                self.strips_dropped += 1
+            self._strips_ready.notify_all()
 
     def _shift_at(self, t: float) -> np.ndarray:
         beam = self.get_beam_shift()
@@ -324,6 +407,9 @@ class NionInstrument(Instrument):
         return "beam shift (CSH)" if self.correction_mode == "beam_shift" else "scan offset (center_nm)"
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._started:
             try:
                 self.hs.stop_playing(sync_timeout=5.0)
@@ -436,6 +522,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nion-flyback-us", type=float, default=None, metavar="US",
                    help=f"flyback when the device does not report it (default {DEFAULT_FLYBACK_US:g} us)")
     g.add_argument("--nion-confirm", action="store_true", help="use SetValAndConfirm for CSH")
+    g.add_argument("--nion-strips", type=int, default=0, metavar="LINES",
+                   help="send every frame as strips of this many lines, cut from the scan's partial reads "
+                        "(continuous acquisition; default 0: whole frames)")
 
 
 def from_args(args: argparse.Namespace) -> NionInstrument:
@@ -449,7 +538,7 @@ def from_args(args: argparse.Namespace) -> NionInstrument:
             fov_nm=args.nion_fov_nm,
             rotation_rad=None if args.nion_rotation_deg is None else math.radians(args.nion_rotation_deg),
             correction_mode=args.nion_correction, acquisition=args.nion_acquisition, flyback_us=args.nion_flyback_us,
-            confirm=args.nion_confirm, frames=getattr(args, "count", None))
+            confirm=args.nion_confirm, frames=getattr(args, "count", None), strip_lines=max(0, args.nion_strips))
     except BaseException:
         if session:
             session.close()

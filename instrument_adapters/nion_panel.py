@@ -47,7 +47,9 @@ class PanelSettings:
     bound here; commands: the engine's, connected to). ``scan_device_id`` ``""``: the current scan
     device. Limits in nm. ``actuator_calibration``: a ``stem-live calibrate --actuator`` file (``""``:
     none); ``stage_handover``: at the excursion budget the stage takes the shift over (as
-    ``--stage-handover``). ``server_key`` / ``allowed_keys``: CURVE files, both or neither."""
+    ``--stage-handover``). ``server_key`` / ``allowed_keys``: CURVE files, both or neither.
+    ``strip_lines`` > 0: every frame goes out as strips of that many lines as it is scanned (as
+    ``--nion-strips``; the engine corrects per strip with ``run --strip-corrections``)."""
 
     frames_endpoint: str = FRAMES_ENDPOINT
     corrections_endpoint: str = CORRECTIONS_ENDPOINT
@@ -61,6 +63,7 @@ class PanelSettings:
     stage_handover: bool = False
     server_key: str = ""
     allowed_keys: str = ""
+    strip_lines: int = 0
 
     def check(self) -> None:
         """Raise :class:`InstrumentError` (one line, what to change) for a setting that cannot work."""
@@ -75,6 +78,8 @@ class PanelSettings:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise InstrumentError(f"{name.replace('_nm', '').replace('_', ' ')} must be a positive number of nm, "
                                       f"got {value!r}")
+        if not (isinstance(self.strip_lines, int) and self.strip_lines >= 0):
+            raise InstrumentError(f"strip lines must be a whole number >= 0 (0: whole frames), got {self.strip_lines!r}")
         if bool(self.server_key) != bool(self.allowed_keys):
             raise InstrumentError("CURVE needs both the server key (NAME.key_secret) and the allowed-keys folder")
 
@@ -316,7 +321,8 @@ class PanelController:
                 keys = ServerKeys(settings.server_key, settings.allowed_keys)
             matrix = load_matrix(settings.actuator_calibration) if settings.actuator_calibration else None
             hs = find_scan_device(settings.scan_device_id)
-            inst: Instrument = NionInstrument(hs, correction_mode=settings.correction_mode)
+            inst: Instrument = NionInstrument(hs, correction_mode=settings.correction_mode,
+                                              strip_lines=settings.strip_lines)
             try:
                 if matrix is not None:
                     inst = CalibratedInstrument(inst, matrix)

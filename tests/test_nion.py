@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("nion.usim_device", reason="needs the nion extra (nionswift-instrumentation, nionswift-usim)")
 
 from instrument_adapters import nion  # noqa: E402
-from instrument_adapters.base import InstrumentError  # noqa: E402
+from instrument_adapters.base import EndOfStream, InstrumentError  # noqa: E402
 from instrument_adapters.nion import NionInstrument, start_usim  # noqa: E402
 from stem_live.engine import Engine, EngineConfig  # noqa: E402
 from stem_live.register import make_reference, register  # noqa: E402
@@ -124,6 +124,51 @@ def test_beam_shift_moves_the_image_like_b_in_design_md(make):
         moved = _content_shift_nm(ref.image, f.image, f.pixel_size_nm[0])
         assert np.hypot(*(moved + b)) < 0.1 * np.hypot(*b), (rotation, moved, b)
         inst.set_beam_shift(np.zeros(2))
+
+
+def test_strips_are_the_frames_cut_as_they_are_scanned(make, usim):
+    """Strip mode (``strip_lines``): every frame arrives as 64-line strips in scan order, cut from
+    the scan's partial reads, and put together they are the frame the kit completes."""
+    from stem_live.protocol import Strip
+
+    complete: list[np.ndarray] = []
+
+    def keep(args, xdata):
+        if args.state == "complete" and args.data_channel_id == "a":
+            complete.append(np.array(xdata.data, copy=True))
+
+    listener = usim.scan_hardware_source.data_channel_updated_event.listen(keep)
+    try:
+        inst = make(strip_lines=64, pixel_time_us=2.0)
+        strips = [inst.acquire() for _ in range(12)]
+        deadline = time.monotonic() + 5.0
+        while len(complete) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        listener.close()
+    assert all(isinstance(s, Strip) for s in strips)
+    assert [(s.seq, s.row0) for s in strips] == [(k, r) for k in range(3) for r in (0, 64, 128, 192)]
+    assert [s.last for s in strips] == [False, False, False, True] * 3
+    assert {s.frame_rows for s in strips} == {256} and {s.image.shape for s in strips} == {(64, 256)}
+    for k in range(3):
+        mine = strips[4 * k:4 * k + 4]
+        assert len({s.t_start for s in mine}) == 1
+        assert np.array_equal(np.concatenate([s.image for s in mine]), complete[k])
+    s0 = strips[0]
+    assert s0.pixel_size_nm == pytest.approx((FOV_NM / 256, FOV_NM / 256))
+    assert (s0.dwell_us, s0.flyback_us, s0.detector) == (2.0, pytest.approx(4.0), "HAADF")
+    frame_s = 256 * s0.line_time_s
+    assert 0.8 * frame_s < strips[4].t_start - strips[0].t_start < 0.8 * frame_s + 0.5
+    with pytest.raises(EndOfStream):
+        _end_after_one(make)
+    with pytest.raises(InstrumentError, match="acquisition='continuous'"):
+        NionInstrument(usim.scan_hardware_source, strip_lines=64, acquisition="single")
+
+
+def _end_after_one(make) -> None:
+    inst = make(strip_lines=128, frames=1)
+    assert [inst.acquire().row0 for _ in range(2)] == [0, 128]
+    inst.acquire()
 
 
 # ----------------------------------------------------------------------------- the engine on usim

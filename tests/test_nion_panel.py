@@ -301,6 +301,10 @@ def test_errors_are_one_line_and_nothing_starts(swift, usim, engine):
     panel.start_button.on_clicked()
     assert not panel.controller.running and "max step must be a number" in panel.error_label.text
     panel.max_step_edit.text = "0.5"
+    panel.strips_edit.text = "-64"
+    panel.start_button.on_clicked()
+    assert not panel.controller.running and "strip lines must be a whole number" in panel.error_label.text
+    panel.strips_edit.text = "0"
     panel.calibration_edit.text = "/no/such/actuator.json"
     panel.start_button.on_clicked()
     assert not panel.controller.running and "is not an actuator calibration" in panel.error_label.text
@@ -323,7 +327,7 @@ def test_errors_are_one_line_and_nothing_starts(swift, usim, engine):
 
 
 def test_no_engine_is_reported_and_stop_keeps_the_beam_when_told(usim, tmp_path):
-    """Also: the actuator calibration and the stage handover reach the bridge."""
+    """Also: the actuator calibration, the stage handover and strips reach the bridge."""
     usim.instrument.SetVal("CSH.y", 0.0)
     usim.instrument.SetVal("CSH.x", 0.0)
     actuator = tmp_path / "actuator.json"
@@ -335,9 +339,11 @@ def test_no_engine_is_reported_and_stop_keeps_the_beam_when_told(usim, tmp_path)
     probe.close(0)  # a port nobody answers on
     ctl.start(PanelSettings(frames_endpoint="tcp://127.0.0.1:*", corrections_endpoint="tcp://127.0.0.1:*",
                             commands_endpoint=silent, restore_on_stop=False, actuator_calibration=str(actuator),
-                            stage_handover=True))
+                            stage_handover=True, strip_lines=64))
     try:
         assert ctl.wait_frames(2, 10.0)
+        rows = usim.scan_hardware_source.get_current_frame_parameters().size.height
+        assert ctl.bridge.stats.strips_published >= 2 * -(-rows // 64)   # frames count once, strips each
         assert ctl.bridge.stage_handover
         ctl.arm()  # the bridge's gate opens even when the engine does not answer
         assert ctl.armed

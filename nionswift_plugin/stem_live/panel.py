@@ -51,6 +51,7 @@ class StemLivePanel(Panel.Panel):
         self.max_step_edit = self._line_edit(f"{defaults.max_step_nm:g}", width=60)
         self.max_excursion_edit = self._line_edit(f"{defaults.max_excursion_nm:g}", width=60)
         self.calibration_edit = self._line_edit("")
+        self.strips_edit = self._line_edit(str(defaults.strip_lines), width=60)
         self.server_key_edit = self._line_edit("")
         self.allowed_keys_edit = self._line_edit("")
         self.restore_check = ui.create_check_box_widget(_("Restore the starting beam shift on Stop"))
@@ -77,6 +78,7 @@ class StemLivePanel(Panel.Panel):
         row(_("Engine commands"), self.commands_edit)
         row(_("Max step (nm)"), self.max_step_edit, ui.create_label_widget(_("  excursion (nm)")), self.max_excursion_edit)
         row(_("Actuator file"), self.calibration_edit)
+        row(_("Strip lines"), self.strips_edit, ui.create_label_widget(_("  0: whole frames")))
         row(_("CURVE key"), self.server_key_edit)
         row(_("Allowed keys"), self.allowed_keys_edit)
         column.add(self.restore_check)
@@ -94,7 +96,7 @@ class StemLivePanel(Panel.Panel):
         self.widget = column
         self._settings_widgets = (self.device_combo, self.correction_combo, self.frames_edit, self.corrections_edit,
                                   self.commands_edit, self.max_step_edit, self.max_excursion_edit, self.server_key_edit,
-                                  self.allowed_keys_edit, self.calibration_edit, self.restore_check,
+                                  self.allowed_keys_edit, self.calibration_edit, self.strips_edit, self.restore_check,
                                   self.handover_check)
         self._message = ""
         self._last_refresh = 0.0
@@ -121,6 +123,12 @@ class StemLivePanel(Panel.Panel):
             except ValueError:
                 raise InstrumentError(f"{what} must be a number of nm, got {edit.text!r}") from None
 
+        def whole(edit: typing.Any, what: str) -> int:
+            text = (edit.text or "").strip()
+            if not text.isdigit():
+                raise InstrumentError(f"{what} must be a whole number >= 0 (0: whole frames), got {edit.text!r}")
+            return int(text)
+
         return PanelSettings(
             frames_endpoint=(self.frames_edit.text or "").strip(),
             corrections_endpoint=(self.corrections_edit.text or "").strip(),
@@ -133,7 +141,8 @@ class StemLivePanel(Panel.Panel):
             actuator_calibration=(self.calibration_edit.text or "").strip(),
             stage_handover=bool(self.handover_check.checked),
             server_key=(self.server_key_edit.text or "").strip(),
-            allowed_keys=(self.allowed_keys_edit.text or "").strip())
+            allowed_keys=(self.allowed_keys_edit.text or "").strip(),
+            strip_lines=whole(self.strips_edit, "strip lines"))
 
     # ------------------------------------------------------------------ actions
 

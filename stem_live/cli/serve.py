@@ -37,7 +37,8 @@ def _run_bridge(bridge, inst, a: argparse.Namespace, *, header: str, label: str,
             b = inst.get_beam_shift()
             err = f"  last error: {s.last_error}" if s.acquire_errors else ""
             budget = f"  WARNING: {s.budget_warning}" if s.budget_warning else ""
-            prog.line(f"published {s.frames_published}  dropped {s.frames_dropped}  corrections {s.corrections_applied}"
+            strips = f" ({s.strips_published} strips)" if s.strips_published else ""
+            prog.line(f"published {s.frames_published}{strips}  dropped {s.frames_dropped}  corrections {s.corrections_applied}"
                       f" (clamped {s.corrections_clamped}, refused {s.corrections_refused})  "
                       f"beam shift [{b[0]:+.3f}, {b[1]:+.3f}] nm  excursion {s.excursion_nm:.2f}/"
                       f"{bridge.limits.max_excursion_nm:g} nm{err}{budget}")
@@ -51,7 +52,8 @@ def _run_bridge(bridge, inst, a: argparse.Namespace, *, header: str, label: str,
             inst.close()
         prog.done()
         s = bridge.stats  # after the bridge stopped: the true totals
-        print(f"{label}: published {s.frames_published} frames, dropped {s.frames_dropped}, corrections "
+        strips = f" in {s.strips_published} strips" if s.strips_published else ""
+        print(f"{label}: published {s.frames_published} frames{strips}, dropped {s.frames_dropped}, corrections "
               f"{s.corrections_applied} (clamped {s.corrections_clamped}, refused {s.corrections_refused}), "
               f"excursion budget reached {s.budget_reached}x, stage handovers {s.stage_handovers}", file=sys.stderr)
     return status
