@@ -3,8 +3,10 @@
 A simulated session (graphene, 3 nm/min, the simulator's default drift otherwise) is scanned as
 strips of ``lines`` rows (``Microscope.acquire_strips``); every strip goes to
 ``Engine.process_strip`` (armed, gp model), its path is clamped as the bridge would and
-followed by the simulated scan, and every whole frame goes to ``Engine.process``. The strips
-of the first ``warm_frames`` frames (compilation, the model's start) are not timed. The time
+followed by the simulated scan, and every whole frame goes to ``Engine.process``. The engine is
+warmed up first as ``run``/``demo`` do (``Engine.warm_up`` on three frames of another seed, with
+strips: the compiled sizes and the background fit's compilation); the strips of the first
+``warm_frames`` frames (the model's start) are not timed. The time
 is the engine's alone (no sockets, no simulator): what a strip waits for its correction on
 this machine, where nothing else holds the engine.
 """
@@ -27,8 +29,13 @@ def bench_strips(*, size: int = 512, lines: int = 64, frames: int = 20, warm_fra
     from stem_live.engine import Engine, EngineConfig
     from stem_live.lab.evaluate import frame_from_sim, strip_from_sim
 
-    scope = Microscope(MicroscopeConfig(preset=preset, size=size, seed=seed, drift=DriftConfig(drift_nm_per_min=3.0)))
+    def config(s: int) -> MicroscopeConfig:
+        return MicroscopeConfig(preset=preset, size=size, seed=s, drift=DriftConfig(drift_nm_per_min=3.0))
+
+    scope = Microscope(config(seed))
     engine = Engine(EngineConfig(model="gp", trajectory=True))
+    warm = Microscope(config(seed + 1))
+    engine.warm_up([frame_from_sim(*warm.acquire()[:2]) for _ in range(3)], strip_lines=lines)
     engine.arm()
     start, limits = np.asarray(scope.beam_shift_nm, float).copy(), Limits()
     times: list[float] = []
