@@ -139,7 +139,7 @@ def test_strips_are_the_frames_cut_as_they_are_scanned(make, usim):
 
     listener = usim.scan_hardware_source.data_channel_updated_event.listen(keep)
     try:
-        inst = make(strip_lines=64, pixel_time_us=2.0)
+        inst = make(strip_lines=64, pixel_time_us=4.0)
         strips = [inst.acquire() for _ in range(12)]
         deadline = time.monotonic() + 5.0
         while len(complete) < 3 and time.monotonic() < deadline:
@@ -156,9 +156,11 @@ def test_strips_are_the_frames_cut_as_they_are_scanned(make, usim):
         assert np.array_equal(np.concatenate([s.image for s in mine]), complete[k])
     s0 = strips[0]
     assert s0.pixel_size_nm == pytest.approx((FOV_NM / 256, FOV_NM / 256))
-    assert (s0.dwell_us, s0.flyback_us, s0.detector) == (2.0, pytest.approx(4.0), "HAADF")
+    assert (s0.dwell_us, s0.flyback_us, s0.detector) == (4.0, pytest.approx(8.0), "HAADF")
     frame_s = 256 * s0.line_time_s
-    assert 0.8 * frame_s < strips[4].t_start - strips[0].t_start < 0.8 * frame_s + 0.5
+    # a frame's t_start is its first read's arrival less the rows read: late by that read's delay
+    # (up to a read interval, 50 ms in usim, more on a loaded machine)
+    assert 0.5 * frame_s < strips[4].t_start - strips[0].t_start < frame_s + 0.5
     with pytest.raises(EndOfStream):
         _end_after_one(make)
     with pytest.raises(InstrumentError, match="acquisition='continuous'"):
