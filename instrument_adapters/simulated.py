@@ -14,6 +14,7 @@ import numpy as np
 from instrument_adapters.base import EndOfStream, Instrument
 from simulator import FrameTruth, Microscope, MicroscopeConfig
 from stem_live.protocol import Frame, Strip
+from stem_live.strips import strip_from_meta
 
 
 class SimulatedInstrument(Instrument):
@@ -97,12 +98,7 @@ class SimulatedInstrument(Instrument):
             self._truth.append((meta.seq, truth))
             period += self.scope.config.frame_gap_s
         self._pace(period)
-        lines = meta.beam_shift_lines_nm
-        return Strip(seq=meta.seq, row0=row0, frame_rows=meta.rows, image=rows, t_start=meta.t_start,
-                     pixel_size_nm=tuple(meta.pixel_size_nm), dwell_us=meta.dwell_us, flyback_us=meta.flyback_us,
-                     scan_rotation_rad=meta.scan_rotation_rad, beam_shift_nm=tuple(float(v) for v in meta.beam_shift_nm),
-                     stream=self.stream, detector=meta.detector,
-                     beam_shift_lines_nm=None if lines is None else np.asarray(lines)[row0:row0 + len(rows)].copy())
+        return strip_from_meta(rows, meta, row0, self.stream)
 
     def truth_for(self, seq: int) -> FrameTruth | None:
         for s, t in self._truth:

@@ -95,3 +95,15 @@ def cut_into_strips(frame: Frame, lines: int) -> list[Strip]:
                   scan_rotation_rad=frame.scan_rotation_rad, beam_shift_nm=frame.beam_shift_nm, stream=frame.stream,
                   detector=frame.detector, beam_shift_lines_nm=None if beam is None else np.asarray(beam)[r:r + lines])
             for r in range(0, rows, int(lines))]
+
+
+def strip_from_meta(rows: np.ndarray, meta: object, row0: int, stream: str = "sim") -> Strip:
+    """Rows ``row0 ..`` of a scanned frame as the protocol's :class:`Strip`. ``meta``: the frame's
+    scan metadata (the simulator's ``FrameMeta``: ``Microscope.next_strip``), with the beam shift
+    of the strip's lines (a copy) where a path moved it."""
+    lines = getattr(meta, "beam_shift_lines_nm", None)
+    return Strip(seq=meta.seq, row0=row0, frame_rows=meta.rows, image=rows, t_start=meta.t_start,
+                 pixel_size_nm=tuple(meta.pixel_size_nm), dwell_us=meta.dwell_us, flyback_us=meta.flyback_us,
+                 scan_rotation_rad=meta.scan_rotation_rad, beam_shift_nm=tuple(float(v) for v in meta.beam_shift_nm),
+                 stream=stream, detector=meta.detector,
+                 beam_shift_lines_nm=None if lines is None else np.array(np.asarray(lines)[row0:row0 + len(rows)], np.float64))

@@ -27,7 +27,8 @@ def bench_strips(*, size: int = 512, lines: int = 64, frames: int = 20, warm_fra
     from instrument_adapters.safety import Limits, clamp_path
     from simulator import DriftConfig, Microscope, MicroscopeConfig
     from stem_live.engine import Engine, EngineConfig
-    from stem_live.lab.evaluate import frame_from_sim, strip_from_sim
+    from stem_live.lab.evaluate import frame_from_sim
+    from stem_live.strips import strip_from_meta
 
     def config(s: int) -> MicroscopeConfig:
         return MicroscopeConfig(preset=preset, size=size, seed=s, drift=DriftConfig(drift_nm_per_min=3.0))
@@ -45,7 +46,7 @@ def bench_strips(*, size: int = 512, lines: int = 64, frames: int = 20, warm_fra
 
     def on_strip(rows: np.ndarray, meta, row0: int) -> None:
         t0 = time.perf_counter()
-        res = engine.process_strip(strip_from_sim(rows, meta, row0))
+        res = engine.process_strip(strip_from_meta(rows, meta, row0))
         if k[0] >= warm_frames:
             times.append((time.perf_counter() - t0) * 1e3)
             stages.append(res.timings_ms)

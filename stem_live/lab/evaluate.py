@@ -54,7 +54,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from stem_live.engine import Engine, EngineConfig, FrameRefused
-from stem_live.protocol import Frame, Strip
+from stem_live.protocol import Frame
+from stem_live.strips import strip_from_meta
 
 
 def match_columns(truth_px: np.ndarray, found_px: np.ndarray, radius_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -248,17 +249,6 @@ def frame_from_sim(image: np.ndarray, meta: object, stream: str = "sim") -> Fram
                  beam_shift_lines_nm=getattr(meta, "beam_shift_lines_nm", None))
 
 
-def strip_from_sim(rows: np.ndarray, meta: object, row0: int, stream: str = "sim") -> Strip:
-    """Wrap a simulator strip (``Microscope.next_strip``: rows from ``row0``, the frame's meta) in
-    the protocol's :class:`Strip`, with the beam shift of its lines where a path moved it."""
-    lines = getattr(meta, "beam_shift_lines_nm", None)
-    return Strip(seq=meta.seq, row0=row0, frame_rows=meta.rows, image=rows, t_start=meta.t_start,
-                 pixel_size_nm=tuple(meta.pixel_size_nm), dwell_us=meta.dwell_us, flyback_us=meta.flyback_us,
-                 scan_rotation_rad=meta.scan_rotation_rad, beam_shift_nm=tuple(float(v) for v in meta.beam_shift_nm),
-                 stream=stream, detector=meta.detector,
-                 beam_shift_lines_nm=None if lines is None else np.asarray(lines)[row0:row0 + len(rows)])
-
-
 def run_session(config: object, frames: int, *, armed: bool, engine_config: EngineConfig = EngineConfig(),
                 progress: Callable[[str, int, int], None] | None = None, label: str = "",
                 keep_frames: int = 0, limits: object | None = None, strips: int = 0) -> SessionResult:
@@ -301,7 +291,7 @@ def run_session(config: object, frames: int, *, armed: bool, engine_config: Engi
             n_clamped += int(d.clamped)
 
     def on_strip(rows: np.ndarray, meta, row0: int) -> None:
-        strip = strip_from_sim(rows, meta, row0)
+        strip = strip_from_meta(rows, meta, row0)
         t0 = time.perf_counter()
         try:
             res = engine.process_strip(strip)
