@@ -99,9 +99,8 @@ class ColumnModel:
         self.config = config
         self.spacing_px = config.spacing_px or None
         self.tracker = Tracker(spacing_px=self.spacing_px, history=64)
-        # one padded GP size per session (at least 512 sample groups; the first frame sets it
-        # from its lines, ``OnlineDriftGP.size_for_frames``), so that no frame after the first
-        # waits for a compilation
+        # padded GP sizes from 512 sample groups up to a cap the first frame sets from its lines
+        # (``OnlineDriftGP.size_for_frames``; ``compile`` compiles them all ahead)
         # (mains: a set frequency, or 50 Hz until the stream says 60 or none; 0: no periodic term)
         mains = 50.0 if config.mains_hz is None else (float(config.mains_hz) or None)
         self.gp = OnlineDriftGP(window_frames=config.gp_window_frames, min_groups=512, max_groups=512,
@@ -165,7 +164,7 @@ class ColumnModel:
         # the flyback (a calibration's, or the lattice's measurement): the columns cut by the
         # left edge are fitted on the distorted scan
         flyback = self.flyback_px(frame)
-        if self._located == 0:   # the GP's padded size from the frame's lines: compiled once a session
+        if self._located == 0:   # the GP's largest padded size from the frame's lines
             self.gp.size_for_frames(img.shape[0], frame.line_time_s)
         cols = locate_classical(img, self.spacing_px, probe_sigma_px=known, flyback_px=flyback, prior=self.lattice)
         if self.lattice is not None:

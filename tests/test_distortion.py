@@ -242,6 +242,32 @@ def test_capped_window_compiles_one_size_only():
     assert np.all(np.abs(mean[:, 0] - 0.05 * (1.25 + np.array([0.0, 0.05]))) < 0.01) and np.all(np.isfinite(sd))
 
 
+def test_window_pads_to_the_smallest_size_and_compile_sizes_compiles_every_size_ahead():
+    """A window pads to the smallest size that holds its groups (not the cap: the cost of a
+    conditioning grows with the padded size), with the same model as padded to the cap; after
+    ``compile_sizes`` a window that grows into the next size compiles nothing."""
+    from stem_live.lab.jit_watch import JitWatch
+
+    rng = np.random.default_rng(3)
+    frames = [_rows_obs(k, 200, 0.4 * k, rng) for k in range(2)]
+    # max_samples 5000: a padded sample count (8192) no other test uses, so this one compiles
+    gp = OnlineDriftGP(window_frames=10, max_samples=5000, min_groups=256, max_groups=512)
+    capped = OnlineDriftGP(window_frames=10, max_samples=5000, min_groups=512, max_groups=512)
+    gp.add(frames[0])
+    assert gp.snapshot.state["tg"].shape[0] == 256
+    assert gp.compile_sizes() == [256, 512]
+    watch = JitWatch()
+    gp.add(frames[1])
+    t = 0.4 + np.linspace(0.0, 0.5, 7)
+    mean, sd = gp.predict(t)
+    assert gp.snapshot.state["tg"].shape[0] == 512 and watch.result()["traces"] == 0
+    for f in frames:
+        capped.add(f)
+    m2, s2 = capped.predict(t)
+    assert np.allclose(mean, m2, atol=1e-9) and np.allclose(sd, s2, atol=1e-9)
+    assert np.all(np.abs(mean[:, 0] - 0.05 * t) < 0.01)
+
+
 def test_is_abrupt_tells_a_step_from_a_ramp_and_a_wander():
     """A 50 pm step among 5 pm noise is abrupt; a ramp of the same total change and a random
     wander (no step) are not."""
