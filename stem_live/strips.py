@@ -3,7 +3,9 @@
 The engine's frame path takes whole frames: :class:`StripAssembler` puts each frame's strips
 together (in any order, each row once) and hands the frame on when its last row arrives. A
 frame whose strips stop coming (a new frame begins, or its strips disagree on the scan) is
-dropped and counted, never half-processed. The frame's ``beam_shift_nm`` is its first strip's
+dropped and counted, never half-processed; the strips of a stream's first frame that came
+before the engine subscribed were never sent to it, so a frame joined after its first row is
+skipped and counted (``frames_joined_late``), not dropped. The frame's ``beam_shift_nm`` is its first strip's
 (the shift in effect when its scan began); where a strip says the shift changed within it or
 strips differ (an instrument following a trajectory), the frame carries it per line
 (``Frame.beam_shift_lines_nm``).
@@ -39,10 +41,15 @@ class StripAssembler:
         self.max_frame_bytes = int(max_frame_bytes)   # a strip may not make the engine hold a larger frame
         self._part: _Partial | None = None
         self.frames_dropped = 0   # frames given up with rows missing or strips that disagree
+        self.frames_joined_late = 0   # a stream's first frame, joined after its first row: skipped
         self.last_error = ""
+        self._stream: str | None = None   # the stream of the last frame begun at its first row
+        self._late: tuple | None = None   # (stream, seq) of the frame being skipped
 
     def add(self, strip: Strip) -> Frame | None:
         """Take one strip; the whole frame once its last missing row has arrived, else None."""
+        if self._late == (strip.stream, strip.seq):
+            return None
         key = _scan_key(strip)
         part = self._part
         if part is not None and part.key != key:
@@ -54,7 +61,13 @@ class StripAssembler:
             part = None
             if same_frame:
                 return None
+        if part is None and strip.row0 > 0 and strip.stream != self._stream:
+            # the engine subscribed while this frame was being scanned: its first rows went out before
+            self._late = (strip.stream, strip.seq)
+            self.frames_joined_late += 1
+            return None
         if part is None:
+            self._stream = strip.stream
             need = strip.frame_rows * strip.image.shape[1] * strip.image.dtype.itemsize
             if need > self.max_frame_bytes:
                 self._drop(f"frame {strip.seq}: its strips claim a {strip.frame_rows} x {strip.image.shape[1]} frame "

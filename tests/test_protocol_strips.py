@@ -107,6 +107,25 @@ def test_strips_make_whole_frames_in_any_order():
     assert a.frames_dropped == 0
 
 
+def test_a_stream_joined_mid_frame_skips_that_frame_without_a_drop():
+    """The engine subscribed after a frame's first strips went out: that frame is skipped and
+    counted as joined late, not dropped; the next frame is put together. A frame of the same
+    stream that loses its first strip later is dropped."""
+    from stem_live.strips import StripAssembler
+
+    rng = np.random.default_rng(2)
+    imgs = [rng.integers(0, 60000, (64, 16)).astype(np.uint16) for _ in range(3)]
+    a = StripAssembler()
+    assert all(a.add(s) is None for s in _cut(imgs[0], 0, 16)[2:])   # rows 32.. of frame 0 only
+    frames = [a.add(s) for s in _cut(imgs[1], 1, 16)]
+    assert a.frames_joined_late == 1 and a.frames_dropped == 0
+    assert frames[-1] is not None and frames[-1].seq == 1
+    np.testing.assert_array_equal(frames[-1].image, imgs[1])
+    assert all(a.add(s) is None for s in _cut(imgs[2], 2, 16)[1:])   # frame 2 loses its first strip
+    assert a.add(_cut(imgs[0], 3, 16)[0]) is None
+    assert a.frames_dropped == 1 and "16 of 64 rows never arrived" in a.last_error and a.frames_joined_late == 1
+
+
 def test_a_frame_with_missing_duplicate_or_inconsistent_strips_is_dropped_with_a_reason():
     from stem_live.strips import StripAssembler
 
