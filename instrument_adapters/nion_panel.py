@@ -93,6 +93,7 @@ class PanelStatus:
     armed: bool = False
     scan_device: str = ""
     frames_sent: int = 0
+    strips_sent: int = 0   # a strip stream (Strip lines > 0): the strips its frames went out in
     frames_dropped: int = 0
     corrections_applied: int = 0
     corrections_clamped: int = 0
@@ -400,7 +401,7 @@ class PanelController:
             offset = (float(d[0]), float(d[1]))
         return PanelStatus(
             running=True, armed=bridge.accept_corrections, scan_device=self._scan_device,
-            frames_sent=s.frames_published, frames_dropped=s.frames_dropped,
+            frames_sent=s.frames_published, strips_sent=s.strips_published, frames_dropped=s.frames_dropped,
             corrections_applied=s.corrections_applied, corrections_clamped=s.corrections_clamped,
             corrections_refused=s.corrections_refused, last_correction_nm=bridge.last_correction_nm,
             beam_offset_nm=offset, excursion_nm=s.excursion_nm, excursion_budget_nm=bridge.limits.max_excursion_nm,

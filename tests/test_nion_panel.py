@@ -29,7 +29,7 @@ import nionswift_plugin.stem_live as plugin  # noqa: E402
 from instrument_adapters.base import InstrumentError  # noqa: E402
 from instrument_adapters.nion import start_usim  # noqa: E402
 from instrument_adapters.nion_panel import PanelController, PanelSettings, engine_text  # noqa: E402
-from nionswift_plugin.stem_live.panel import PANEL_ID, StemLivePanel  # noqa: E402
+from nionswift_plugin.stem_live.panel import PANEL_ID, StemLivePanel, status_lines  # noqa: E402
 from stem_live import protocol  # noqa: E402
 from stem_live.protocol import Ack, Command, Correction, Frame, Reply  # noqa: E402
 
@@ -344,6 +344,9 @@ def test_no_engine_is_reported_and_stop_keeps_the_beam_when_told(usim, tmp_path)
         assert ctl.wait_frames(2, 10.0)
         rows = usim.scan_hardware_source.get_current_frame_parameters().size.height
         assert ctl.bridge.stats.strips_published >= 2 * -(-rows // 64)   # frames count once, strips each
+        st = ctl.status()
+        assert st.strips_sent > st.frames_sent > 0   # the panel shows both
+        assert f"(in {st.strips_sent} strips)" in status_lines(st)[1]
         assert ctl.bridge.stage_handover
         ctl.arm()  # the bridge's gate opens even when the engine does not answer
         assert ctl.armed

@@ -216,7 +216,8 @@ def status_lines(st: PanelStatus, message: str = "") -> tuple[str, str, str, str
             state += " (the engine is disarmed)"
     else:
         state = "stopped"
-    frames = f"frames sent {st.frames_sent}, dropped {st.frames_dropped}"
+    strips = f" (in {st.strips_sent} strips)" if st.strips_sent else ""
+    frames = f"frames sent {st.frames_sent}{strips}, dropped {st.frames_dropped}"
     last = "" if st.last_correction_nm is None else \
         f"; last [{st.last_correction_nm[0]:+.3f}, {st.last_correction_nm[1]:+.3f}] nm"
     corrections = (f"corrections applied {st.corrections_applied} (clamped {st.corrections_clamped}, "
