@@ -182,6 +182,44 @@ def test_tracker_links_rows_the_drift_moved_within_the_frame():
     assert np.allclose(got, exp, atol=1e-9)
 
 
+def test_a_band_that_links_only_partly_does_not_move_the_chain_but_new_rows_do_not_stop_it():
+    """Band by band linking: a band of which only 60 % of the points link (the rest fall between
+    the sites) at a shift 2 px off its neighbour's keeps the neighbour's shift (taking it lets the
+    chain walk off the lattice: 10 px over one 1024 px MoS2 frame); a band whose points link but
+    for those the drift brought in from beyond the reference follows its own shift."""
+    from scipy.spatial import cKDTree
+
+    from stem_live.track import _band_shifts
+
+    bond = 12.0
+    radius = 0.3 * bond
+    ref = honeycomb_sites(100.0, bond) + 100.0                  # sites in [0, 200]^2, px
+    lo, hi = ref[:, 0].min(), ref[:, 0].max() + 2.0
+    nb = int((hi - lo) / (2.0 * bond))                           # the bands _band_shifts cuts
+    band = np.minimum(((ref[:, 0] - lo) / (hi - lo) * nb).astype(int), nb - 1)
+    pts = ref.copy()
+    part = band == 3                                             # an interior band
+    stray = part & (np.random.default_rng(0).random(len(ref)) < 0.4)
+    pts[part] += (0.0, 2.0)
+    # the strays between the sites: of 12 points half a bond around each, the farthest from any site
+    ang = np.linspace(0.0, 2 * np.pi, 12, endpoint=False)
+    cand = pts[stray][:, None, :] + 0.5 * bond * np.stack([np.cos(ang), np.sin(ang)], axis=1)[None]
+    far = cKDTree(ref).query(cand.reshape(-1, 2))[0].reshape(len(cand), len(ang))
+    pts[stray] = cand[np.arange(len(cand)), np.argmax(far, axis=1)]
+    last = band == nb - 1                                        # the bottom band follows a new shift
+    pts[last] += (2.0, 0.0)
+    new = pts[last & (ref[:, 1] > 100)] + (0.0, 110.0)            # rows the drift brought in: beyond the reference
+    pts = np.concatenate([pts, new])
+    pad = np.zeros(len(new), bool)
+    assert np.min(np.max(far, axis=1)) > radius + 0.5
+    linked = np.isfinite(cKDTree(ref).query(pts, distance_upper_bound=radius)[0])
+    out = _band_shifts(ref, pts, linked, np.zeros(2), radius, bond, cKDTree(ref))
+    assert out is not None and part.sum() > 20 and len(new) > 0.25 * last.sum()
+    assert np.allclose(out[np.r_[band <= 2, pad]], 0.0, atol=0.05)
+    assert np.allclose(out[np.r_[part, pad]], 0.0, atol=0.05)     # not (0, 2): 60 % linked
+    assert np.allclose(out[np.r_[last, pad]], (2.0, 0.0), atol=0.05)
+
+
 def test_estimate_shift_images_and_points():
     rng = np.random.default_rng(0)
     img = rng.normal(size=(128, 128))
