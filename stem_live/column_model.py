@@ -100,7 +100,7 @@ class ColumnModel:
         self.spacing_px = config.spacing_px or None
         self.tracker = Tracker(spacing_px=self.spacing_px, history=64)
         # padded GP sizes from 512 sample groups up to a cap the first frame sets from its lines
-        # (``OnlineDriftGP.size_for_frames``; ``compile`` compiles them all ahead)
+        # (``OnlineDriftGP.size_for_frames``; ``Engine.warm_up`` compiles them all ahead)
         # (mains: a set frequency, or 50 Hz until the stream says 60 or none; 0: no periodic term)
         mains = 50.0 if config.mains_hz is None else (float(config.mains_hz) or None)
         self.gp = OnlineDriftGP(window_frames=config.gp_window_frames, min_groups=512, max_groups=512,

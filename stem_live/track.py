@@ -139,8 +139,8 @@ def _band_shifts(ref: np.ndarray, pts: np.ndarray, linked: np.ndarray, shift, ra
     tens of pm within a slow frame). Bands of ``band_spacings`` x the spacing in rows, each
     refined (:func:`_refine_shift_points`) from its neighbour's shift outwards from the band
     the frame's shift links best: the drift moves little from one band to the next. A band
-    that does not link (``CHAIN_MIN_LINKED`` of its points that land on the reference: a jump,
-    a band that links only in part) keeps its neighbour's shift."""
+    that does not link (fewer than ``CHAIN_MIN_LINKED`` of its points that land on the
+    reference: a jump, a band that links only in part) keeps its neighbour's shift."""
     rows = pts[:, 0]
     lo, hi = float(rows.min()), float(rows.max())
     nb = int(np.clip((hi - lo) / (band_spacings * spacing), 1, 64))
