@@ -5,10 +5,10 @@ together (in any order, each row once) and hands the frame on when its last row 
 frame whose strips stop coming (a new frame begins, or its strips disagree on the scan) is
 dropped and counted, never half-processed; the strips of a stream's first frame that came
 before the engine subscribed were never sent to it, so a frame joined after its first row is
-skipped and counted (``frames_joined_late``), not dropped. The frame's ``beam_shift_nm`` is its first strip's
-(the shift in effect when its scan began); where a strip says the shift changed within it or
-strips differ (an instrument following a trajectory), the frame carries it per line
-(``Frame.beam_shift_lines_nm``).
+skipped and counted (``frames_joined_late``), not dropped. The frame's ``beam_shift_nm`` is
+its first strip's (the shift in effect when its scan began); where a strip says the shift
+changed within it or strips differ (an instrument following a trajectory), the frame carries
+it per line (``Frame.beam_shift_lines_nm``).
 """
 
 from __future__ import annotations

@@ -213,10 +213,12 @@ class OnlineDriftGP:
             data = self._window_data()
         if data is None:
             return []
-        sizes = [s for s in _PAD_SIZES if _bucket(data["_ng"], self.min_groups) <= s <= (self._group_cap or 0)]
+        smallest = int(data["tg"].shape[0])   # the window's own padded size
+        sizes = [s for s in _PAD_SIZES if smallest <= s <= (self._group_cap or 0)]
         for g in sizes:
-            with self._lock:
-                data = self._window_data(groups=g)
+            if g != smallest:
+                with self._lock:
+                    data = self._window_data(groups=g)
             if data is not None:
                 self._warm_up(self._condition(theta, data))
         return sizes
